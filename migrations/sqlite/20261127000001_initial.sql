@@ -1,0 +1,61 @@
+-- OAuth states: the seed's fix. Only the SHA-256 of a state is stored, never the state.
+CREATE TABLE amocrm_oauth_states (
+    state_hash  TEXT PRIMARY KEY NOT NULL,
+    subdomain   TEXT,
+    created_at  TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    ip          TEXT,
+    user_agent  TEXT
+);
+CREATE INDEX amocrm_oauth_states_expires_at ON amocrm_oauth_states (expires_at);
+
+-- One row per connected amoCRM account; token columns hold ciphertext sealed with key_id.
+CREATE TABLE amocrm_tokens (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    account_id          INTEGER UNIQUE,
+    account_name        TEXT,
+    domain              TEXT NOT NULL,
+    subdomain           TEXT NOT NULL,
+    access_token        TEXT,
+    refresh_token       TEXT,
+    key_id              TEXT,
+    expires_at          TEXT NOT NULL,
+    refresh_expires_at  TEXT NOT NULL,
+    status              TEXT NOT NULL DEFAULT 'active',
+    raw                 TEXT,
+    last_refresh_at     TEXT,
+    last_error          TEXT,
+    version             INTEGER NOT NULL DEFAULT 1,
+    created_at          TEXT NOT NULL,
+    updated_at          TEXT NOT NULL
+);
+CREATE INDEX amocrm_tokens_expires_at ON amocrm_tokens (expires_at);
+
+-- Audit trail of every install and callback.
+CREATE TABLE amocrm_oauth_attempts (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind               TEXT NOT NULL,
+    outcome            TEXT NOT NULL,
+    reason             TEXT,
+    detail             TEXT,
+    subdomain          TEXT,
+    account_id         INTEGER,
+    ip                 TEXT,
+    user_agent         TEXT,
+    state_fingerprint  TEXT,
+    state_consumed     INTEGER NOT NULL DEFAULT 0,
+    created_at         TEXT NOT NULL,
+    finished_at        TEXT
+);
+CREATE INDEX amocrm_oauth_attempts_created_at ON amocrm_oauth_attempts (created_at);
+CREATE INDEX amocrm_oauth_attempts_state_fingerprint ON amocrm_oauth_attempts (state_fingerprint);
+
+-- Admin browser sessions; only the SHA-256 of the cookie value is stored.
+CREATE TABLE amoauth_sessions (
+    id_hash     TEXT PRIMARY KEY NOT NULL,
+    created_at  TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    ip          TEXT,
+    user_agent  TEXT
+);
+CREATE INDEX amoauth_sessions_expires_at ON amoauth_sessions (expires_at);

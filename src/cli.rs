@@ -1,0 +1,256 @@
+//! The `amoauth` command line: one struct per command, each a thin call into the library.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{ConfigError, LogFormat, Settings, parse_duration};
+use crate::crypto::random_token;
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::server;
+use crate::store::now;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "amoauth",
+    version,
+    about = "Connects web applications to amoCRM and Kommo through OAuth 2.0 and keeps the connections alive"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    settings: Settings,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the HTTP server and periodic cleanup; migrates the database on start
+    Serve,
+    /// Run amoauth and the built-in amoCRM sandbox on SQLite, preconfigured, and print the URL to open
+    Demo,
+    /// Apply the database schema and exit
+    Migrate,
+    /// Delete expired OAuth states and print how many were removed
+    Cleanup {
+        /// Keep states that expired less than this long ago, so late callbacks are told "expired"
+        #[arg(long, default_value = "1d")]
+        grace: String,
+    },
+    /// List connections: domain, account, status, expiry, hours left, masked token preview
+    Tokens,
+    /// List active OAuth states (never the states themselves)
+    States,
+    /// Run only the amoCRM sandbox, for testing an integration offline
+    Sandbox {
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+    },
+}
+
+/// Parses the command line (after `.env`) and runs the command.
+pub async fn run() -> anyhow::Result<()> {
+    // A missing .env is normal; a malformed one is worth stopping for.
+    match dotenvy::dotenv() {
+        Ok(_) => {}
+        Err(err) if err.not_found() => {}
+        Err(err) => anyhow::bail!(".env: {err}"),
+    }
+    let cli = Cli::parse();
+    init_logging(cli.settings.log_format()?);
+    let settings = cli.settings;
+    match cli.command {
+        Command::Serve => serve(&settings).await,
+        Command::Demo => demo(&settings).await,
+        Command::Migrate => {
+            let config = settings.store()?;
+            server::open_store(&config).await?;
+            println!("database {} is up to date", config.database_url);
+            Ok(())
+        }
+        Command::Cleanup { grace } => cleanup(&settings, &grace).await,
+        Command::Tokens => tokens(&settings).await,
+        Command::States => states(&settings).await,
+        Command::Sandbox { listen } => run_sandbox(&settings, listen).await,
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+async fn serve(settings: &Settings) -> anyhow::Result<()> {
+    let config = settings.server()?;
+    let public_origin = config.amocrm.redirect_uri.origin().ascii_serialization();
+    let running = server::start(config).await?;
+    if running.admin_token_generated {
+        // Printed, never logged: logs are shipped elsewhere, the console is the operator's.
+        println!("No AMOAUTH_ADMIN_TOKEN set; generated one for this run.");
+        println!(
+            "Log in at: {public_origin}/login?token={}",
+            running.admin_token.expose()
+        );
+    }
+    server::shutdown_signal().await;
+    tracing::info!("shutting down; finishing requests in flight");
+    running.stop().await
+}
+
+async fn demo(settings: &Settings) -> anyhow::Result<()> {
+    let listen = settings
+        .listen
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let redirect_uri = format!("http://{listen}/amocrm/callback");
+    let client_id = "amoauth-demo".to_owned();
+    let client_secret = random_token();
+    let sandbox = Sandbox::new(SandboxConfig::demo(
+        &client_id,
+        &client_secret,
+        &redirect_uri,
+    ));
+    let sandbox_addr = sandbox
+        .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .context("cannot start the amoCRM sandbox")?;
+    // `localhost` rather than 127.0.0.1: a different site, as amoCRM is, so cookies do not follow.
+    let sandbox_origin = format!("http://localhost:{}", sandbox_addr.port());
+    let demo_settings = Settings {
+        client_id: Some(client_id),
+        client_secret: Some(client_secret),
+        redirect_uri: Some(redirect_uri),
+        listen: Some(listen),
+        amocrm_url: Some(sandbox_origin.clone()),
+        admin_token: settings
+            .admin_token
+            .clone()
+            .or_else(|| Some(random_token())),
+        ..settings.clone()
+    };
+    let config = demo_settings.server()?;
+    let public_origin = config.amocrm.redirect_uri.origin().ascii_serialization();
+    let database = config.store.database_url.clone();
+    let running = server::start(config).await?;
+    println!();
+    println!(
+        "amoauth demo is running: amoauth on {public_origin}, the amoCRM sandbox on {sandbox_origin}"
+    );
+    println!("database: {database}");
+    println!();
+    println!(
+        "  1. Open {public_origin}/login?token={}",
+        running.admin_token.expose()
+    );
+    println!(
+        "  2. Click \"Подключить amoCRM\" (Connect amoCRM), then \"Разрешить\" (Allow) in the sandbox."
+    );
+    println!(
+        "  3. See \"amoCRM успешно подключена!\", then list the connection: cargo run --release -- tokens"
+    );
+    println!();
+    println!("Press Ctrl-C to stop.");
+    server::shutdown_signal().await;
+    running.stop().await
+}
+
+async fn cleanup(settings: &Settings, grace: &str) -> anyhow::Result<()> {
+    let grace = parse_duration(grace).ok_or_else(|| ConfigError {
+        variable: "--grace",
+        problem: format!("expected a duration such as 0s, 1h or 1d, got `{grace}`"),
+    })?;
+    let (store, _) = server::open_store(&settings.store()?).await?;
+    let cutoff = now() - chrono::Duration::from_std(grace).context("--grace is too large")?;
+    let removed = store.delete_expired_states(cutoff, 10_000).await?;
+    println!("removed {removed} expired states");
+    Ok(())
+}
+
+async fn tokens(settings: &Settings) -> anyhow::Result<()> {
+    let (store, cipher) = server::open_store(&settings.store()?).await?;
+    let connections = store.connections().await?;
+    if connections.is_empty() {
+        println!(
+            "no connections yet: open /amocrm/install (or run `amoauth demo`) to connect an account"
+        );
+        return Ok(());
+    }
+    let at = now();
+    println!(
+        "{:<24} {:>10}  {:<24} {:<10} {:<20} {:>10}  token",
+        "domain", "account", "name", "status", "expires_at (UTC)", "hours_left"
+    );
+    for c in connections {
+        let preview = match &c.access_token {
+            Some(sealed) => match cipher.open(sealed, "access_token") {
+                Ok(token) => mask(token.expose()),
+                Err(err) => format!("(cannot decrypt: {err})"),
+            },
+            None => "(none)".into(),
+        };
+        let hours_left = (c.expires_at - at).num_minutes() as f64 / 60.0;
+        println!(
+            "{:<24} {:>10}  {:<24} {:<10} {:<20} {:>10.1}  {preview}",
+            c.domain,
+            c.account_id
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.account_name.unwrap_or_default(),
+            c.status,
+            c.expires_at.format("%Y-%m-%d %H:%M:%S"),
+            hours_left,
+        );
+    }
+    Ok(())
+}
+
+/// The first characters of a token and an ellipsis: enough to tell tokens apart, not to use one.
+fn mask(token: &str) -> String {
+    let shown: String = token.chars().take(10).collect();
+    format!("{shown}…")
+}
+
+async fn states(settings: &Settings) -> anyhow::Result<()> {
+    let (store, _) = server::open_store(&settings.store()?).await?;
+    let states = store.active_states(now()).await?;
+    println!("{} active states", states.len());
+    for s in states {
+        println!(
+            "{:<20} created {}  expires {}  ip {}",
+            s.subdomain.as_deref().unwrap_or("-"),
+            s.created_at.format("%Y-%m-%d %H:%M:%S"),
+            s.expires_at.format("%Y-%m-%d %H:%M:%S"),
+            s.ip.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+async fn run_sandbox(settings: &Settings, listen: SocketAddr) -> anyhow::Result<()> {
+    let amocrm = settings.amocrm()?;
+    let sandbox = Sandbox::new(SandboxConfig::demo(
+        amocrm.client_id,
+        amocrm.client_secret.expose(),
+        amocrm.redirect_uri.as_str(),
+    ));
+    let addr = sandbox
+        .spawn(listen)
+        .await
+        .context("cannot start the amoCRM sandbox")?;
+    println!("amoCRM sandbox on http://{addr} (consent page: http://{addr}/oauth)");
+    server::shutdown_signal().await;
+    Ok(())
+}

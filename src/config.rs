@@ -1,0 +1,493 @@
+//! Typed configuration from the environment, `.env` and flags, with one-line startup errors.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use base64::Engine as _;
+use clap::Args;
+use url::Url;
+
+/// Raw settings as clap reads them: a flag overrides the variable of the same meaning.
+/// Everything is a string here so that validation can name the variable in its error.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Settings {
+    /// Database: sqlite://…, postgres://…, mysql://…
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// amoCRM integration id
+    #[arg(long, env = "AMOCRM_CLIENT_ID", global = true, hide_env_values = true)]
+    pub client_id: Option<String>,
+    /// amoCRM integration secret
+    #[arg(
+        long,
+        env = "AMOCRM_CLIENT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub client_secret: Option<String>,
+    /// Redirect URI exactly as registered in amoCRM
+    #[arg(
+        long,
+        env = "AMOCRM_REDIRECT_URI",
+        global = true,
+        hide_env_values = true
+    )]
+    pub redirect_uri: Option<String>,
+    /// Allowed account domains for the callback's `referer`
+    #[arg(long, env = "AMOCRM_DOMAINS", global = true, hide_env_values = true)]
+    pub domains: Option<String>,
+    /// HTTP listen address
+    #[arg(long, env = "AMOAUTH_LISTEN", global = true, hide_env_values = true)]
+    pub listen: Option<String>,
+    /// Lifetime of an OAuth state (e.g. 15m)
+    #[arg(long, env = "AMOAUTH_STATE_TTL", global = true, hide_env_values = true)]
+    pub state_ttl: Option<String>,
+    /// Admin token for the dashboard and install; generated at start when unset
+    #[arg(
+        long,
+        env = "AMOAUTH_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// Base64 of 32 bytes; defaults to a key file beside a SQLite database
+    #[arg(
+        long,
+        env = "AMOAUTH_ENCRYPTION_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    pub encryption_key: Option<String>,
+    /// Development only: send every amoCRM request to this origin
+    #[arg(
+        long,
+        env = "AMOAUTH_AMOCRM_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub amocrm_url: Option<String>,
+    /// Connect and total timeout for each request to amoCRM (e.g. 10s)
+    #[arg(
+        long,
+        env = "AMOAUTH_AMOCRM_TIMEOUT",
+        global = true,
+        hide_env_values = true
+    )]
+    pub amocrm_timeout: Option<String>,
+    /// Log format: text or json
+    #[arg(
+        long,
+        env = "AMOAUTH_LOG_FORMAT",
+        global = true,
+        hide_env_values = true
+    )]
+    pub log_format: Option<String>,
+    /// Accept marketplace widget installs (on/off)
+    #[arg(
+        long,
+        env = "AMOAUTH_WIDGET_INSTALLS",
+        global = true,
+        hide_env_values = true
+    )]
+    pub widget_installs: Option<String>,
+    /// How often `serve` deletes expired states and sessions (e.g. 1h)
+    #[arg(
+        long,
+        env = "AMOAUTH_CLEANUP_INTERVAL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub cleanup_interval: Option<String>,
+}
+
+/// A configuration problem, printed as one line: the variable and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+fn invalid(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        problem: problem.into(),
+    }
+}
+
+/// A secret string: its Debug and Display never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A database URL whose Debug and Display mask the password.
+#[derive(Clone)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The SQLite file, when this is a SQLite URL naming a file.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        let rest = self.0.strip_prefix("sqlite:")?;
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        let path = rest.split('?').next().unwrap_or_default();
+        (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match Url::parse(&self.0) {
+            Ok(mut url) if url.password().is_some() => {
+                let _ = url.set_password(Some("***"));
+                f.write_str(url.as_str())
+            }
+            _ => f.write_str(&self.0),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({self})")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What every command needs: where the data lives and how it is sealed.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub database_url: DatabaseUrl,
+    pub encryption_key: Option<Secret>,
+}
+
+/// Everything `serve` needs beyond the store.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub store: StoreConfig,
+    pub amocrm: AmoCrmConfig,
+    pub listen: SocketAddr,
+    pub state_ttl: Duration,
+    /// None: generate one at start and print a login URL.
+    pub admin_token: Option<Secret>,
+    pub widget_installs: bool,
+    pub cleanup_interval: Duration,
+}
+
+/// How to reach amoCRM and who we are there.
+#[derive(Clone, Debug)]
+pub struct AmoCrmConfig {
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub redirect_uri: Url,
+    /// Lowercase account domains allowed in `referer`, e.g. `amocrm.ru`.
+    pub domains: Vec<String>,
+    /// Development override: every request goes to this origin.
+    pub override_origin: Option<Url>,
+    pub timeout: Duration,
+}
+
+const DEFAULT_DATABASE_URL: &str = "sqlite://amoauth.db";
+const DEFAULT_DOMAINS: &str = "amocrm.ru,amocrm.com,kommo.com";
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+impl Settings {
+    pub fn log_format(&self) -> Result<LogFormat, ConfigError> {
+        match self.log_format.as_deref().map(str::trim) {
+            None | Some("") | Some("text") => Ok(LogFormat::Text),
+            Some("json") => Ok(LogFormat::Json),
+            Some(other) => Err(invalid(
+                "AMOAUTH_LOG_FORMAT",
+                format!("expected `text` or `json`, got `{other}`"),
+            )),
+        }
+    }
+
+    pub fn store(&self) -> Result<StoreConfig, ConfigError> {
+        let raw = non_empty(&self.database_url).unwrap_or(DEFAULT_DATABASE_URL);
+        let scheme = raw.split(':').next().unwrap_or_default();
+        if !matches!(
+            scheme,
+            "sqlite" | "postgres" | "postgresql" | "mysql" | "mariadb"
+        ) {
+            return Err(invalid(
+                "DATABASE_URL",
+                "expected a sqlite://, postgres:// or mysql:// URL",
+            ));
+        }
+        let encryption_key = non_empty(&self.encryption_key)
+            .map(|key| {
+                decode_key(key)?;
+                Ok(Secret::new(key))
+            })
+            .transpose()?;
+        Ok(StoreConfig {
+            database_url: DatabaseUrl(raw.to_owned()),
+            encryption_key,
+        })
+    }
+
+    pub fn amocrm(&self) -> Result<AmoCrmConfig, ConfigError> {
+        let client_id = required(&self.client_id, "AMOCRM_CLIENT_ID")?.to_owned();
+        let client_secret = Secret::new(required(&self.client_secret, "AMOCRM_CLIENT_SECRET")?);
+        let redirect_uri = parse_http_url(
+            required(&self.redirect_uri, "AMOCRM_REDIRECT_URI")?,
+            "AMOCRM_REDIRECT_URI",
+        )?;
+        let domains = parse_domains(non_empty(&self.domains).unwrap_or(DEFAULT_DOMAINS))?;
+        let override_origin = non_empty(&self.amocrm_url)
+            .map(|raw| parse_http_url(raw, "AMOAUTH_AMOCRM_URL"))
+            .transpose()?;
+        let timeout = parse_duration_var(&self.amocrm_timeout, "AMOAUTH_AMOCRM_TIMEOUT", "10s")?;
+        Ok(AmoCrmConfig {
+            client_id,
+            client_secret,
+            redirect_uri,
+            domains,
+            override_origin,
+            timeout,
+        })
+    }
+
+    pub fn server(&self) -> Result<ServerConfig, ConfigError> {
+        let store = self.store()?;
+        let amocrm = self.amocrm()?;
+        let listen_raw = non_empty(&self.listen).unwrap_or(DEFAULT_LISTEN);
+        let listen = SocketAddr::from_str(listen_raw).map_err(|_| {
+            invalid(
+                "AMOAUTH_LISTEN",
+                format!("expected host:port such as 127.0.0.1:8080, got `{listen_raw}`"),
+            )
+        })?;
+        let state_ttl = parse_duration_var(&self.state_ttl, "AMOAUTH_STATE_TTL", "15m")?;
+        let admin_token = match non_empty(&self.admin_token) {
+            Some(token) if token.len() < 16 => {
+                return Err(invalid(
+                    "AMOAUTH_ADMIN_TOKEN",
+                    "must be at least 16 characters long",
+                ));
+            }
+            other => other.map(Secret::new),
+        };
+        let widget_installs = match non_empty(&self.widget_installs) {
+            None | Some("off") | Some("false") | Some("0") => false,
+            Some("on") | Some("true") | Some("1") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "AMOAUTH_WIDGET_INSTALLS",
+                    format!("expected `on` or `off`, got `{other}`"),
+                ));
+            }
+        };
+        let cleanup_interval =
+            parse_duration_var(&self.cleanup_interval, "AMOAUTH_CLEANUP_INTERVAL", "1h")?;
+        Ok(ServerConfig {
+            store,
+            amocrm,
+            listen,
+            state_ttl,
+            admin_token,
+            widget_installs,
+            cleanup_interval,
+        })
+    }
+}
+
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn required<'a>(value: &'a Option<String>, variable: &'static str) -> Result<&'a str, ConfigError> {
+    non_empty(value).ok_or_else(|| invalid(variable, "is required but not set"))
+}
+
+fn parse_http_url(raw: &str, variable: &'static str) -> Result<Url, ConfigError> {
+    let url =
+        Url::parse(raw).map_err(|err| invalid(variable, format!("not an absolute URL ({err})")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(variable, "must be an http:// or https:// URL"));
+    }
+    Ok(url)
+}
+
+fn parse_domains(raw: &str) -> Result<Vec<String>, ConfigError> {
+    let domains: Vec<String> = raw
+        .split(',')
+        .map(|d| d.trim().to_ascii_lowercase())
+        .filter(|d| !d.is_empty())
+        .collect();
+    if domains.is_empty() {
+        return Err(invalid("AMOCRM_DOMAINS", "lists no domain"));
+    }
+    for domain in &domains {
+        let valid = domain.contains('.')
+            && domain.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            });
+        if !valid {
+            return Err(invalid(
+                "AMOCRM_DOMAINS",
+                format!("`{domain}` is not a domain such as amocrm.ru"),
+            ));
+        }
+    }
+    Ok(domains)
+}
+
+fn parse_duration_var(
+    value: &Option<String>,
+    variable: &'static str,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let raw = non_empty(value).unwrap_or(default);
+    match parse_duration(raw) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(invalid(
+            variable,
+            format!("expected a duration such as 500ms, 90s, 15m, 1h or 30d, got `{raw}`"),
+        )),
+    }
+}
+
+/// Parses `500ms`, `90s`, `15m`, `1h`, `30d`.
+pub fn parse_duration(raw: &str) -> Option<Duration> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = raw.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let seconds = |factor: u64| number.checked_mul(factor).map(Duration::from_secs);
+    match unit {
+        "ms" => Some(Duration::from_millis(number)),
+        "s" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        "d" => seconds(86_400),
+        _ => None,
+    }
+}
+
+/// Decodes a base64 32-byte key.
+pub fn decode_key(raw: &str) -> Result<[u8; 32], ConfigError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(raw.trim())
+        .map_err(|_| invalid("AMOAUTH_ENCRYPTION_KEY", "is not valid base64"))?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+        invalid(
+            "AMOAUTH_ENCRYPTION_KEY",
+            format!("must decode to 32 bytes, got {}", bytes.len()),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            client_id: Some("client".into()),
+            client_secret: Some("secret-value".into()),
+            redirect_uri: Some("https://example.ru/amocrm/callback".into()),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(
+            parse_duration("30d"),
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(parse_duration("15"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("10x"), None);
+    }
+
+    #[test]
+    fn missing_secret_names_the_variable() {
+        let mut s = settings();
+        s.client_secret = None;
+        let err = s.server().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "AMOCRM_CLIENT_SECRET: is required but not set"
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable() {
+        let mut s = settings();
+        s.state_ttl = Some("soon".into());
+        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_STATE_TTL");
+        let mut s = settings();
+        s.redirect_uri = Some("example.ru/callback".into());
+        assert_eq!(s.server().unwrap_err().variable, "AMOCRM_REDIRECT_URI");
+        let mut s = settings();
+        s.encryption_key = Some("c2hvcnQ=".into());
+        let err = s.server().unwrap_err();
+        assert_eq!(err.variable, "AMOAUTH_ENCRYPTION_KEY");
+        assert!(err.problem.contains("32 bytes"), "{err}");
+        let mut s = settings();
+        s.domains = Some("amocrm.ru,evil..com".into());
+        assert_eq!(s.server().unwrap_err().variable, "AMOCRM_DOMAINS");
+    }
+
+    #[test]
+    fn database_url_masks_its_password() {
+        let url = DatabaseUrl("postgres://amo:hunter2@db.local:5432/amo".into());
+        assert_eq!(url.to_string(), "postgres://amo:***@db.local:5432/amo");
+        assert!(!format!("{url:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn secrets_debug_as_stars() {
+        let config = settings().server().unwrap();
+        assert!(!format!("{config:?}").contains("secret-value"));
+    }
+
+    #[test]
+    fn sqlite_path_is_found_in_the_url() {
+        let url = |s: &str| DatabaseUrl(s.into()).sqlite_path();
+        assert_eq!(
+            url("sqlite://amoauth.db"),
+            Some(PathBuf::from("amoauth.db"))
+        );
+        assert_eq!(
+            url("sqlite:///var/lib/a.db?mode=rwc"),
+            Some(PathBuf::from("/var/lib/a.db"))
+        );
+        assert_eq!(url("sqlite::memory:"), None);
+        assert_eq!(url("postgres://x/y"), None);
+    }
+}

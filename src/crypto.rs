@@ -1,0 +1,251 @@
+//! Token encryption at rest (XChaCha20-Poly1305), random values and hashes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Write as _;
+use std::path::Path;
+
+use base64::Engine as _;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Secret, decode_key};
+
+const NONCE_LEN: usize = 24;
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Seals token values. One key writes; every known key reads, so keys can be rotated
+/// by adding the new one and re-encrypting.
+pub struct Cipher {
+    write_key_id: String,
+    keys: HashMap<String, XChaCha20Poly1305>,
+}
+
+impl fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Cipher(write_key_id={})", self.write_key_id)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("the value was sealed with key `{0}`, which is not configured")]
+    UnknownKey(String),
+    #[error("the value does not decrypt with key `{0}`: wrong key or corrupted data")]
+    Corrupt(String),
+}
+
+/// A sealed value and the id of the key that sealed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sealed {
+    pub key_id: String,
+    /// base64(nonce || ciphertext+tag)
+    pub ciphertext: String,
+}
+
+impl Cipher {
+    pub fn new(key: &[u8; 32]) -> Self {
+        let key_id = key_id(key);
+        let aead = XChaCha20Poly1305::new_from_slice(key).expect("32-byte key");
+        Self {
+            write_key_id: key_id.clone(),
+            keys: HashMap::from([(key_id, aead)]),
+        }
+    }
+
+    pub fn write_key_id(&self) -> &str {
+        &self.write_key_id
+    }
+
+    /// Encrypts `plaintext`, binding it to `context` (e.g. the column name) so a value
+    /// copied into another column does not decrypt.
+    pub fn seal(&self, plaintext: &str, context: &str) -> Sealed {
+        let mut nonce = [0u8; NONCE_LEN];
+        fill_random(&mut nonce);
+        let aead = &self.keys[&self.write_key_id];
+        let ciphertext = aead
+            .encrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: plaintext.as_bytes(),
+                    aad: context.as_bytes(),
+                },
+            )
+            .expect("encryption into a Vec cannot fail");
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&ciphertext);
+        Sealed {
+            key_id: self.write_key_id.clone(),
+            ciphertext: B64.encode(blob),
+        }
+    }
+
+    pub fn open(&self, sealed: &Sealed, context: &str) -> Result<Secret, CryptoError> {
+        let aead = self
+            .keys
+            .get(&sealed.key_id)
+            .ok_or_else(|| CryptoError::UnknownKey(sealed.key_id.clone()))?;
+        let corrupt = || CryptoError::Corrupt(sealed.key_id.clone());
+        let blob = B64.decode(&sealed.ciphertext).map_err(|_| corrupt())?;
+        if blob.len() < NONCE_LEN {
+            return Err(corrupt());
+        }
+        let (nonce, ciphertext) = blob.split_at(NONCE_LEN);
+        let nonce = <[u8; NONCE_LEN]>::try_from(nonce).map_err(|_| corrupt())?;
+        let plaintext = aead
+            .decrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: context.as_bytes(),
+                },
+            )
+            .map_err(|_| corrupt())?;
+        String::from_utf8(plaintext)
+            .map(Secret::new)
+            .map_err(|_| corrupt())
+    }
+}
+
+/// A short public id for a key: lets each row name its key without revealing it.
+pub fn key_id(key: &[u8; 32]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"amoauth key id\0");
+    hasher.update(key);
+    hex::encode(&hasher.finalize()[..4])
+}
+
+/// Loads the key from `AMOAUTH_ENCRYPTION_KEY`, or from (creating if needed) a key file
+/// with mode 0600.
+pub fn load_or_create_key(
+    configured: Option<&Secret>,
+    key_file: Option<&Path>,
+) -> anyhow::Result<[u8; 32]> {
+    use anyhow::Context as _;
+    if let Some(key) = configured {
+        return Ok(decode_key(key.expose())?);
+    }
+    let Some(path) = key_file else {
+        anyhow::bail!(
+            "AMOAUTH_ENCRYPTION_KEY: is required for this database (generate one with `openssl rand -base64 32`)"
+        );
+    };
+    match std::fs::read_to_string(path) {
+        Ok(content) => decode_key(&content)
+            .with_context(|| format!("key file {} is not a base64 32-byte key", path.display())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            fill_random(&mut key);
+            write_private_file(path, &B64.encode(key))
+                .with_context(|| format!("cannot create key file {}", path.display()))?;
+            tracing::info!(path = %path.display(), "created a new encryption key file; back it up with the database");
+            Ok(key)
+        }
+        Err(err) => Err(err).with_context(|| format!("cannot read key file {}", path.display())),
+    }
+}
+
+fn write_private_file(path: &Path, content: &str) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(content.as_bytes())?;
+    file.sync_all()
+}
+
+/// Fills `buf` from the OS CSPRNG.
+pub fn fill_random(buf: &mut [u8]) {
+    getrandom::fill(buf).expect("the OS random number generator is unavailable");
+}
+
+/// 32 random bytes as 64 hex characters.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    fill_random(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Lowercase hex SHA-256.
+pub fn sha256_hex(value: &str) -> String {
+    hex::encode(Sha256::digest(value.as_bytes()))
+}
+
+/// Compares secrets without leaking where they differ through timing.
+pub fn constant_time_eq(a: &str, b: &str) -> bool {
+    use subtle::ConstantTimeEq as _;
+    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    a.ct_eq(&b).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_values_round_trip_and_hide_the_plaintext() {
+        let cipher = Cipher::new(&[7u8; 32]);
+        let sealed = cipher.seal("eyJ-access-token", "access_token");
+        assert!(!sealed.ciphertext.contains("eyJ-access-token"));
+        assert_eq!(sealed.key_id, key_id(&[7u8; 32]));
+        let opened = cipher.open(&sealed, "access_token").unwrap();
+        assert_eq!(opened.expose(), "eyJ-access-token");
+    }
+
+    #[test]
+    fn sealing_twice_gives_different_ciphertexts() {
+        let cipher = Cipher::new(&[7u8; 32]);
+        assert_ne!(
+            cipher.seal("x", "c").ciphertext,
+            cipher.seal("x", "c").ciphertext
+        );
+    }
+
+    #[test]
+    fn wrong_key_or_context_is_an_error_not_garbage() {
+        let sealed = Cipher::new(&[1u8; 32]).seal("token", "access_token");
+        let other = Cipher::new(&[2u8; 32]);
+        assert!(matches!(
+            other.open(&sealed, "access_token"),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        let mut forged = sealed.clone();
+        forged.key_id = other.write_key_id().to_owned();
+        assert!(matches!(
+            other.open(&forged, "access_token"),
+            Err(CryptoError::Corrupt(_))
+        ));
+        let cipher = Cipher::new(&[1u8; 32]);
+        assert!(matches!(
+            cipher.open(&sealed, "refresh_token"),
+            Err(CryptoError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn key_file_is_created_private_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("amoauth.db.key");
+        let first = load_or_create_key(None, Some(&path)).unwrap();
+        let second = load_or_create_key(None, Some(&path)).unwrap();
+        assert_eq!(first, second);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn constant_time_eq_compares_values() {
+        assert!(constant_time_eq("abc", "abc"));
+        assert!(!constant_time_eq("abc", "abd"));
+        assert!(!constant_time_eq("abc", "abcd"));
+    }
+}

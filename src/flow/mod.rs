@@ -1,0 +1,531 @@
+//! Install and callback: the seed's flow with the state in the database, independent of HTTP.
+
+mod params;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use url::Url;
+
+pub use params::{AccountHost, CallbackParams, account_host, is_dns_label};
+
+use crate::amocrm::{Account, AmoClient, AmoError, ConsentMode, TokenSet};
+use crate::config::Secret;
+use crate::crypto::{Cipher, random_token, sha256_hex};
+use crate::store::{
+    Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, Store, StoreError, now,
+};
+
+/// amoCRM refresh tokens live 3 months from issue.
+const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);
+/// User agents are cut to this many characters before they are stored.
+const MAX_USER_AGENT: usize = 512;
+
+/// Who made a request, for the audit trail.
+#[derive(Debug, Clone, Default)]
+pub struct Requester {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+impl Requester {
+    fn user_agent(&self) -> Option<&str> {
+        self.user_agent
+            .as_deref()
+            .map(|ua| match ua.char_indices().nth(MAX_USER_AGENT) {
+                Some((cut, _)) => &ua[..cut],
+                None => ua,
+            })
+    }
+}
+
+/// A connection saved by a callback.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub account_id: i64,
+    pub account_name: String,
+    pub domain: String,
+}
+
+/// What a callback ended with, when it did not connect an account.
+#[derive(Debug, thiserror::Error)]
+pub enum CallbackError {
+    #[error("access was denied in amoCRM")]
+    AccessDenied,
+    #[error("amoCRM reported an error: {0}")]
+    AmoCrmReportedError(String),
+    #[error("invalid callback request: {0}")]
+    InvalidRequest(String),
+    #[error("the referer is not an allowed amoCRM account host")]
+    BadReferer,
+    #[error("unknown state")]
+    UnknownState,
+    #[error("the state was already used")]
+    UsedState,
+    #[error("the state has expired")]
+    ExpiredState,
+    #[error("widget installs are turned off (AMOAUTH_WIDGET_INSTALLS)")]
+    WidgetInstallsOff,
+    #[error("exchanging the code at {host} failed: {source}")]
+    Exchange { host: String, source: AmoError },
+    #[error("looking up the account at {host} failed: {source}")]
+    AccountLookup { host: String, source: AmoError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl CallbackError {
+    /// The stable reason stored in the audit row.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::AccessDenied => "access_denied",
+            Self::AmoCrmReportedError(_) => "amocrm_error",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::BadReferer => "bad_referer",
+            Self::UnknownState => "unknown_state",
+            Self::UsedState => "used_state",
+            Self::ExpiredState => "expired_state",
+            Self::WidgetInstallsOff => "widget_installs_off",
+            Self::Exchange { source, .. } | Self::AccountLookup { source, .. } => source.reason(),
+            Self::Store(_) => "database_error",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(
+        "`subdomain` must be an account name such as fastis02 or a host such as fastis02.amocrm.ru"
+    )]
+    BadSubdomain,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Flow {
+    store: Store,
+    amo: AmoClient,
+    cipher: Cipher,
+    state_ttl: Duration,
+    widget_installs: bool,
+}
+
+impl Flow {
+    pub fn new(
+        store: Store,
+        amo: AmoClient,
+        cipher: Cipher,
+        state_ttl: Duration,
+        widget_installs: bool,
+    ) -> Self {
+        Self {
+            store,
+            amo,
+            cipher,
+            state_ttl,
+            widget_installs,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn cipher(&self) -> &Cipher {
+        &self.cipher
+    }
+
+    /// Seed steps 1-2: a 256-bit state saved (hashed) with its TTL, then the consent URL.
+    pub async fn start_install(
+        &self,
+        subdomain: Option<&str>,
+        mode: ConsentMode,
+        requester: &Requester,
+    ) -> Result<Url, InstallError> {
+        let domains = &self.amo.config().domains;
+        let account = match subdomain.filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) if is_dns_label(s) => account_host(&format!("{s}.{}", domains[0]), domains),
+            Some(s) => Some(account_host(s, domains).ok_or(InstallError::BadSubdomain)?),
+        };
+        let state = random_token();
+        let state_hash = sha256_hex(&state);
+        let created_at = now();
+        let expires_at =
+            created_at + chrono::Duration::from_std(self.state_ttl).unwrap_or_default();
+        let subdomain = account.as_ref().map(|a| a.subdomain.as_str());
+        self.store
+            .insert_state(&NewState {
+                state_hash: &state_hash,
+                subdomain,
+                created_at,
+                expires_at,
+                ip: requester.ip.as_deref(),
+                user_agent: requester.user_agent(),
+            })
+            .await?;
+        let fingerprint = fingerprint(&state_hash);
+        self.store
+            .record_attempt(&Attempt {
+                kind: AttemptKind::Install,
+                outcome: Outcome::Started,
+                reason: None,
+                detail: None,
+                subdomain,
+                account_id: None,
+                ip: requester.ip.as_deref(),
+                user_agent: requester.user_agent(),
+                state_fingerprint: Some(&fingerprint),
+                created_at,
+            })
+            .await?;
+        tracing::info!(
+            kind = "install",
+            outcome = "started",
+            subdomain,
+            ip = requester.ip.as_deref(),
+            user_agent = requester.user_agent(),
+            state_fingerprint = %fingerprint,
+            "install started"
+        );
+        Ok(self
+            .amo
+            .consent_url(&state, account.as_ref().map(|a| a.host.as_str()), mode))
+    }
+
+    /// Seed steps 4-7 for a raw callback query, each failure told apart and audited.
+    pub async fn callback(
+        self: &Arc<Self>,
+        query: &str,
+        requester: &Requester,
+    ) -> Result<CallbackOutcome, CallbackError> {
+        let params = match CallbackParams::parse(query) {
+            Ok(params) => params,
+            Err(why) => {
+                let audit = Audit {
+                    store: &self.store,
+                    kind: AttemptKind::Callback,
+                    subdomain: None,
+                    requester,
+                    fingerprint: None,
+                };
+                return Err(audit.failed(CallbackError::InvalidRequest(why)).await);
+            }
+        };
+        if params.from_widget.is_some() && params.state.is_none() && params.error.is_none() {
+            self.widget_install(params, requester).await?;
+            return Ok(CallbackOutcome::WidgetAccepted);
+        }
+        let fingerprint = params.state.as_deref().map(|s| fingerprint(&sha256_hex(s)));
+        let audit = Audit {
+            store: &self.store,
+            kind: AttemptKind::Callback,
+            subdomain: params.referer.as_deref(),
+            requester,
+            fingerprint: fingerprint.as_deref(),
+        };
+        let result = self.check_and_consume(&params, &audit).await;
+        let (attempt_id, host, code) = match result {
+            Ok(consumed) => consumed,
+            Err(err) => return Err(audit.failed(err).await),
+        };
+        match self.connect(&host, &code).await {
+            Ok(connected) => {
+                audit.finish(attempt_id, Ok(&connected)).await;
+                Ok(CallbackOutcome::Connected(connected))
+            }
+            Err(err) => {
+                audit.finish(attempt_id, Err(&err)).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Everything before the first outbound request: denial, parameters, referer, state.
+    async fn check_and_consume(
+        &self,
+        params: &CallbackParams,
+        audit: &Audit<'_>,
+    ) -> Result<(i64, AccountHost, Secret), CallbackError> {
+        if let Some(error) = &params.error {
+            return Err(if error == "access_denied" {
+                CallbackError::AccessDenied
+            } else {
+                CallbackError::AmoCrmReportedError(error.chars().take(100).collect())
+            });
+        }
+        if params
+            .client_id
+            .as_deref()
+            .is_some_and(|id| id != self.amo.config().client_id)
+        {
+            return Err(CallbackError::InvalidRequest(
+                "client_id is not this integration's".into(),
+            ));
+        }
+        let (Some(code), Some(state), Some(referer)) =
+            (&params.code, &params.state, &params.referer)
+        else {
+            return Err(CallbackError::InvalidRequest(
+                "code, state and referer are required".into(),
+            ));
+        };
+        if code.is_empty() {
+            return Err(CallbackError::InvalidRequest("code is empty".into()));
+        }
+        let host =
+            account_host(referer, &self.amo.config().domains).ok_or(CallbackError::BadReferer)?;
+        if !params::is_well_formed_state(state) {
+            return Err(CallbackError::UnknownState);
+        }
+        let started = now();
+        let pending = audit.attempt(Outcome::Pending, None, None, None, started);
+        match self
+            .store
+            .consume_state(&sha256_hex(state), started, &pending)
+            .await?
+        {
+            Consumption::Consumed { attempt_id, .. } => {
+                Ok((attempt_id, host, Secret::new(code.as_str())))
+            }
+            Consumption::Expired => Err(CallbackError::ExpiredState),
+            Consumption::Used => Err(CallbackError::UsedState),
+            Consumption::Unknown => Err(CallbackError::UnknownState),
+        }
+    }
+
+    /// Exchanges the code, looks up the account and saves the sealed tokens.
+    async fn connect(&self, host: &AccountHost, code: &Secret) -> Result<Connected, CallbackError> {
+        let tokens = self
+            .amo
+            .exchange_code(&host.host, code.expose())
+            .await
+            .map_err(|source| CallbackError::Exchange {
+                host: host.host.clone(),
+                source,
+            })?;
+        let account = self
+            .amo
+            .account(&host.host, &tokens.access_token)
+            .await
+            .map_err(|source| CallbackError::AccountLookup {
+                host: host.host.clone(),
+                source,
+            })?;
+        self.save(host, &tokens, &account).await?;
+        Ok(Connected {
+            account_id: account.id,
+            account_name: account.name,
+            domain: host.host.clone(),
+        })
+    }
+
+    async fn save(
+        &self,
+        host: &AccountHost,
+        tokens: &TokenSet,
+        account: &Account,
+    ) -> Result<(), StoreError> {
+        let issued = now();
+        let raw = serde_json::json!({ "token": tokens.raw, "account": account.raw });
+        let raw = scrub(raw.to_string(), tokens);
+        self.store
+            .upsert_connection(&NewConnection {
+                account_id: account.id,
+                account_name: &account.name,
+                domain: &host.host,
+                subdomain: &host.subdomain,
+                access_token: &self
+                    .cipher
+                    .seal(tokens.access_token.expose(), "access_token"),
+                refresh_token: &self
+                    .cipher
+                    .seal(tokens.refresh_token.expose(), "refresh_token"),
+                expires_at: issued + chrono::Duration::seconds(tokens.expires_in),
+                refresh_expires_at: issued + REFRESH_TOKEN_LIFETIME,
+                raw: &raw,
+                now: issued,
+            })
+            .await
+    }
+
+    /// Marketplace installs carry no state, so they are off unless configured; amoCRM waits
+    /// at most 3 seconds, so the exchange runs after the answer.
+    async fn widget_install(
+        self: &Arc<Self>,
+        params: CallbackParams,
+        requester: &Requester,
+    ) -> Result<(), CallbackError> {
+        let audit = Audit {
+            store: &self.store,
+            kind: AttemptKind::WidgetInstall,
+            subdomain: params.referer.as_deref(),
+            requester,
+            fingerprint: None,
+        };
+        if !self.widget_installs {
+            return Err(audit.failed(CallbackError::WidgetInstallsOff).await);
+        }
+        let checked = match (&params.code, &params.referer) {
+            (Some(code), Some(referer)) if !code.is_empty() => {
+                account_host(referer, &self.amo.config().domains)
+                    .map(|host| (host, Secret::new(code.as_str())))
+                    .ok_or(CallbackError::BadReferer)
+            }
+            _ => Err(CallbackError::InvalidRequest(
+                "code and referer are required".into(),
+            )),
+        };
+        let (host, code) = match checked {
+            Ok(checked) => checked,
+            Err(err) => return Err(audit.failed(err).await),
+        };
+        let pending = audit.attempt(Outcome::Pending, None, None, None, now());
+        let attempt_id = self.store.record_attempt(&pending).await?;
+        let flow = Arc::clone(self);
+        let requester = requester.clone();
+        tokio::spawn(async move {
+            let result = flow.connect(&host, &code).await;
+            let audit = Audit {
+                store: &flow.store,
+                kind: AttemptKind::WidgetInstall,
+                subdomain: Some(&host.host),
+                requester: &requester,
+                fingerprint: None,
+            };
+            audit.finish(attempt_id, result.as_ref()).await;
+        });
+        Ok(())
+    }
+}
+
+/// A callback's happy endings.
+#[derive(Debug)]
+pub enum CallbackOutcome {
+    Connected(Connected),
+    /// A widget install was accepted; its code is being exchanged in the background.
+    WidgetAccepted,
+}
+
+/// Writes the audit row and the one structured log line of a callback.
+struct Audit<'a> {
+    store: &'a Store,
+    kind: AttemptKind,
+    subdomain: Option<&'a str>,
+    requester: &'a Requester,
+    fingerprint: Option<&'a str>,
+}
+
+impl<'a> Audit<'a> {
+    fn attempt(
+        &self,
+        outcome: Outcome,
+        reason: Option<&'a str>,
+        detail: Option<&'a str>,
+        account_id: Option<i64>,
+        at: crate::store::Timestamp,
+    ) -> Attempt<'a> {
+        Attempt {
+            kind: self.kind,
+            outcome,
+            reason,
+            detail,
+            subdomain: self.subdomain,
+            account_id,
+            ip: self.requester.ip.as_deref(),
+            user_agent: self.requester.user_agent(),
+            state_fingerprint: self.fingerprint,
+            created_at: at,
+        }
+    }
+
+    /// Records a failure that happened before any state was consumed.
+    async fn failed(&self, err: CallbackError) -> CallbackError {
+        let detail = err.to_string();
+        self.log(Err(&err));
+        let attempt = self.attempt(
+            Outcome::Failure,
+            Some(err.reason()),
+            Some(&detail),
+            None,
+            now(),
+        );
+        if let Err(store_err) = self.store.record_attempt(&attempt).await {
+            tracing::error!(error = %store_err, "could not write the audit row");
+        }
+        err
+    }
+
+    /// Closes the pending row opened when the state was consumed.
+    async fn finish(&self, attempt_id: i64, result: Result<&Connected, &CallbackError>) {
+        self.log(result);
+        let (outcome, reason, detail, account_id) = match result {
+            Ok(connected) => (Outcome::Success, None, None, Some(connected.account_id)),
+            Err(err) => (
+                Outcome::Failure,
+                Some(err.reason()),
+                Some(err.to_string()),
+                None,
+            ),
+        };
+        if let Err(store_err) = self
+            .store
+            .finish_attempt(
+                attempt_id,
+                outcome,
+                reason,
+                detail.as_deref(),
+                account_id,
+                now(),
+            )
+            .await
+        {
+            tracing::error!(error = %store_err, attempt_id, "could not update the audit row");
+        }
+    }
+
+    fn log(&self, result: Result<&Connected, &CallbackError>) {
+        let kind = self.kind.as_str();
+        let ip = self.requester.ip.as_deref();
+        let user_agent = self.requester.user_agent();
+        match result {
+            Ok(connected) => tracing::info!(
+                kind,
+                outcome = "success",
+                subdomain = self.subdomain,
+                account_id = connected.account_id,
+                ip,
+                user_agent,
+                state_fingerprint = self.fingerprint,
+                "amoCRM connected"
+            ),
+            Err(err) => tracing::warn!(
+                kind,
+                outcome = "failure",
+                reason = err.reason(),
+                error = %err,
+                subdomain = self.subdomain,
+                ip,
+                user_agent,
+                state_fingerprint = self.fingerprint,
+                "callback failed"
+            ),
+        }
+    }
+}
+
+/// The first 16 hex characters of a state's hash: enough to match an install with its
+/// callback in the audit trail, useless for forging either.
+fn fingerprint(state_hash: &str) -> String {
+    state_hash[..16].to_owned()
+}
+
+/// Removes any token value that survived into the raw JSON (e.g. echoed in another field).
+fn scrub(mut raw: String, tokens: &TokenSet) -> String {
+    for secret in [&tokens.access_token, &tokens.refresh_token] {
+        if !secret.expose().is_empty() {
+            raw = raw.replace(secret.expose(), "[removed]");
+        }
+    }
+    raw
+}

@@ -1,0 +1,249 @@
+//! Admin authentication: the Bearer admin token, or a browser session made by logging in with it.
+
+use axum::Form;
+use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
+use axum::http::header::{
+    ACCEPT, AUTHORIZATION, COOKIE, LOCATION, SET_COOKIE, USER_AGENT, WWW_AUTHENTICATE,
+};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Deserialize;
+use std::net::SocketAddr;
+
+use super::pages::{self, Lang};
+use super::{AppState, store_unavailable};
+use crate::crypto::{constant_time_eq, random_token, sha256_hex};
+use crate::store::now;
+
+const SESSION_COOKIE: &str = "amoauth_session";
+const SESSION_LIFETIME: chrono::Duration = chrono::Duration::hours(12);
+
+/// Proof that the request comes from the administrator.
+pub struct Admin;
+
+/// Why a request is not the administrator's: API clients get 401, browsers the login page.
+pub enum Unauthorized {
+    Api,
+    Browser { next: String },
+    Store(crate::store::StoreError),
+}
+
+impl IntoResponse for Unauthorized {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Api => (
+                StatusCode::UNAUTHORIZED,
+                [(WWW_AUTHENTICATE, "Bearer")],
+                "401 Unauthorized: send `Authorization: Bearer <AMOAUTH_ADMIN_TOKEN>` or log in at /login\n",
+            )
+                .into_response(),
+            Self::Browser { next } => {
+                let location = format!("/login?next={}", url::form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>());
+                (StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response()
+            }
+            Self::Store(err) => store_unavailable(Lang::Ru, &err),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = Unauthorized;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        if let Some(token) = bearer_token(&parts.headers) {
+            return if constant_time_eq(token, state.admin_token.expose()) {
+                Ok(Admin)
+            } else {
+                Err(Unauthorized::Api)
+            };
+        }
+        if let Some(session) = session_cookie(&parts.headers) {
+            let valid = state
+                .flow
+                .store()
+                .session_is_valid(&sha256_hex(session), now())
+                .await
+                .map_err(Unauthorized::Store)?;
+            if valid {
+                return Ok(Admin);
+            }
+        }
+        if wants_html(&parts.headers) {
+            let next = parts
+                .uri
+                .path_and_query()
+                .map(|pq| pq.as_str())
+                .unwrap_or("/")
+                .to_owned();
+            Err(Unauthorized::Browser { next })
+        } else {
+            Err(Unauthorized::Api)
+        }
+    }
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
+        .filter(|value| !value.is_empty())
+}
+
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"))
+}
+
+/// Only local paths are followed after login, never another site.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(next) if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') => {
+            next.to_owned()
+        }
+        _ => "/".to_owned(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct LoginQuery {
+    next: Option<String>,
+    /// The login URL printed at start carries the generated token.
+    token: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    token: String,
+    next: Option<String>,
+}
+
+pub async fn login_page(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<LoginQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let lang = Lang::from_headers(&headers);
+    let next = safe_next(query.next.as_deref());
+    match query.token {
+        Some(token) => log_in(&state, peer, &headers, &token, &next).await,
+        None => Html(pages::login(lang, &next, false).into_string()).into_response(),
+    }
+}
+
+pub async fn login_submit(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let next = safe_next(form.next.as_deref());
+    log_in(&state, peer, &headers, &form.token, &next).await
+}
+
+async fn log_in(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    token: &str,
+    next: &str,
+) -> Response {
+    let lang = Lang::from_headers(headers);
+    if !constant_time_eq(token, state.admin_token.expose()) {
+        tracing::warn!(ip = %peer.ip(), "admin login failed");
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html(pages::login(lang, next, true).into_string()),
+        )
+            .into_response();
+    }
+    let session = random_token();
+    let created = now();
+    let user_agent = headers.get(USER_AGENT).and_then(|v| v.to_str().ok());
+    let ip = peer.ip().to_string();
+    if let Err(err) = state
+        .flow
+        .store()
+        .insert_session(
+            &sha256_hex(&session),
+            created,
+            created + SESSION_LIFETIME,
+            Some(&ip),
+            user_agent,
+        )
+        .await
+    {
+        return store_unavailable(lang, &err);
+    }
+    tracing::info!(ip = %peer.ip(), "admin logged in");
+    let secure = if state.secure_cookies { "; Secure" } else { "" };
+    let cookie = format!(
+        "{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        SESSION_LIFETIME.num_seconds()
+    );
+    let mut response = (StatusCode::SEE_OTHER, [(LOCATION, next.to_owned())]).into_response();
+    response.headers_mut().insert(
+        SET_COOKIE,
+        HeaderValue::from_str(&cookie).expect("cookie is ASCII"),
+    );
+    response
+}
+
+pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(session) = session_cookie(&headers)
+        && let Err(err) = state
+            .flow
+            .store()
+            .delete_session(&sha256_hex(session))
+            .await
+    {
+        return store_unavailable(Lang::from_headers(&headers), &err);
+    }
+    let clear = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0");
+    (
+        StatusCode::SEE_OTHER,
+        [(LOCATION, "/login".to_owned()), (SET_COOKIE, clear)],
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_stays_on_this_site() {
+        assert_eq!(
+            safe_next(Some("/amocrm/install?subdomain=x")),
+            "/amocrm/install?subdomain=x"
+        );
+        assert_eq!(safe_next(Some("//evil.com/")), "/");
+        assert_eq!(safe_next(Some("https://evil.com/")), "/");
+        assert_eq!(safe_next(Some("/\\evil.com")), "/");
+        assert_eq!(safe_next(None), "/");
+    }
+
+    #[test]
+    fn session_cookie_is_found_among_others() {
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, "a=1; amoauth_session=abc; b=2".parse().unwrap());
+        assert_eq!(session_cookie(&headers), Some("abc"));
+        headers.insert(COOKIE, "amoauth_sessionX=abc".parse().unwrap());
+        assert_eq!(session_cookie(&headers), None);
+    }
+}

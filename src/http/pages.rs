@@ -1,0 +1,374 @@
+//! Server-rendered HTML (auto-escaped by maud), in Russian or English.
+
+use axum::http::HeaderMap;
+use axum::http::header::ACCEPT_LANGUAGE;
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+
+use crate::amocrm::{AmoError, ProblemKind};
+use crate::flow::{CallbackError, Connected};
+use crate::store::{AttemptRecord, ConnectionRow, Timestamp};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lang {
+    Ru,
+    En,
+}
+
+impl Lang {
+    /// Russian unless the browser prefers English over Russian.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let Some(value) = headers.get(ACCEPT_LANGUAGE).and_then(|v| v.to_str().ok()) else {
+            return Self::Ru;
+        };
+        let mut best = (Self::Ru, 0.0f32);
+        for (index, item) in value.split(',').enumerate().take(20) {
+            let mut parts = item.trim().split(';');
+            let tag = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+            let quality = parts
+                .find_map(|p| p.trim().strip_prefix("q="))
+                .and_then(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0)
+                // Earlier entries win ties, as the browser listed them first.
+                - index as f32 * 1e-4;
+            let lang = if tag == "ru" || tag.starts_with("ru-") {
+                Self::Ru
+            } else if tag == "en" || tag.starts_with("en-") {
+                Self::En
+            } else {
+                continue;
+            };
+            if quality > best.1 {
+                best = (lang, quality);
+            }
+        }
+        best.0
+    }
+
+    fn pick(self, ru: &'static str, en: &'static str) -> &'static str {
+        match self {
+            Self::Ru => ru,
+            Self::En => en,
+        }
+    }
+
+    fn code(self) -> &'static str {
+        self.pick("ru", "en")
+    }
+}
+
+const STYLE: &str = "body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#1d2733;line-height:1.5}\
+h1{font-size:1.5rem}.card{border:1px solid #d8dee6;border-radius:.5rem;padding:1rem 1.25rem;margin:1rem 0}\
+.ok{border-color:#2e9d5b;background:#f0faf4}.err{border-color:#d9534f;background:#fdf3f3}\
+.button,button{display:inline-block;background:#2f6fdb;color:#fff;border:0;border-radius:.4rem;padding:.55rem 1rem;text-decoration:none;font-size:1rem;cursor:pointer}\
+.button.secondary,button.secondary{background:#6b7785}table{border-collapse:collapse;width:100%;font-size:.9rem}\
+td,th{border-bottom:1px solid #e3e8ee;padding:.4rem;text-align:left;vertical-align:top}.low{color:#b3261e;font-weight:600}\
+code{background:#f2f4f7;padding:0 .25rem;border-radius:.2rem}input{font-size:1rem;padding:.45rem;width:100%;max-width:28rem;box-sizing:border-box}\
+.muted{color:#6b7785;font-size:.85rem}.table-wrap{overflow-x:auto}";
+
+fn layout(lang: Lang, title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang=(lang.code()) {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                meta name="referrer" content="no-referrer";
+                title { (title) " · amoauth" }
+                style { (PreEscaped(STYLE)) }
+            }
+            body { (body) }
+        }
+    }
+}
+
+pub fn connected(lang: Lang, connected: &Connected) -> Markup {
+    let title = lang.pick(
+        "amoCRM успешно подключена!",
+        "amoCRM connected successfully!",
+    );
+    layout(
+        lang,
+        title,
+        html! {
+            div.card.ok {
+                h1 { (title) }
+                p {
+                    (lang.pick("Аккаунт", "Account")) ": " strong { (connected.account_name) }
+                    " (" code { (connected.domain) } ", ID " (connected.account_id) ")"
+                }
+                p { (lang.pick("Токены сохранены в зашифрованном виде и будут обновляться автоматически.",
+                               "The tokens are stored encrypted and will be kept fresh automatically.")) }
+            }
+            p { a.button href="/" { (lang.pick("На главную", "Go to the dashboard")) } }
+        },
+    )
+}
+
+/// Title, explanation and advice for each way a callback can fail.
+fn callback_error_text(lang: Lang, err: &CallbackError) -> (&'static str, String, &'static str) {
+    let retry = lang.pick(
+        "Начните подключение заново: нажмите «Попробовать снова».",
+        "Start the connection again with “Try again”.",
+    );
+    match err {
+        CallbackError::AccessDenied => (
+            lang.pick("Доступ не предоставлен", "Access was denied"),
+            lang.pick("В amoCRM нажали «Отказать»: доступ к аккаунту не выдан.",
+                      "Access was denied in amoCRM: the integration was not allowed into the account.").into(),
+            lang.pick("Если это ошибка, подключитесь снова и нажмите «Разрешить».",
+                      "If that was a mistake, connect again and choose Allow."),
+        ),
+        CallbackError::AmoCrmReportedError(code) => (
+            lang.pick("amoCRM сообщила об ошибке", "amoCRM reported an error"),
+            format!("{}: {code}", lang.pick("Код ошибки", "Error code")),
+            retry,
+        ),
+        CallbackError::InvalidRequest(why) => (
+            lang.pick("Неверный запрос", "Invalid request"),
+            format!("{}: {why}", lang.pick("Запрос не похож на ответ amoCRM", "This does not look like a reply from amoCRM")),
+            retry,
+        ),
+        CallbackError::BadReferer => (
+            lang.pick("Недопустимый адрес аккаунта", "Account address not allowed"),
+            lang.pick("Параметр referer не является адресом аккаунта amoCRM из списка AMOCRM_DOMAINS. Запрос в amoCRM не отправлялся.",
+                      "The referer parameter is not an amoCRM account host on the AMOCRM_DOMAINS list. Nothing was sent to amoCRM.").into(),
+            retry,
+        ),
+        CallbackError::UnknownState => (
+            lang.pick("Ссылка не распознана", "Unknown link"),
+            lang.pick("Параметр state не найден: эта ссылка не была выдана этим сервером.",
+                      "The state parameter is unknown: this link was not issued by this server.").into(),
+            retry,
+        ),
+        CallbackError::UsedState => (
+            lang.pick("Ссылка уже использована", "Link already used"),
+            lang.pick("Эта ссылка подключения уже была использована; повторно её использовать нельзя.",
+                      "This connection link was already used and cannot be used again.").into(),
+            lang.pick("Если подключение не удалось, начните заново.", "If the connection did not work, start again."),
+        ),
+        CallbackError::ExpiredState => (
+            lang.pick("Ссылка устарела", "Link expired"),
+            lang.pick("Подключение не было завершено вовремя, и ссылка истекла.",
+                      "The connection was not completed in time and its link expired.").into(),
+            retry,
+        ),
+        CallbackError::WidgetInstallsOff => (
+            lang.pick("Установка виджета отключена", "Widget installs are off"),
+            lang.pick("Этот сервер не принимает установки из маркетплейса (AMOAUTH_WIDGET_INSTALLS=off).",
+                      "This server does not accept marketplace installs (AMOAUTH_WIDGET_INSTALLS=off).").into(),
+            lang.pick("Подключите аккаунт через кнопку на сайте.", "Connect the account with the button on the site."),
+        ),
+        CallbackError::Exchange { host, source } => (
+            amo_title(lang, source),
+            format!("{} {host}: {}", lang.pick("Обмен кода на токены в", "Exchanging the code for tokens at"), amo_detail(lang, source)),
+            amo_advice(lang, source),
+        ),
+        CallbackError::AccountLookup { host, source } => (
+            amo_title(lang, source),
+            format!("{} {host}: {}", lang.pick("Запрос данных аккаунта в", "Looking up the account at"), amo_detail(lang, source)),
+            amo_advice(lang, source),
+        ),
+        CallbackError::Store(_) => (
+            lang.pick("База данных недоступна", "Database unavailable"),
+            lang.pick("Не удалось сохранить подключение: база данных amoauth недоступна. Ничего не сохранено.",
+                      "The connection could not be saved: amoauth's database is unavailable. Nothing was stored.").into(),
+            lang.pick("Повторите попытку через минуту; если ошибка повторяется, сообщите администратору.",
+                      "Try again in a minute; if it keeps failing, tell the administrator."),
+        ),
+    }
+}
+
+fn amo_title(lang: Lang, err: &AmoError) -> &'static str {
+    match err {
+        AmoError::Timeout(_) => lang.pick(
+            "amoCRM не ответила вовремя",
+            "amoCRM did not answer in time",
+        ),
+        AmoError::Unreachable { .. } => lang.pick("amoCRM недоступна", "amoCRM is unreachable"),
+        AmoError::Rejected { .. } => {
+            lang.pick("amoCRM отклонила запрос", "amoCRM rejected the request")
+        }
+        _ => lang.pick("Ошибка amoCRM", "amoCRM failed"),
+    }
+}
+
+fn amo_detail(lang: Lang, err: &AmoError) -> String {
+    match err {
+        AmoError::Timeout(limit) => format!(
+            "{} {limit:?}",
+            lang.pick("нет ответа за", "no answer within")
+        ),
+        AmoError::Unreachable { .. } => lang
+            .pick("не удалось установить соединение", "could not connect")
+            .into(),
+        AmoError::Rejected { status, problem } => format!("HTTP {status}, {}", problem.summary()),
+        AmoError::Http { status } => format!("HTTP {status}"),
+        AmoError::Redirect { status } => format!("HTTP {status} (redirect)"),
+        AmoError::BadResponse(what) => what.clone(),
+    }
+}
+
+fn amo_advice(lang: Lang, err: &AmoError) -> &'static str {
+    match err.problem_kind() {
+        Some(ProblemKind::CodeRevoked | ProblemKind::CodeExpired | ProblemKind::CodeInvalid) => lang.pick(
+            "Код авторизации недействителен (использован или истёк). Начните подключение заново.",
+            "The authorization code is no longer valid (used or expired). Start the connection again.",
+        ),
+        Some(ProblemKind::InvalidClient) => lang.pick(
+            "Проверьте AMOCRM_CLIENT_ID и AMOCRM_CLIENT_SECRET: amoCRM их не приняла.",
+            "Check AMOCRM_CLIENT_ID and AMOCRM_CLIENT_SECRET: amoCRM did not accept them.",
+        ),
+        Some(ProblemKind::RedirectUriMismatch) => lang.pick(
+            "AMOCRM_REDIRECT_URI должен побайтно совпадать с адресом в настройках интеграции.",
+            "AMOCRM_REDIRECT_URI must match the integration's Redirect URI byte for byte.",
+        ),
+        _ => lang.pick(
+            "Ничего не сохранено. Повторите подключение через несколько минут.",
+            "Nothing was stored. Try connecting again in a few minutes.",
+        ),
+    }
+}
+
+pub fn callback_error(lang: Lang, err: &CallbackError) -> Markup {
+    let (title, detail, advice) = callback_error_text(lang, err);
+    layout(
+        lang,
+        title,
+        html! {
+            div.card.err {
+                h1 { (title) }
+                p { (detail) }
+                p { (advice) }
+                p.muted { (lang.pick("Код причины", "Reason code")) ": " code { (err.reason()) } }
+            }
+            p { a.button href="/amocrm/install" { (lang.pick("Попробовать снова", "Try again")) } }
+        },
+    )
+}
+
+/// A plain error page for other routes (bad install parameters, database outages).
+pub fn error(lang: Lang, title_ru: &'static str, title_en: &'static str, detail: &str) -> Markup {
+    let title = lang.pick(title_ru, title_en);
+    layout(
+        lang,
+        title,
+        html! {
+            div.card.err { h1 { (title) } p { (detail) } }
+            p { a.button href="/" { (lang.pick("На главную", "Go to the dashboard")) } }
+        },
+    )
+}
+
+pub fn login(lang: Lang, next: &str, failed: bool) -> Markup {
+    let title = lang.pick("Вход администратора", "Administrator login");
+    layout(
+        lang,
+        title,
+        html! {
+            h1 { (title) }
+            @if failed {
+                div.card.err { p { (lang.pick("Неверный токен администратора.", "Wrong admin token.")) } }
+            }
+            form method="post" action="/login" {
+                input type="hidden" name="next" value=(next);
+                p {
+                    label for="token" { (lang.pick("Токен администратора (AMOAUTH_ADMIN_TOKEN)", "Admin token (AMOAUTH_ADMIN_TOKEN)")) }
+                    br;
+                    input id="token" type="password" name="token" autocomplete="current-password" required;
+                }
+                p { button type="submit" { (lang.pick("Войти", "Log in")) } }
+            }
+        },
+    )
+}
+
+fn format_time(at: Timestamp) -> String {
+    at.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+pub fn home(
+    lang: Lang,
+    connections: &[ConnectionRow],
+    attempts: &[AttemptRecord],
+    now: Timestamp,
+) -> Markup {
+    let title = lang.pick("Подключения amoCRM", "amoCRM connections");
+    layout(
+        lang,
+        title,
+        html! {
+            h1 { (title) }
+            p {
+                a.button href="/amocrm/install" { (lang.pick("Подключить amoCRM", "Connect amoCRM")) }
+                " "
+                form method="post" action="/logout" style="display:inline" {
+                    button.secondary type="submit" { (lang.pick("Выйти", "Log out")) }
+                }
+            }
+            @if connections.is_empty() {
+                div.card { p { (lang.pick("Пока нет подключённых аккаунтов.", "No account is connected yet.")) } }
+            } @else {
+                div.table-wrap { table {
+                    tr {
+                        th { (lang.pick("Аккаунт", "Account")) } th { (lang.pick("Домен", "Domain")) }
+                        th { (lang.pick("Статус", "Status")) } th { (lang.pick("Токен истекает", "Token expires")) }
+                        th { (lang.pick("Осталось, ч", "Hours left")) }
+                    }
+                    @for c in connections {
+                        @let hours = (c.expires_at - now).num_minutes() as f64 / 60.0;
+                        tr {
+                            td { (c.account_name.as_deref().unwrap_or("—")) br; span.muted { "ID " (c.account_id.map(|id| id.to_string()).unwrap_or_default()) } }
+                            td { code { (c.domain) } }
+                            td { (c.status) }
+                            td { (format_time(c.expires_at)) }
+                            td class=[(hours < 2.0).then_some("low")] { (format!("{hours:.1}")) }
+                        }
+                    }
+                } }
+            }
+            h2 { (lang.pick("Последние попытки", "Recent attempts")) }
+            div.table-wrap { table {
+                tr {
+                    th { (lang.pick("Время", "Time")) } th { (lang.pick("Тип", "Kind")) } th { (lang.pick("Итог", "Outcome")) }
+                    th { (lang.pick("Причина", "Reason")) } th { "IP" } th { "User-Agent" }
+                }
+                @for a in attempts {
+                    tr {
+                        td { (format_time(a.created_at)) } td { (a.kind) } td { (a.outcome) }
+                        td { (a.reason.as_deref().unwrap_or("")) }
+                        td { (a.ip.as_deref().unwrap_or("")) }
+                        td.muted { (a.user_agent.as_deref().unwrap_or("")) }
+                    }
+                }
+            } }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lang(value: &str) -> Lang {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT_LANGUAGE, value.parse().unwrap());
+        Lang::from_headers(&headers)
+    }
+
+    #[test]
+    fn russian_unless_english_is_preferred() {
+        assert_eq!(Lang::from_headers(&HeaderMap::new()), Lang::Ru);
+        assert_eq!(lang("en-US,en;q=0.9"), Lang::En);
+        assert_eq!(lang("ru-RU,ru;q=0.9,en;q=0.8"), Lang::Ru);
+        assert_eq!(lang("de-DE,en;q=0.5"), Lang::En);
+        assert_eq!(lang("de-DE"), Lang::Ru);
+        assert_eq!(lang("en;q=0.3,ru;q=0.7"), Lang::Ru);
+    }
+
+    #[test]
+    fn pages_escape_what_they_show() {
+        let page = error(Lang::En, "x", "x", "<script>alert(1)</script>").into_string();
+        assert!(!page.contains("<script>alert"));
+        assert!(page.contains("&lt;script&gt;"));
+    }
+}

@@ -1,0 +1,11 @@
+//! amoauth: connects web applications to amoCRM and Kommo accounts through OAuth 2.0.
+
+pub mod amocrm;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod flow;
+pub mod http;
+pub mod sandbox;
+pub mod server;
+pub mod store;

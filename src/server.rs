@@ -1,0 +1,162 @@
+//! Wires the parts together: store, key, amoCRM client, flow, HTTP server and the cleanup loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::amocrm::AmoClient;
+use crate::config::{Secret, ServerConfig, StoreConfig};
+use crate::crypto::{Cipher, load_or_create_key, random_token};
+use crate::flow::Flow;
+use crate::http::{AppState, router};
+use crate::store::{Store, now};
+
+/// Expired states are kept this long, so a late callback is told "expired", not "unknown".
+pub const DEFAULT_CLEANUP_GRACE: Duration = Duration::from_secs(86_400);
+const CLEANUP_BATCH: u32 = 1000;
+
+/// Opens and migrates the database and loads the key that seals its tokens.
+pub async fn open_store(config: &StoreConfig) -> anyhow::Result<(Store, Cipher)> {
+    let store = Store::connect(&config.database_url).await?;
+    store.migrate().await?;
+    let key_file = config.database_url.sqlite_path().map(|path| {
+        let mut name = path.into_os_string();
+        name.push(".key");
+        std::path::PathBuf::from(name)
+    });
+    let key = load_or_create_key(config.encryption_key.as_ref(), key_file.as_deref())?;
+    let cipher = Cipher::new(&key);
+    for (key_id, rows) in store.key_ids_in_use().await? {
+        if key_id != cipher.write_key_id() {
+            anyhow::bail!(
+                "AMOAUTH_ENCRYPTION_KEY: {rows} stored connection(s) were sealed with key id {key_id}, \
+                 but the configured key has id {}; configure the key that sealed them",
+                cipher.write_key_id()
+            );
+        }
+    }
+    Ok((store, cipher))
+}
+
+/// A server running in the background (tests and `serve` both use it).
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_token: Secret,
+    /// True when the token was generated at start and must be shown to the operator.
+    pub admin_token_generated: bool,
+    pub store: Store,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+    cleanup: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting connections, lets in-flight requests finish, and closes the pool.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.server
+            .await
+            .context("the HTTP server task panicked")??;
+        self.cleanup.abort();
+        self.store.close().await;
+        Ok(())
+    }
+}
+
+pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
+    if let Some(origin) = &config.amocrm.override_origin {
+        tracing::warn!(
+            origin = %origin,
+            "AMOAUTH_AMOCRM_URL is set: every amoCRM request goes to this origin instead of amoCRM; for development and tests only"
+        );
+    }
+    let (store, cipher) = open_store(&config.store).await?;
+    let (admin_token, admin_token_generated) = match config.admin_token.clone() {
+        Some(token) => (token, false),
+        None => (Secret::new(random_token()), true),
+    };
+    let secure_cookies = config.amocrm.redirect_uri.scheme() == "https";
+    let request_timeout = config.amocrm.timeout * 2 + Duration::from_secs(5);
+    let flow = Arc::new(Flow::new(
+        store.clone(),
+        AmoClient::new(config.amocrm.clone()),
+        cipher,
+        config.state_ttl,
+        config.widget_installs,
+    ));
+    let state = AppState {
+        flow,
+        admin_token: Arc::new(admin_token.clone()),
+        secure_cookies,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("AMOAUTH_LISTEN: cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let (shutdown, mut stopped) = watch::channel(false);
+    let app = router(state, request_timeout).into_make_service_with_connect_info::<SocketAddr>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    let cleanup = tokio::spawn(cleanup_loop(store.clone(), config.cleanup_interval));
+    tracing::info!(%addr, "amoauth listening");
+    Ok(Running {
+        addr,
+        admin_token,
+        admin_token_generated,
+        store,
+        shutdown,
+        server,
+        cleanup,
+    })
+}
+
+/// Deletes expired states and sessions periodically, so no cron is needed.
+async fn cleanup_loop(store: Store, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let cutoff = now() - chrono::Duration::from_std(DEFAULT_CLEANUP_GRACE).unwrap_or_default();
+        match store.delete_expired_states(cutoff, CLEANUP_BATCH).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "periodic cleanup removed expired states"),
+            Err(err) => {
+                tracing::error!(error = %err, "periodic cleanup of states failed; will retry")
+            }
+        }
+        if let Err(err) = store.delete_expired_sessions(now()).await {
+            tracing::error!(error = %err, "periodic cleanup of admin sessions failed; will retry");
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

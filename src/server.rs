@@ -67,7 +67,19 @@ impl Running {
     }
 }
 
+/// Binds `AMOAUTH_LISTEN` and starts serving.
 pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("AMOAUTH_LISTEN: cannot listen on {}", config.listen))?;
+    start_with_listener(config, listener).await
+}
+
+/// Starts serving on a bound listener (tests bind port 0 first to learn the redirect URI).
+pub async fn start_with_listener(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<Running> {
     if let Some(origin) = &config.amocrm.override_origin {
         tracing::warn!(
             origin = %origin,
@@ -93,9 +105,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
         admin_token: Arc::new(admin_token.clone()),
         secure_cookies,
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("AMOAUTH_LISTEN: cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let (shutdown, mut stopped) = watch::channel(false);
     let app = router(state, request_timeout).into_make_service_with_connect_info::<SocketAddr>();

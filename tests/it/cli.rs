@@ -1,0 +1,147 @@
+//! The command line, run as a real process.
+
+use crate::support::*;
+
+fn run(command: &mut std::process::Command) -> (bool, String, String) {
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn cleanup_removes_exactly_the_states_expired_past_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("a.db").display());
+    let (ok, _, stderr) = run(amoauth_command(dir.path())
+        .env("DATABASE_URL", &url)
+        .arg("migrate"));
+    assert!(ok, "{stderr}");
+    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
+    for (hash, offset) in [
+        ("still-valid", "+10 minutes"),
+        ("expired-1h", "-1 hours"),
+        ("expired-25h", "-25 hours"),
+        ("expired-3d", "-3 days"),
+        ("expired-30d", "-30 days"),
+    ] {
+        sqlx::query(
+            "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at) \
+             VALUES (?, 'x', datetime('now', ?, '-15 minutes'), datetime('now', ?))",
+        )
+        .bind(hash)
+        .bind(offset)
+        .bind(offset)
+        .execute(&db)
+        .await
+        .unwrap();
+    }
+
+    let (ok, stdout, stderr) = run(amoauth_command(dir.path())
+        .env("DATABASE_URL", &url)
+        .arg("cleanup"));
+
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), "removed 3 expired states");
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT state_hash FROM amocrm_oauth_states ORDER BY state_hash")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(left, ["expired-1h", "still-valid"]);
+
+    let (ok, stdout, _) = run(amoauth_command(dir.path())
+        .env("DATABASE_URL", &url)
+        .args(["cleanup", "--grace", "0s"]));
+    assert!(ok);
+    assert_eq!(stdout.trim(), "removed 1 expired states");
+
+    let (ok, stdout, _) = run(amoauth_command(dir.path())
+        .env("DATABASE_URL", &url)
+        .arg("states"));
+    assert!(ok);
+    assert!(stdout.starts_with("1 active states"), "{stdout}");
+    assert!(
+        !stdout.contains("still-valid"),
+        "the state hash is never printed: {stdout}"
+    );
+    db.close().await;
+}
+
+#[test]
+fn configuration_errors_are_one_line_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("a.db").display());
+
+    let (ok, _, stderr) = run(amoauth_command(dir.path())
+        .env("DATABASE_URL", &url)
+        .arg("serve"));
+
+    assert!(!ok);
+    assert_eq!(stderr, "error: AMOCRM_CLIENT_ID: is required but not set\n");
+
+    let (ok, _, stderr) = run(amoauth_command(dir.path())
+        .env("DATABASE_URL", &url)
+        .env("AMOCRM_CLIENT_ID", "id")
+        .env("AMOCRM_CLIENT_SECRET", "shh-secret-value")
+        .env("AMOCRM_REDIRECT_URI", "https://example.ru/amocrm/callback")
+        .env("AMOAUTH_STATE_TTL", "soon")
+        .arg("serve"));
+    assert!(!ok);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: AMOAUTH_STATE_TTL: "), "{stderr}");
+
+    let (ok, _, stderr) = run(amoauth_command(dir.path())
+        .env("DATABASE_URL", "mongodb://user:pw@host/db")
+        .arg("migrate"));
+    assert!(!ok);
+    assert!(stderr.starts_with("error: DATABASE_URL: "), "{stderr}");
+    assert!(
+        !stderr.contains("pw@"),
+        "the password is never shown: {stderr}"
+    );
+}
+
+#[test]
+fn a_flag_overrides_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let from_env = format!("sqlite://{}", dir.path().join("env.db").display());
+    let from_flag = format!("sqlite://{}", dir.path().join("flag.db").display());
+
+    let (ok, stdout, stderr) = run(amoauth_command(dir.path())
+        .env("DATABASE_URL", &from_env)
+        .args(["migrate", "--database-url", &from_flag]));
+
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("flag.db"), "{stdout}");
+    assert!(dir.path().join("flag.db").exists());
+    assert!(!dir.path().join("env.db").exists());
+}
+
+#[tokio::test]
+async fn tokens_lists_connections_with_a_masked_preview() {
+    let app = TestApp::spawn().await;
+    let callback = app.allowed_callback_url().await;
+    assert_eq!(app.get(&callback).await.0, 200);
+    let dir = tempfile::tempdir().unwrap();
+
+    let (ok, stdout, stderr) = run(amoauth_command(dir.path())
+        .env("DATABASE_URL", &app.database_url)
+        .arg("tokens"));
+
+    assert!(ok, "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(ACCOUNT_HOST))
+        .expect("a row for the account");
+    assert!(
+        line.contains("31337001") && line.contains("active") && line.contains('…'),
+        "{line}"
+    );
+    for secret in app.sandbox.issued_secrets() {
+        assert!(!stdout.contains(&secret), "a whole token was printed");
+    }
+    app.stop().await;
+}

@@ -1,0 +1,567 @@
+//! The seed's flow end to end: install, consent at the sandbox, callback, over real sockets.
+
+use std::time::Duration;
+
+use amoauth::sandbox::Fault;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn full_flow_without_cookies_stores_sealed_tokens_and_deletes_the_state() {
+    let app = TestApp::spawn().await;
+    let consent = app.install().await;
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM amocrm_oauth_states").await,
+        1
+    );
+    let callback = app.consent(&consent, "allow").await;
+    assert!(callback.starts_with(&format!("{}/amocrm/callback?", app.base)));
+
+    let (status, body) = app.get(&callback).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("amoCRM успешно подключена!"), "{body}");
+    assert!(body.contains("Демо-аккаунт"));
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM amocrm_oauth_states").await,
+        0
+    );
+    let db = app.db().await;
+    let (account_id, domain, status, hours): (i64, String, String, f64) = sqlx::query_as(
+        "SELECT account_id, domain, status, (julianday(expires_at) - julianday('now')) * 24 FROM amocrm_tokens",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (account_id, domain.as_str(), status.as_str()),
+        (ACCOUNT_ID, ACCOUNT_HOST, "active")
+    );
+    assert!(
+        (23.9..24.1).contains(&hours),
+        "expires_at should come from expires_in (24 h), got {hours} h"
+    );
+    // No code, access token or refresh token the sandbox issued is stored in plain text anywhere.
+    let stored = [
+        all_text(&db, "amocrm_tokens").await,
+        all_text(&db, "amocrm_oauth_attempts").await,
+        all_text(&db, "amocrm_oauth_states").await,
+    ]
+    .concat();
+    let secrets = app.sandbox.issued_secrets();
+    assert_eq!(
+        secrets.len(),
+        3,
+        "one code, one access token, one refresh token"
+    );
+    for secret in &secrets {
+        assert!(
+            !stored.contains(secret.as_str()),
+            "a plaintext secret is stored"
+        );
+    }
+    let raw: String = sqlx::query_scalar("SELECT raw FROM amocrm_tokens")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let raw: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(raw["token"]["expires_in"], 86400);
+    assert_eq!(raw["account"]["id"], ACCOUNT_ID);
+    assert!(
+        raw["token"].get("access_token").is_none() && raw["token"].get("refresh_token").is_none()
+    );
+    let outcomes: Vec<(String, String)> =
+        sqlx::query_as("SELECT kind, outcome FROM amocrm_oauth_attempts ORDER BY id")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            ("install".into(), "started".into()),
+            ("callback".into(), "success".into())
+        ]
+    );
+    // The exchange went to the account's own host.
+    assert_eq!(app.sandbox.stats().token_hosts, [ACCOUNT_HOST]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn replayed_callback_is_refused_and_the_code_is_exchanged_once() {
+    let app = TestApp::spawn().await;
+    let callback = app.allowed_callback_url().await;
+    assert_eq!(app.get(&callback).await.0, 200);
+
+    let (status, body) = app.get(&callback).await;
+
+    assert_eq!(status, 409);
+    assert!(body.contains("Ссылка уже использована"), "{body}");
+    assert_eq!(app.sandbox.stats().code_exchanges, 1);
+    assert_eq!(app.callback_reasons().await, ["-", "used_state"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_callbacks_with_one_state_connect_exactly_once() {
+    let app = TestApp::spawn().await;
+    let callback = app.allowed_callback_url().await;
+
+    let statuses = concurrent_statuses(&app, &callback, 32).await;
+
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        31,
+        "{statuses:?}"
+    );
+    assert_eq!(app.sandbox.stats().code_exchanges, 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM amocrm_tokens").await, 1);
+    app.stop().await;
+}
+
+/// Sends `n` GETs of `url` at once, each on its own task so they really race at the server.
+pub async fn concurrent_statuses(app: &TestApp, url: &str, n: usize) -> Vec<u16> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (client, url) = (app.client.clone(), url.to_owned());
+        tasks.spawn(async move { client.get(url).send().await.unwrap().status().as_u16() });
+    }
+    tasks.join_all().await
+}
+
+#[tokio::test]
+async fn expired_state_is_refused_as_expired_without_an_exchange() {
+    let app = TestApp::spawn_with(Options {
+        state_ttl: Some("300ms"),
+        ..Options::default()
+    })
+    .await;
+    let callback = app.allowed_callback_url().await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let (status, body) = app.get(&callback).await;
+
+    assert_eq!(status, 410);
+    assert!(body.contains("Ссылка устарела"), "{body}");
+    assert_eq!(app.callback_reasons().await, ["expired_state"]);
+    assert_eq!(app.sandbox.stats().code_exchanges, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_and_malformed_states_are_refused_without_an_exchange() {
+    let app = TestApp::spawn().await;
+    let callback = app.allowed_callback_url().await;
+    let real_state = query_param(&callback, "state").unwrap();
+    let forged = "ab".repeat(32);
+    for state in [
+        forged.as_str(),
+        "' OR '1'='1",
+        "74b6eb22a581338909023f94847c9242",
+    ] {
+        let url = callback.replace(&real_state, &urlencode(state));
+
+        let (status, body) = app.get(&url).await;
+
+        assert_eq!(status, 400, "{state}");
+        assert!(body.contains("Ссылка не распознана"), "{body}");
+    }
+    assert_eq!(app.callback_reasons().await, ["unknown_state"; 3]);
+    assert_eq!(app.sandbox.stats().code_exchanges, 0);
+    // The real state was not touched by the forgeries.
+    assert_eq!(app.get(&callback).await.0, 200);
+    app.stop().await;
+}
+
+fn urlencode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+#[tokio::test]
+async fn referers_outside_the_allow_list_make_no_outbound_request() {
+    let app = TestApp::spawn().await;
+    let consent = app.install().await;
+    let state = query_param(&consent, "state").unwrap();
+    let before = app.sandbox.stats().requests;
+    let hostile = [
+        "evil.example.com",
+        "demo.amocrm.ru.evil.com",
+        "x@evil.com",
+        "x@demo.amocrm.ru",
+        "",
+        "https://demo.amocrm.ru",
+        "//demo.amocrm.ru",
+        "demo.amocrm.ru:443",
+        "demo.amocrm.ru:8443",
+        "demo.amocrm.ru/oauth2",
+        "demo.amocrm.ru#",
+        "DEMO.amocrm.ru",
+        "demo.AMOCRM.RU",
+        "amocrm.ru",
+        "a.demo.amocrm.ru",
+        "demo.amocrm.ru.",
+        "dеmo.amocrm.ru",
+        "xn--dmo-jdd.amocrm.ru.evil.com",
+        "demo.amocrm.ru\u{0}",
+        "127.0.0.1",
+        "localhost",
+    ];
+    for referer in hostile {
+        let url = format!(
+            "{}/amocrm/callback?code=stolen&state={state}&referer={}&client_id={CLIENT_ID}",
+            app.base,
+            urlencode(referer)
+        );
+
+        let (status, body) = app.get(&url).await;
+
+        assert!(
+            (400..500).contains(&status),
+            "{referer:?} answered {status}"
+        );
+        assert!(
+            body.contains("Недопустимый адрес аккаунта") || body.contains("Неверный запрос"),
+            "{referer:?}: {body}"
+        );
+    }
+    assert_eq!(
+        app.sandbox.stats().requests,
+        before,
+        "no request may reach amoCRM"
+    );
+    let reasons = app.callback_reasons().await;
+    assert_eq!(reasons.len(), hostile.len());
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r == "bad_referer" || r == "invalid_request"),
+        "{reasons:?}"
+    );
+    // The state survived every forged callback.
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM amocrm_oauth_states").await,
+        1
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn access_denied_shows_a_clear_page_and_is_audited() {
+    let app = TestApp::spawn().await;
+    let consent = app.install().await;
+    let callback = app.consent(&consent, "deny").await;
+    assert_eq!(
+        query_param(&callback, "error").as_deref(),
+        Some("access_denied")
+    );
+
+    let (status, body) = app.get(&callback).await;
+
+    assert_eq!(status, 403);
+    assert!(body.contains("Доступ не предоставлен"), "{body}");
+    assert!(body.contains("Попробовать снова"));
+    let english = app
+        .client
+        .get(&callback)
+        .header("accept-language", "en-US,en;q=0.9")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        english
+            .text()
+            .await
+            .unwrap()
+            .contains("Access was denied in amoCRM")
+    );
+    assert_eq!(
+        app.callback_reasons().await,
+        ["access_denied", "access_denied"]
+    );
+    assert_eq!(app.sandbox.stats().code_exchanges, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn amocrm_failures_are_reported_precisely_and_store_nothing() {
+    let app = TestApp::spawn_with(Options {
+        amocrm_timeout: Some("500ms"),
+        ..Options::default()
+    })
+    .await;
+    let cases = [
+        (
+            Fault::Problem {
+                status: 400,
+                hint: "Authorization code has been revoked".into(),
+            },
+            502,
+            "amocrm_rejected",
+            "Authorization code has been revoked",
+        ),
+        (Fault::ServerError, 502, "amocrm_error", "HTTP 500"),
+        (Fault::Garbage, 502, "amocrm_bad_response", "non-JSON"),
+        (
+            Fault::Delay(Duration::from_secs(2)),
+            504,
+            "amocrm_timeout",
+            "amoCRM не ответила вовремя",
+        ),
+    ];
+    for (fault, expected_status, reason, shown) in cases {
+        let callback = app.allowed_callback_url().await;
+        app.sandbox.set_token_fault(Some(fault.clone()));
+
+        let (status, body) = app.get(&callback).await;
+
+        assert_eq!(status, expected_status, "{fault:?}: {body}");
+        assert!(
+            body.contains(shown),
+            "{fault:?}: page should say {shown:?}: {body}"
+        );
+        assert!(
+            body.contains(ACCOUNT_HOST),
+            "the page names the account host"
+        );
+        assert_eq!(app.callback_reasons().await.last().unwrap(), reason);
+        let detail: String =
+            sqlx::query_scalar("SELECT detail FROM amocrm_oauth_attempts ORDER BY id DESC LIMIT 1")
+                .fetch_one(&app.db().await)
+                .await
+                .unwrap();
+        assert!(
+            detail.contains("exchanging the code at demo.amocrm.ru"),
+            "{detail}"
+        );
+    }
+    app.sandbox.set_token_fault(None);
+    app.sandbox.set_account_fault(Some(Fault::ServerError));
+    let callback = app.allowed_callback_url().await;
+    let (status, body) = app.get(&callback).await;
+    assert_eq!(status, 502);
+    assert!(body.contains("Запрос данных аккаунта"), "{body}");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM amocrm_tokens").await,
+        0,
+        "nothing may be stored"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn install_requires_the_admin_and_redirects_with_a_256_bit_state() {
+    let app = TestApp::spawn().await;
+    let url = format!("{}/amocrm/install?subdomain=demo", app.base);
+
+    let anonymous = app.client.get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let wrong = app
+        .client
+        .get(&url)
+        .bearer_auth("not-the-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let browser = app
+        .client
+        .get(&url)
+        .header("accept", "text/html,*/*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(browser.status(), 303);
+    assert_eq!(
+        location(&browser),
+        "/login?next=%2Famocrm%2Finstall%3Fsubdomain%3Ddemo"
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM amocrm_oauth_states").await,
+        0
+    );
+
+    let admin = app
+        .client
+        .get(&url)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(admin.status(), 303);
+    let consent = location(&admin);
+    assert!(
+        consent.starts_with(&format!("{}/oauth?", app.sandbox_origin)),
+        "{consent}"
+    );
+    assert_eq!(
+        query_param(&consent, "client_id").as_deref(),
+        Some(CLIENT_ID)
+    );
+    let state = query_param(&consent, "state").unwrap();
+    assert_eq!(state.len(), 64);
+    assert!(state.bytes().all(|b| b.is_ascii_hexdigit()));
+    let db = app.db().await;
+    let (hash, subdomain, minutes): (String, String, f64) = sqlx::query_as(
+        "SELECT state_hash, subdomain, (julianday(expires_at) - julianday(created_at)) * 1440 FROM amocrm_oauth_states",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_ne!(hash, state, "only the hash of the state is stored");
+    assert_eq!(subdomain, "demo");
+    assert!(
+        (14.9..15.1).contains(&minutes),
+        "default TTL is 15 minutes, got {minutes}"
+    );
+    let bad = app
+        .client
+        .get(format!("{}/amocrm/install?subdomain=evil.com", app.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn browser_login_gives_a_session_cookie_that_opens_admin_pages() {
+    let app = TestApp::spawn().await;
+    let login = format!("{}/login", app.base);
+    let wrong = app
+        .client
+        .post(&login)
+        .form(&[("token", "wrong"), ("next", "/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+
+    let response = app
+        .client
+        .post(&login)
+        .form(&[("token", ADMIN_TOKEN), ("next", "/amocrm/install")])
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 303);
+    assert_eq!(location(&response), "/amocrm/install");
+    let cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let value = pair.split_once('=').unwrap().1.to_owned();
+    let db = app.db().await;
+    let stored: String = sqlx::query_scalar("SELECT id_hash FROM amoauth_sessions")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_ne!(stored, value, "only a hash of the session id is stored");
+    let install = app
+        .client
+        .get(format!("{}/amocrm/install", app.base))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(install.status(), 303);
+    let home = app
+        .client
+        .get(format!("{}/", app.base))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(home.status(), 200);
+    assert!(home.text().await.unwrap().contains("Подключить amoCRM"));
+
+    let logout = app
+        .client
+        .post(format!("{}/logout", app.base))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logout.status(), 303);
+    let after = app
+        .client
+        .get(format!("{}/", app.base))
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 401, "the session ends at logout");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn widget_installs_are_refused_unless_turned_on() {
+    let app = TestApp::spawn().await;
+    let code = app.sandbox.authorize(ACCOUNT_ID);
+    let url = format!(
+        "{}/amocrm/callback?code={code}&referer={ACCOUNT_HOST}&from_widget=1",
+        app.base
+    );
+
+    let (status, body) = app.get(&url).await;
+
+    assert_eq!(status, 403);
+    assert!(body.contains("AMOAUTH_WIDGET_INSTALLS"), "{body}");
+    assert_eq!(app.sandbox.stats().code_exchanges, 0);
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM amocrm_oauth_attempts")
+        .fetch_all(&app.db().await)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["widget_install"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn widget_install_answers_at_once_and_connects_in_the_background() {
+    let app = TestApp::spawn_with(Options {
+        widget_installs: true,
+        ..Options::default()
+    })
+    .await;
+    let code = app.sandbox.authorize(ACCOUNT_ID);
+    let url = format!(
+        "{}/amocrm/callback?code={code}&referer={ACCOUNT_HOST}&from_widget=1",
+        app.base
+    );
+
+    let (status, _) = app.get(&url).await;
+
+    assert_eq!(status, 200);
+    let mut connected = 0;
+    for _ in 0..100 {
+        connected = app
+            .count("SELECT COUNT(*) FROM amocrm_tokens WHERE account_id = 31337001")
+            .await;
+        if connected == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        connected, 1,
+        "the widget install should connect the account"
+    );
+    let bad = format!(
+        "{}/amocrm/callback?code={code}&referer=evil.com&from_widget=1",
+        app.base
+    );
+    assert_eq!(app.get(&bad).await.0, 400);
+    app.stop().await;
+}

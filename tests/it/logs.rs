@@ -1,0 +1,184 @@
+//! The real binary's logs, at the most verbose level, never contain a secret.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use amoauth::sandbox::Fault;
+
+use crate::support::*;
+
+struct Process {
+    child: std::process::Child,
+    base: String,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    fn logs(&mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+/// Starts `amoauth serve` as a process; its stdout and stderr both go to one file.
+async fn spawn_process(port: u16, sandbox_origin: &str, log_format: &str) -> Process {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("amoauth.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = amoauth_command(dir.path())
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("amoauth.db").display()),
+        )
+        .env("AMOCRM_CLIENT_ID", CLIENT_ID)
+        .env("AMOCRM_CLIENT_SECRET", CLIENT_SECRET)
+        .env("AMOCRM_REDIRECT_URI", format!("{base}/amocrm/callback"))
+        .env("AMOAUTH_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("AMOAUTH_AMOCRM_URL", sandbox_origin)
+        .env("AMOAUTH_AMOCRM_TIMEOUT", "500ms")
+        .env("AMOAUTH_LISTEN", format!("127.0.0.1:{port}"))
+        .env("AMOAUTH_LOG_FORMAT", log_format)
+        .env("RUST_LOG", "trace")
+        .arg("serve")
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .unwrap();
+    let client = http_client();
+    for _ in 0..200 {
+        if client.get(format!("{base}/healthz")).send().await.is_ok() {
+            return Process {
+                child,
+                base,
+                log,
+                _dir: dir,
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("amoauth serve did not start");
+}
+
+/// Drives successes and failures through a real process and checks what it logged.
+async fn secrets_stay_out_of_logs(log_format: &str) {
+    // A free port for amoauth, known before it starts, because the sandbox needs the redirect URI.
+    let port = loopback_listener().await.1.port();
+    let (sandbox, sandbox_origin) =
+        spawn_sandbox(&format!("http://127.0.0.1:{port}/amocrm/callback")).await;
+    let mut process = spawn_process(port, &sandbox_origin, log_format).await;
+    let client = http_client();
+    let base = process.base.clone();
+
+    // Log in as a browser would, and connect through the session.
+    let login = client
+        .post(format!("{base}/login"))
+        .form(&[("token", ADMIN_TOKEN), ("next", "/")])
+        .send()
+        .await
+        .unwrap();
+    let cookie = login.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut states = Vec::new();
+    let mut connect = async |fault: Option<Fault>| {
+        sandbox.set_token_fault(fault);
+        let install = client
+            .get(format!("{base}/amocrm/install"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        let consent = location(&install);
+        states.push(query_param(&consent, "state").unwrap());
+        let mut form: Vec<(String, String)> = url::Url::parse(&consent)
+            .unwrap()
+            .query_pairs()
+            .into_owned()
+            .collect();
+        form.extend([
+            ("account_id".into(), ACCOUNT_ID.to_string()),
+            ("decision".into(), "allow".into()),
+        ]);
+        let decided = client
+            .post(format!("{sandbox_origin}/oauth/decide"))
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        let callback = location(&decided);
+        let status = client
+            .get(&callback)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        (callback, status)
+    };
+    let (callback, status) = connect(None).await;
+    assert_eq!(status, 200);
+    assert_eq!(client.get(&callback).send().await.unwrap().status(), 409);
+    let (_, status) = connect(Some(Fault::Problem {
+        status: 400,
+        hint: "Authorization code has expired".into(),
+    }))
+    .await;
+    assert_eq!(status, 502);
+    let (_, status) = connect(Some(Fault::Delay(Duration::from_secs(1)))).await;
+    assert_eq!(status, 504);
+    let bad = callback.replace("referer=demo.amocrm.ru", "referer=evil.com");
+    assert_eq!(client.get(&bad).send().await.unwrap().status(), 400);
+    let session = cookie.split_once('=').unwrap().1.to_owned();
+
+    let logs = process.logs();
+
+    assert!(
+        logs.contains("amoCRM connected"),
+        "the success is logged:\n{logs}"
+    );
+    assert!(
+        logs.contains("amocrm_timeout")
+            && logs.contains("bad_referer")
+            && logs.contains("used_state")
+    );
+    let mut secrets = vec![CLIENT_SECRET.to_owned(), ADMIN_TOKEN.to_owned(), session];
+    secrets.extend(sandbox.issued_secrets());
+    secrets.extend(states);
+    assert!(
+        secrets.len() >= 10,
+        "codes, tokens and states were issued: {}",
+        secrets.len()
+    );
+    for secret in &secrets {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "the log contains a secret ({}…)",
+            &secret[..6]
+        );
+    }
+    if log_format == "json" {
+        for line in logs.lines() {
+            serde_json::from_str::<serde_json::Value>(line)
+                .unwrap_or_else(|_| panic!("not JSON: {line}"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn text_logs_never_contain_secrets() {
+    secrets_stay_out_of_logs("text").await;
+}
+
+#[tokio::test]
+async fn json_logs_never_contain_secrets() {
+    secrets_stay_out_of_logs("json").await;
+}

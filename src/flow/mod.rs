@@ -79,7 +79,7 @@ impl CallbackError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::AccessDenied => "access_denied",
-            Self::AmoCrmReportedError(_) => "amocrm_error",
+            Self::AmoCrmReportedError(_) => "amocrm_callback_error",
             Self::InvalidRequest(_) => "invalid_request",
             Self::BadReferer => "bad_referer",
             Self::UnknownState => "unknown_state",

@@ -1,7 +1,5 @@
 //! `amocrm_oauth_attempts`: the audit trail of installs and callbacks.
 
-use sqlx::Row as _;
-
 use super::{Context as _, Store, StoreError, Timestamp};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,7 +56,7 @@ pub struct Attempt<'a> {
 }
 
 /// An audit row as stored.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct AttemptRecord {
     pub id: i64,
     pub kind: String,
@@ -135,29 +133,13 @@ impl Store {
     }
 
     pub async fn recent_attempts(&self, limit: u32) -> Result<Vec<AttemptRecord>, StoreError> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT id, kind, outcome, reason, detail, subdomain, account_id, ip, user_agent, \
              state_fingerprint, created_at FROM amocrm_oauth_attempts ORDER BY id DESC LIMIT ?",
         )
         .bind(limit)
         .fetch_all(&self.pool)
         .await
-        .during("listing audit rows")?;
-        Ok(rows
-            .into_iter()
-            .map(|row| AttemptRecord {
-                id: row.get("id"),
-                kind: row.get("kind"),
-                outcome: row.get("outcome"),
-                reason: row.get("reason"),
-                detail: row.get("detail"),
-                subdomain: row.get("subdomain"),
-                account_id: row.get("account_id"),
-                ip: row.get("ip"),
-                user_agent: row.get("user_agent"),
-                state_fingerprint: row.get("state_fingerprint"),
-                created_at: row.get("created_at"),
-            })
-            .collect())
+        .during("listing audit rows")
     }
 }

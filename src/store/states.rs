@@ -1,7 +1,5 @@
 //! `amocrm_oauth_states`: create, consume once, list, purge.
 
-use sqlx::Row as _;
-
 use super::attempts::{Attempt, insert_attempt};
 use super::{Context as _, Store, StoreError, Timestamp};
 
@@ -14,7 +12,7 @@ pub struct NewState<'a> {
     pub user_agent: Option<&'a str>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StateRow {
     pub subdomain: Option<String>,
     pub created_at: Timestamp,
@@ -72,7 +70,7 @@ impl Store {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .during(OPERATION)?;
-        let row = sqlx::query(
+        let state: Option<StateRow> = sqlx::query_as(
             "SELECT subdomain, created_at, expires_at, ip, user_agent \
              FROM amocrm_oauth_states WHERE state_hash = ?",
         )
@@ -80,13 +78,6 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await
         .during(OPERATION)?;
-        let state = row.map(|row| StateRow {
-            subdomain: row.get("subdomain"),
-            created_at: row.get("created_at"),
-            expires_at: row.get("expires_at"),
-            ip: row.get("ip"),
-            user_agent: row.get("user_agent"),
-        });
         let deleted =
             sqlx::query("DELETE FROM amocrm_oauth_states WHERE state_hash = ? AND expires_at > ?")
                 .bind(state_hash)
@@ -126,24 +117,14 @@ impl Store {
 
     /// States that are still valid at `now`, newest first.
     pub async fn active_states(&self, now: Timestamp) -> Result<Vec<StateRow>, StoreError> {
-        let rows = sqlx::query(
+        sqlx::query_as(
             "SELECT subdomain, created_at, expires_at, ip, user_agent FROM amocrm_oauth_states \
              WHERE expires_at > ? ORDER BY created_at DESC",
         )
         .bind(now)
         .fetch_all(&self.pool)
         .await
-        .during("listing active states")?;
-        Ok(rows
-            .into_iter()
-            .map(|row| StateRow {
-                subdomain: row.get("subdomain"),
-                created_at: row.get("created_at"),
-                expires_at: row.get("expires_at"),
-                ip: row.get("ip"),
-                user_agent: row.get("user_agent"),
-            })
-            .collect())
+        .during("listing active states")
     }
 
     /// Deletes states that expired before `cutoff`, in batches so a large purge never holds

@@ -470,38 +470,18 @@ async fn browser_login_gives_a_session_cookie_that_opens_admin_pages() {
         .unwrap();
     assert_ne!(stored, value, "only a hash of the session id is stored");
     let install = app
-        .client
-        .get(format!("{}/amocrm/install", app.base))
-        .header("cookie", &pair)
-        .send()
-        .await
-        .unwrap();
+        .with_cookie(reqwest::Method::GET, "/amocrm/install", &pair)
+        .await;
     assert_eq!(install.status(), 303);
-    let home = app
-        .client
-        .get(format!("{}/", app.base))
-        .header("cookie", &pair)
-        .send()
-        .await
-        .unwrap();
+    let home = app.with_cookie(reqwest::Method::GET, "/", &pair).await;
     assert_eq!(home.status(), 200);
     assert!(home.text().await.unwrap().contains("Подключить amoCRM"));
 
     let logout = app
-        .client
-        .post(format!("{}/logout", app.base))
-        .header("cookie", &pair)
-        .send()
-        .await
-        .unwrap();
+        .with_cookie(reqwest::Method::POST, "/logout", &pair)
+        .await;
     assert_eq!(logout.status(), 303);
-    let after = app
-        .client
-        .get(format!("{}/", app.base))
-        .header("cookie", &pair)
-        .send()
-        .await
-        .unwrap();
+    let after = app.with_cookie(reqwest::Method::GET, "/", &pair).await;
     assert_eq!(after.status(), 401, "the session ends at logout");
     app.stop().await;
 }

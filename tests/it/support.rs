@@ -227,3 +227,20 @@ pub fn amoauth_command(dir: &std::path::Path) -> std::process::Command {
         .current_dir(dir);
     command
 }
+
+impl TestApp {
+    /// A request to amoauth carrying only the given cookie.
+    pub async fn with_cookie(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        cookie: &str,
+    ) -> reqwest::Response {
+        self.client
+            .request(method, format!("{}{path}", self.base))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap()
+    }
+}

@@ -67,7 +67,7 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Demo => demo(&settings).await,
         Command::Migrate => {
             let config = settings.store()?;
-            server::open_store(&config).await?;
+            server::open_store(&config).await?.close().await;
             println!("database {} is up to date", config.database_url);
             Ok(())
         }
@@ -172,7 +172,7 @@ async fn cleanup(settings: &Settings, grace: &str) -> anyhow::Result<()> {
         variable: "--grace",
         problem: format!("expected a duration such as 0s, 1h or 1d, got `{grace}`"),
     })?;
-    let (store, _) = server::open_store(&settings.store()?).await?;
+    let store = server::open_store(&settings.store()?).await?;
     let cutoff = now() - chrono::Duration::from_std(grace).context("--grace is too large")?;
     let removed = store.delete_expired_states(cutoff, 10_000).await?;
     println!("removed {removed} expired states");
@@ -180,7 +180,9 @@ async fn cleanup(settings: &Settings, grace: &str) -> anyhow::Result<()> {
 }
 
 async fn tokens(settings: &Settings) -> anyhow::Result<()> {
-    let (store, cipher) = server::open_store(&settings.store()?).await?;
+    let config = settings.store()?;
+    let store = server::open_store(&config).await?;
+    let cipher = server::open_cipher(&config, &store).await?;
     let connections = store.connections().await?;
     if connections.is_empty() {
         println!(
@@ -224,7 +226,7 @@ fn mask(token: &str) -> String {
 }
 
 async fn states(settings: &Settings) -> anyhow::Result<()> {
-    let (store, _) = server::open_store(&settings.store()?).await?;
+    let store = server::open_store(&settings.store()?).await?;
     let states = store.active_states(now()).await?;
     println!("{} active states", states.len());
     for s in states {

@@ -142,6 +142,10 @@ impl fmt::Debug for Secret {
 pub struct DatabaseUrl(String);
 
 impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -156,13 +160,22 @@ impl DatabaseUrl {
 }
 
 impl fmt::Display for DatabaseUrl {
+    /// Masks the password textually, so even a URL too broken to parse never shows it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match Url::parse(&self.0) {
-            Ok(mut url) if url.password().is_some() => {
-                let _ = url.set_password(Some("***"));
-                f.write_str(url.as_str())
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return f.write_str(&self.0);
+        };
+        // The last `@` before any query is where the user info ends, even when a password
+        // holds `/` or `@`; masking too much is harmless, too little is not.
+        let query_start = rest.find(['?', '#']).unwrap_or(rest.len());
+        match rest[..query_start].rfind('@') {
+            Some(at) => {
+                let (userinfo, host_and_rest) = rest.split_at(at);
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                let masked = if userinfo.contains(':') { ":***" } else { "" };
+                write!(f, "{scheme}://{user}{masked}{host_and_rest}")
             }
-            _ => f.write_str(&self.0),
+            None => f.write_str(&self.0),
         }
     }
 }
@@ -276,6 +289,13 @@ impl Settings {
 
     pub fn server(&self) -> Result<ServerConfig, ConfigError> {
         let store = self.store()?;
+        if store.encryption_key.is_none() && store.database_url.sqlite_path().is_none() {
+            return Err(invalid(
+                "AMOAUTH_ENCRYPTION_KEY",
+                "is required with a PostgreSQL or MySQL database: generate one with \
+                 `openssl rand -base64 32` and give every replica the same key",
+            ));
+        }
         let amocrm = self.amocrm()?;
         let listen_raw = non_empty(&self.listen).unwrap_or(DEFAULT_LISTEN);
         let listen = SocketAddr::from_str(listen_raw).map_err(|_| {
@@ -468,6 +488,21 @@ mod tests {
         let url = DatabaseUrl("postgres://amo:hunter2@db.local:5432/amo".into());
         assert_eq!(url.to_string(), "postgres://amo:***@db.local:5432/amo");
         assert!(!format!("{url:?}").contains("hunter2"));
+        let broken = DatabaseUrl("mysql://amo:p@ss:w0rd@[::1/amo?x=1".into());
+        assert_eq!(broken.to_string(), "mysql://amo:***@[::1/amo?x=1");
+        let slash = DatabaseUrl("postgres://amo:pa/ss@db/amo".into());
+        assert_eq!(slash.to_string(), "postgres://amo:***@db/amo");
+        let no_password = DatabaseUrl("mysql://root@127.0.0.1/test".into());
+        assert_eq!(no_password.to_string(), "mysql://root@127.0.0.1/test");
+    }
+
+    #[test]
+    fn server_databases_need_the_encryption_key() {
+        let mut s = settings();
+        s.database_url = Some("postgres://postgres@127.0.0.1/test".into());
+        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_ENCRYPTION_KEY");
+        s.encryption_key = Some("BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=".into());
+        assert!(s.server().is_ok());
     }
 
     #[test]

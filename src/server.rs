@@ -17,12 +17,18 @@ use crate::store::{Store, now};
 
 /// Expired states are kept this long, so a late callback is told "expired", not "unknown".
 pub const DEFAULT_CLEANUP_GRACE: Duration = Duration::from_secs(86_400);
-const CLEANUP_BATCH: u32 = 1000;
+const CLEANUP_BATCH: i64 = 1000;
 
-/// Opens and migrates the database and loads the key that seals its tokens.
-pub async fn open_store(config: &StoreConfig) -> anyhow::Result<(Store, Cipher)> {
+/// Opens and migrates the database.
+pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
     let store = Store::connect(&config.database_url).await?;
     store.migrate().await?;
+    Ok(store)
+}
+
+/// Loads the key that seals the tokens (creating a key file beside a new SQLite database)
+/// and refuses a key that did not seal the tokens already stored.
+pub async fn open_cipher(config: &StoreConfig, store: &Store) -> anyhow::Result<Cipher> {
     let key_file = config.database_url.sqlite_path().map(|path| {
         let mut name = path.into_os_string();
         name.push(".key");
@@ -39,7 +45,7 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<(Store, Cipher)>
             );
         }
     }
-    Ok((store, cipher))
+    Ok(cipher)
 }
 
 /// A server running in the background (tests and `serve` both use it).
@@ -86,7 +92,8 @@ pub async fn start_with_listener(
             "AMOAUTH_AMOCRM_URL is set: every amoCRM request goes to this origin instead of amoCRM; for development and tests only"
         );
     }
-    let (store, cipher) = open_store(&config.store).await?;
+    let store = open_store(&config.store).await?;
+    let cipher = open_cipher(&config.store, &store).await?;
     let (admin_token, admin_token_generated) = match config.admin_token.clone() {
         Some(token) => (token, false),
         None => (Secret::new(random_token()), true),

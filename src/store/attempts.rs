@@ -1,6 +1,10 @@
 //! `amocrm_oauth_attempts`: the audit trail of installs and callbacks.
 
-use super::{Context as _, Store, StoreError, Timestamp};
+use std::borrow::Cow;
+
+use sqlx::AssertSqlSafe;
+
+use super::{Context as _, Store, StoreError, Timestamp, on_pool};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttemptKind {
@@ -71,39 +75,60 @@ pub struct AttemptRecord {
     pub created_at: Timestamp,
 }
 
-pub(super) async fn insert_attempt(
-    executor: impl sqlx::SqliteExecutor<'_>,
-    attempt: &Attempt<'_>,
-    state_consumed: bool,
-) -> Result<i64, sqlx::Error> {
-    let finished_at = (attempt.outcome != Outcome::Pending).then_some(attempt.created_at);
-    let result = sqlx::query(
-        "INSERT INTO amocrm_oauth_attempts (kind, outcome, reason, detail, subdomain, account_id, \
-         ip, user_agent, state_fingerprint, state_consumed, created_at, finished_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(attempt.kind.as_str())
-    .bind(attempt.outcome.as_str())
-    .bind(attempt.reason)
-    .bind(attempt.detail)
-    .bind(attempt.subdomain)
-    .bind(attempt.account_id)
-    .bind(attempt.ip)
-    .bind(attempt.user_agent)
-    .bind(attempt.state_fingerprint)
-    .bind(state_consumed)
-    .bind(attempt.created_at)
-    .bind(finished_at)
-    .execute(executor)
-    .await?;
-    Ok(result.last_insert_rowid())
+/// Binds an attempt's fields, in the column order of `insert_attempt_sql`.
+macro_rules! bind_attempt {
+    ($query:expr, $attempt:expr, $state_consumed:expr) => {{
+        let attempt: &$crate::store::Attempt<'_> = $attempt;
+        let finished_at =
+            (attempt.outcome != $crate::store::Outcome::Pending).then_some(attempt.created_at);
+        $query
+            .bind(attempt.kind.as_str())
+            .bind(attempt.outcome.as_str())
+            .bind(attempt.reason)
+            .bind(attempt.detail)
+            .bind(attempt.subdomain)
+            .bind(attempt.account_id)
+            .bind(attempt.ip)
+            .bind(attempt.user_agent)
+            .bind(attempt.state_fingerprint)
+            .bind($state_consumed)
+            .bind(attempt.created_at)
+            .bind(finished_at)
+    }};
 }
+pub(super) use bind_attempt;
 
 impl Store {
+    pub(super) fn insert_attempt_sql(&self) -> AssertSqlSafe<Cow<'static, str>> {
+        self.sql(
+            "INSERT INTO amocrm_oauth_attempts (kind, outcome, reason, detail, subdomain, account_id, \
+             ip, user_agent, state_fingerprint, state_consumed, created_at, finished_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+    }
+
+    /// The id the last INSERT on this connection generated (MySQL has no RETURNING).
+    pub(super) fn last_insert_id_sql(&self) -> AssertSqlSafe<Cow<'static, str>> {
+        self.dialect(
+            "SELECT last_insert_rowid()",
+            "SELECT lastval()",
+            "SELECT CAST(LAST_INSERT_ID() AS SIGNED)",
+        )
+    }
+
+    /// Writes an audit row and returns its id.
     pub async fn record_attempt(&self, attempt: &Attempt<'_>) -> Result<i64, StoreError> {
-        insert_attempt(&self.pool, attempt, false)
-            .await
-            .during("writing the audit row")
+        const OPERATION: &str = "writing the audit row";
+        let (insert, last_id) = (self.insert_attempt_sql(), self.last_insert_id_sql());
+        on_pool!(self, pool => {
+            // The id is read on the connection that inserted the row.
+            let mut conn = pool.acquire().await.during(OPERATION)?;
+            bind_attempt!(sqlx::query(insert), attempt, false)
+                .execute(&mut *conn)
+                .await
+                .during(OPERATION)?;
+            sqlx::query_scalar(last_id).fetch_one(&mut *conn).await.during(OPERATION)
+        })
     }
 
     /// Closes an audit row opened as pending when its state was consumed.
@@ -116,30 +141,29 @@ impl Store {
         account_id: Option<i64>,
         finished_at: Timestamp,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        let sql = self.sql(
             "UPDATE amocrm_oauth_attempts SET outcome = ?, reason = ?, detail = ?, \
              account_id = COALESCE(?, account_id), finished_at = ? WHERE id = ?",
-        )
-        .bind(outcome.as_str())
-        .bind(reason)
-        .bind(detail)
-        .bind(account_id)
-        .bind(finished_at)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .during("updating the audit row")?;
-        Ok(())
+        );
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(outcome.as_str())
+            .bind(reason)
+            .bind(detail)
+            .bind(account_id)
+            .bind(finished_at)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(drop))
+        .during("updating the audit row")
     }
 
-    pub async fn recent_attempts(&self, limit: u32) -> Result<Vec<AttemptRecord>, StoreError> {
-        sqlx::query_as(
+    pub async fn recent_attempts(&self, limit: i64) -> Result<Vec<AttemptRecord>, StoreError> {
+        let sql = self.sql(
             "SELECT id, kind, outcome, reason, detail, subdomain, account_id, ip, user_agent, \
              state_fingerprint, created_at FROM amocrm_oauth_attempts ORDER BY id DESC LIMIT ?",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .during("listing audit rows")
+        );
+        on_pool!(self, pool => sqlx::query_as(sql).bind(limit).fetch_all(pool).await)
+            .during("listing audit rows")
     }
 }

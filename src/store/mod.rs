@@ -1,16 +1,21 @@
-//! The database: connection, migrations and one module per table.
+//! The database: SQLite, PostgreSQL or MySQL/MariaDB behind one API, with migrations per
+//! backend and one module per table. Every query is written once with `?` placeholders;
+//! the few statements whose SQL really differs have one constant per dialect.
 
 mod attempts;
 mod sessions;
 mod states;
 mod tokens;
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::NaiveDateTime;
-use sqlx::SqlitePool;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 
 pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome};
 pub use states::{Consumption, NewState, StateRow};
@@ -18,8 +23,8 @@ pub use tokens::{ConnectionRow, NewConnection};
 
 use crate::config::DatabaseUrl;
 
-/// Times are stored as UTC without an offset, so SQL like
-/// `expires_at > datetime('now')` (SQLite) or `> NOW()` (UTC servers) works as written.
+/// Times are stored as UTC without an offset, so operator SQL such as
+/// `expires_at > NOW()` works as written on a UTC server.
 pub type Timestamp = NaiveDateTime;
 
 pub fn now() -> Timestamp {
@@ -27,25 +32,25 @@ pub fn now() -> Timestamp {
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
+/// How long a request waits for a pooled connection before it is told the database is down.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Database failures. Each message already includes its cause, so none is chained as a
+/// `source` (which would print it twice in a one-line error).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error while {operation}: {source}")]
+    #[error("database error while {operation}: {cause}")]
     Database {
         operation: &'static str,
-        #[source]
-        source: sqlx::Error,
+        cause: sqlx::Error,
     },
-    #[error("cannot open the database {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: sqlx::Error,
-    },
+    #[error("DATABASE_URL: cannot open {url}: {cause}")]
+    Connect { url: String, cause: sqlx::Error },
     #[error("cannot apply database migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("{0}")]
-    Unsupported(String),
+    Migrate(sqlx::migrate::MigrateError),
 }
 
 pub(crate) trait Context<T> {
@@ -54,61 +59,244 @@ pub(crate) trait Context<T> {
 
 impl<T> Context<T> for Result<T, sqlx::Error> {
     fn during(self, operation: &'static str) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Database { operation, source })
+        self.map_err(|cause| StoreError::Database { operation, cause })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Backend {
+    pub fn of(url: &DatabaseUrl) -> Option<Self> {
+        match url.expose().split(':').next()? {
+            "sqlite" => Some(Self::Sqlite),
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            "mysql" => Some(Self::MySql),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+    MySql(MySqlPool),
+}
+
+/// Runs the same code against whichever pool the store holds; the body is compiled once
+/// per backend, so every query is type-checked against each driver.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match &$store.pool {
+            $crate::store::Pool::Sqlite($pool) => $body,
+            $crate::store::Pool::Postgres($pool) => $body,
+            $crate::store::Pool::MySql($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+/// A transaction that will write. SQLite takes its write lock up front (`BEGIN IMMEDIATE`),
+/// so concurrent writers queue instead of failing to upgrade a read lock.
+pub(crate) trait BeginWrite {
+    type Db: sqlx::Database;
+    fn begin_write(
+        &self,
+    ) -> impl Future<Output = Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>> + Send;
+}
+
+impl BeginWrite for SqlitePool {
+    type Db = sqlx::Sqlite;
+    fn begin_write(
+        &self,
+    ) -> impl Future<Output = Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>> + Send
+    {
+        self.begin_with("BEGIN IMMEDIATE")
+    }
+}
+
+impl BeginWrite for PgPool {
+    type Db = sqlx::Postgres;
+    fn begin_write(
+        &self,
+    ) -> impl Future<Output = Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>> + Send
+    {
+        self.begin()
+    }
+}
+
+impl BeginWrite for MySqlPool {
+    type Db = sqlx::MySql;
+    fn begin_write(
+        &self,
+    ) -> impl Future<Output = Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>> + Send
+    {
+        self.begin()
     }
 }
 
 /// A handle to amoauth's tables. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
 }
 
 impl Store {
     /// Opens the database (creating a SQLite file when missing). Does not migrate.
     pub async fn connect(url: &DatabaseUrl) -> Result<Self, StoreError> {
-        let raw = url.expose();
-        if !raw.starts_with("sqlite:") {
-            return Err(StoreError::Unsupported(format!(
-                "DATABASE_URL: {url} is not supported by this build yet; use a sqlite:// URL"
-            )));
-        }
-        let connect_error = |source| StoreError::Connect {
+        let connect_error = |cause| StoreError::Connect {
             url: url.to_string(),
-            source,
+            cause,
         };
-        let options = SqliteConnectOptions::from_str(raw)
-            .map_err(connect_error)?
-            .create_if_missing(true)
-            // WAL lets readers proceed while one writer commits; NORMAL is durable in WAL mode
-            // except for the last transactions before a power loss.
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await
-            .map_err(connect_error)?;
+        let raw = url.expose();
+        let pool = match Backend::of(url) {
+            Some(Backend::Sqlite) => {
+                let options = SqliteConnectOptions::from_str(raw)
+                    .map_err(connect_error)?
+                    .create_if_missing(true)
+                    // WAL lets readers proceed while one writer commits; NORMAL is durable in
+                    // WAL mode except for the last transactions before a power loss.
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(10));
+                check_connection::<sqlx::SqliteConnection>(&options)
+                    .await
+                    .map_err(connect_error)?;
+                // One writer at a time anyway; a few connections serve concurrent readers.
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_lazy_with(options);
+                Pool::Sqlite(pool)
+            }
+            Some(Backend::Postgres) => {
+                let options = PgConnectOptions::from_str(raw).map_err(connect_error)?;
+                check_connection::<sqlx::PgConnection>(&options)
+                    .await
+                    .map_err(connect_error)?;
+                // Several replicas share the server's max_connections (100 by default).
+                let pool = PgPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_lazy_with(options);
+                Pool::Postgres(pool)
+            }
+            Some(Backend::MySql) => {
+                let options = MySqlConnectOptions::from_str(raw).map_err(connect_error)?;
+                check_connection::<sqlx::MySqlConnection>(&options)
+                    .await
+                    .map_err(connect_error)?;
+                let pool = MySqlPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_lazy_with(options);
+                Pool::MySql(pool)
+            }
+            None => {
+                return Err(connect_error(sqlx::Error::Configuration(
+                    "expected a sqlite://, postgres:// or mysql:// URL".into(),
+                )));
+            }
+        };
         Ok(Self { pool })
     }
 
-    /// Applies every pending migration.
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+            Pool::MySql(_) => Backend::MySql,
+        }
+    }
+
+    /// Applies every pending migration (under the driver's lock on server databases, so
+    /// replicas starting together migrate once).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        SQLITE_MIGRATIONS.run(&self.pool).await?;
-        Ok(())
+        match &self.pool {
+            Pool::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await,
+            Pool::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
+            Pool::MySql(pool) => MYSQL_MIGRATIONS.run(pool).await,
+        }
+        .map_err(StoreError::Migrate)
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .during("checking the connection")?;
-        Ok(())
+        on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(drop))
+            .during("checking the connection")
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        on_pool!(self, pool => pool.close().await)
+    }
+
+    /// The SQL in this backend's placeholder style: PostgreSQL numbers them (`$1`).
+    fn sql(&self, text: &'static str) -> AssertSqlSafe<Cow<'static, str>> {
+        match self.pool {
+            Pool::Postgres(_) => AssertSqlSafe(Cow::Owned(numbered_placeholders(text))),
+            _ => AssertSqlSafe(Cow::Borrowed(text)),
+        }
+    }
+
+    /// Picks the statement written for this backend's dialect.
+    fn dialect(
+        &self,
+        sqlite: &'static str,
+        postgres: &'static str,
+        mysql: &'static str,
+    ) -> AssertSqlSafe<Cow<'static, str>> {
+        match self.pool {
+            Pool::Sqlite(_) => AssertSqlSafe(Cow::Borrowed(sqlite)),
+            Pool::Postgres(_) => AssertSqlSafe(Cow::Owned(numbered_placeholders(postgres))),
+            Pool::MySql(_) => AssertSqlSafe(Cow::Borrowed(mysql)),
+        }
+    }
+}
+
+/// Opens and closes one connection, so a start against a wrong or unreachable database fails
+/// at once with the driver's reason (a pool would retry until its timeout and say only that).
+async fn check_connection<C: sqlx::Connection>(options: &C::Options) -> Result<(), sqlx::Error> {
+    C::connect_with(options).await?.close().await
+}
+
+/// `?` → `$1`, `$2`, …; our SQL has no `?` inside string literals.
+fn numbered_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres() {
+        assert_eq!(
+            numbered_placeholders("SELECT a FROM t WHERE b = ? AND c > ? LIMIT ?"),
+            "SELECT a FROM t WHERE b = $1 AND c > $2 LIMIT $3"
+        );
+    }
+
+    #[test]
+    fn backend_follows_the_url_scheme() {
+        let backend = |url: &str| Backend::of(&DatabaseUrl::new(url));
+        assert_eq!(backend("sqlite://a.db"), Some(Backend::Sqlite));
+        assert_eq!(backend("postgresql://u@h/db"), Some(Backend::Postgres));
+        assert_eq!(backend("mysql://root@h/db"), Some(Backend::MySql));
+        assert_eq!(backend("redis://h"), None);
     }
 }

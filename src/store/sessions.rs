@@ -1,6 +1,6 @@
 //! `amoauth_sessions`: admin browser logins, stored as hashes of the cookie value.
 
-use super::{Context as _, Store, StoreError, Timestamp};
+use super::{Context as _, Store, StoreError, Timestamp, on_pool};
 
 impl Store {
     pub async fn insert_session(
@@ -11,19 +11,20 @@ impl Store {
         ip: Option<&str>,
         user_agent: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        let sql = self.sql(
             "INSERT INTO amoauth_sessions (id_hash, created_at, expires_at, ip, user_agent) \
              VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(id_hash)
-        .bind(created_at)
-        .bind(expires_at)
-        .bind(ip)
-        .bind(user_agent)
-        .execute(&self.pool)
-        .await
-        .during("saving the admin session")?;
-        Ok(())
+        );
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(id_hash)
+            .bind(created_at)
+            .bind(expires_at)
+            .bind(ip)
+            .bind(user_agent)
+            .execute(pool)
+            .await
+            .map(drop))
+        .during("saving the admin session")
     }
 
     pub async fn session_is_valid(
@@ -31,34 +32,26 @@ impl Store {
         id_hash: &str,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM amoauth_sessions WHERE id_hash = ? AND expires_at > ?",
-        )
-        .bind(id_hash)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await
+        let sql =
+            self.sql("SELECT id_hash FROM amoauth_sessions WHERE id_hash = ? AND expires_at > ?");
+        let found: Option<String> = on_pool!(self, pool => sqlx::query_scalar(sql)
+            .bind(id_hash)
+            .bind(now)
+            .fetch_optional(pool)
+            .await)
         .during("checking the admin session")?;
         Ok(found.is_some())
     }
 
     pub async fn delete_session(&self, id_hash: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM amoauth_sessions WHERE id_hash = ?")
-            .bind(id_hash)
-            .execute(&self.pool)
-            .await
-            .during("deleting the admin session")?;
-        Ok(())
+        let sql = self.sql("DELETE FROM amoauth_sessions WHERE id_hash = ?");
+        on_pool!(self, pool => sqlx::query(sql).bind(id_hash).execute(pool).await.map(drop))
+            .during("deleting the admin session")
     }
 
     pub async fn delete_expired_sessions(&self, now: Timestamp) -> Result<u64, StoreError> {
-        Ok(
-            sqlx::query("DELETE FROM amoauth_sessions WHERE expires_at <= ?")
-                .bind(now)
-                .execute(&self.pool)
-                .await
-                .during("deleting expired admin sessions")?
-                .rows_affected(),
-        )
+        let sql = self.sql("DELETE FROM amoauth_sessions WHERE expires_at <= ?");
+        on_pool!(self, pool => sqlx::query(sql).bind(now).execute(pool).await.map(|done| done.rows_affected()))
+            .during("deleting expired admin sessions")
     }
 }

@@ -1,7 +1,7 @@
 //! `amocrm_oauth_states`: create, consume once, list, purge.
 
-use super::attempts::{Attempt, insert_attempt};
-use super::{Context as _, Store, StoreError, Timestamp};
+use super::attempts::{Attempt, bind_attempt};
+use super::{BeginWrite as _, Context as _, Store, StoreError, Timestamp, on_pool};
 
 pub struct NewState<'a> {
     pub state_hash: &'a str,
@@ -37,25 +37,27 @@ pub enum Consumption {
 
 impl Store {
     pub async fn insert_state(&self, state: &NewState<'_>) -> Result<(), StoreError> {
-        sqlx::query(
+        let sql = self.sql(
             "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at, ip, user_agent) \
              VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(state.state_hash)
-        .bind(state.subdomain)
-        .bind(state.created_at)
-        .bind(state.expires_at)
-        .bind(state.ip)
-        .bind(state.user_agent)
-        .execute(&self.pool)
-        .await
-        .during("saving the OAuth state")?;
-        Ok(())
+        );
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(state.state_hash)
+            .bind(state.subdomain)
+            .bind(state.created_at)
+            .bind(state.expires_at)
+            .bind(state.ip)
+            .bind(state.user_agent)
+            .execute(pool)
+            .await
+            .map(drop))
+        .during("saving the OAuth state")
     }
 
     /// Verifies and deletes the state in one transaction: the conditional DELETE decides,
     /// so of any number of concurrent callbacks exactly one sees a deleted row. The winner's
-    /// audit row is written in the same transaction, so losers can tell "used" from "unknown".
+    /// audit row is written in the same transaction, so later callbacks can tell "used"
+    /// from "unknown".
     pub async fn consume_state(
         &self,
         state_hash: &str,
@@ -63,91 +65,101 @@ impl Store {
         attempt: &Attempt<'_>,
     ) -> Result<Consumption, StoreError> {
         const OPERATION: &str = "consuming the OAuth state";
-        // IMMEDIATE takes SQLite's write lock up front, so concurrent consumers queue
-        // instead of failing to upgrade a read lock.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .during(OPERATION)?;
-        let state: Option<StateRow> = sqlx::query_as(
+        let select = self.sql(
             "SELECT subdomain, created_at, expires_at, ip, user_agent \
              FROM amocrm_oauth_states WHERE state_hash = ?",
-        )
-        .bind(state_hash)
-        .fetch_optional(&mut *tx)
-        .await
-        .during(OPERATION)?;
-        let deleted =
-            sqlx::query("DELETE FROM amocrm_oauth_states WHERE state_hash = ? AND expires_at > ?")
+        );
+        let delete =
+            self.sql("DELETE FROM amocrm_oauth_states WHERE state_hash = ? AND expires_at > ?");
+        let used = self.sql(
+            "SELECT id FROM amocrm_oauth_attempts \
+             WHERE state_fingerprint = ? AND state_consumed = ? LIMIT 1",
+        );
+        let (insert, last_id) = (self.insert_attempt_sql(), self.last_insert_id_sql());
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await.during(OPERATION)?;
+            let state: Option<StateRow> = sqlx::query_as(select)
+                .bind(state_hash)
+                .fetch_optional(&mut *tx)
+                .await
+                .during(OPERATION)?;
+            let deleted = sqlx::query(delete)
                 .bind(state_hash)
                 .bind(now)
                 .execute(&mut *tx)
                 .await
                 .during(OPERATION)?
                 .rows_affected();
-        let outcome = match state {
-            Some(state) if deleted == 1 => {
-                let attempt_id = insert_attempt(&mut *tx, attempt, true)
-                    .await
-                    .during(OPERATION)?;
-                Consumption::Consumed { attempt_id, state }
-            }
-            Some(state) if state.expires_at <= now => Consumption::Expired,
-            _ => {
-                let fingerprint = attempt.state_fingerprint;
-                let used: Option<i64> = sqlx::query_scalar(
-                    "SELECT id FROM amocrm_oauth_attempts \
-                     WHERE state_fingerprint = ? AND state_consumed = 1 LIMIT 1",
-                )
-                .bind(fingerprint)
-                .fetch_optional(&mut *tx)
-                .await
-                .during(OPERATION)?;
-                if used.is_some() {
-                    Consumption::Used
-                } else {
-                    Consumption::Unknown
+            let outcome = match state {
+                Some(state) if deleted == 1 => {
+                    bind_attempt!(sqlx::query(insert), attempt, true)
+                        .execute(&mut *tx)
+                        .await
+                        .during(OPERATION)?;
+                    let attempt_id: i64 = sqlx::query_scalar(last_id)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .during(OPERATION)?;
+                    Consumption::Consumed { attempt_id, state }
                 }
-            }
-        };
-        tx.commit().await.during(OPERATION)?;
-        Ok(outcome)
+                Some(state) if state.expires_at <= now => Consumption::Expired,
+                // Seen but not deleted by us: a concurrent callback consumed it first.
+                Some(_) => Consumption::Used,
+                None => {
+                    let consumed_before: Option<i64> = sqlx::query_scalar(used)
+                        .bind(attempt.state_fingerprint)
+                        .bind(true)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .during(OPERATION)?;
+                    if consumed_before.is_some() {
+                        Consumption::Used
+                    } else {
+                        Consumption::Unknown
+                    }
+                }
+            };
+            tx.commit().await.during(OPERATION)?;
+            Ok(outcome)
+        })
     }
 
     /// States that are still valid at `now`, newest first.
     pub async fn active_states(&self, now: Timestamp) -> Result<Vec<StateRow>, StoreError> {
-        sqlx::query_as(
+        let sql = self.sql(
             "SELECT subdomain, created_at, expires_at, ip, user_agent FROM amocrm_oauth_states \
              WHERE expires_at > ? ORDER BY created_at DESC",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        .during("listing active states")
+        );
+        on_pool!(self, pool => sqlx::query_as(sql).bind(now).fetch_all(pool).await)
+            .during("listing active states")
     }
 
     /// Deletes states that expired before `cutoff`, in batches so a large purge never holds
-    /// the write lock for long. Returns how many rows were removed.
+    /// a lock for long. Returns how many rows were removed.
     pub async fn delete_expired_states(
         &self,
         cutoff: Timestamp,
-        batch: u32,
+        batch: i64,
     ) -> Result<u64, StoreError> {
+        // MySQL allows LIMIT on DELETE but not in an IN subquery; the others the reverse.
+        let in_subquery = "DELETE FROM amocrm_oauth_states WHERE state_hash IN \
+             (SELECT state_hash FROM amocrm_oauth_states WHERE expires_at < ? LIMIT ?)";
         let mut removed = 0;
         loop {
-            let deleted = sqlx::query(
-                "DELETE FROM amocrm_oauth_states WHERE state_hash IN \
-                 (SELECT state_hash FROM amocrm_oauth_states WHERE expires_at < ? LIMIT ?)",
-            )
-            .bind(cutoff)
-            .bind(batch)
-            .execute(&self.pool)
-            .await
-            .during("deleting expired states")?
-            .rows_affected();
+            let sql = self.dialect(
+                in_subquery,
+                in_subquery,
+                "DELETE FROM amocrm_oauth_states WHERE expires_at < ? LIMIT ?",
+            );
+            let deleted = on_pool!(self, pool => sqlx::query(sql)
+                .bind(cutoff)
+                .bind(batch)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected()))
+            .during("deleting expired states")?;
             removed += deleted;
-            if deleted < u64::from(batch) {
+            if deleted < batch.unsigned_abs() {
                 return Ok(removed);
             }
         }

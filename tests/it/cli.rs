@@ -11,54 +11,51 @@ fn run(command: &mut std::process::Command) -> (bool, String, String) {
     )
 }
 
-#[tokio::test]
-async fn cleanup_removes_exactly_the_states_expired_past_the_grace_period() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("a.db").display());
-    let (ok, _, stderr) = run(amoauth_command(dir.path())
+async fn cleanup_removes_exactly_the_states_expired_past_the_grace_period(backend: Backend) {
+    let database = backend.fresh_database().await;
+    let dir = database.dir.path().to_owned();
+    let url = database.url.clone();
+    let (ok, _, stderr) = run(amoauth_command(&dir)
         .env("DATABASE_URL", &url)
         .arg("migrate"));
     assert!(ok, "{stderr}");
-    let db = sqlx::SqlitePool::connect(&url).await.unwrap();
-    for (hash, offset) in [
-        ("still-valid", "+10 minutes"),
-        ("expired-1h", "-1 hours"),
-        ("expired-25h", "-25 hours"),
-        ("expired-3d", "-3 days"),
-        ("expired-30d", "-30 days"),
+    let now = chrono::Utc::now().naive_utc();
+    for (hash, expires_in) in [
+        ("still-valid", chrono::Duration::minutes(10)),
+        ("expired-1h", chrono::Duration::hours(-1)),
+        ("expired-25h", chrono::Duration::hours(-25)),
+        ("expired-3d", chrono::Duration::days(-3)),
+        ("expired-30d", chrono::Duration::days(-30)),
     ] {
-        sqlx::query(
-            "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at) \
-             VALUES (?, 'x', datetime('now', ?, '-15 minutes'), datetime('now', ?))",
-        )
-        .bind(hash)
-        .bind(offset)
-        .bind(offset)
-        .execute(&db)
-        .await
-        .unwrap();
+        let expires_at = now + expires_in;
+        database
+            .db
+            .insert_state(hash, expires_at - chrono::Duration::minutes(15), expires_at)
+            .await;
     }
 
-    let (ok, stdout, stderr) = run(amoauth_command(dir.path())
+    let (ok, stdout, stderr) = run(amoauth_command(&dir)
         .env("DATABASE_URL", &url)
         .arg("cleanup"));
 
     assert!(ok, "{stderr}");
     assert_eq!(stdout.trim(), "removed 3 expired states");
-    let left: Vec<String> =
-        sqlx::query_scalar("SELECT state_hash FROM amocrm_oauth_states ORDER BY state_hash")
-            .fetch_all(&db)
-            .await
-            .unwrap();
-    assert_eq!(left, ["expired-1h", "still-valid"]);
+    let left = database
+        .db
+        .strings("SELECT state_hash FROM amocrm_oauth_states ORDER BY state_hash")
+        .await;
+    assert_eq!(
+        left,
+        [Some("expired-1h".into()), Some("still-valid".into())]
+    );
 
-    let (ok, stdout, _) = run(amoauth_command(dir.path())
+    let (ok, stdout, _) = run(amoauth_command(&dir)
         .env("DATABASE_URL", &url)
         .args(["cleanup", "--grace", "0s"]));
     assert!(ok);
     assert_eq!(stdout.trim(), "removed 1 expired states");
 
-    let (ok, stdout, _) = run(amoauth_command(dir.path())
+    let (ok, stdout, _) = run(amoauth_command(&dir)
         .env("DATABASE_URL", &url)
         .arg("states"));
     assert!(ok);
@@ -67,7 +64,7 @@ async fn cleanup_removes_exactly_the_states_expired_past_the_grace_period() {
         !stdout.contains("still-valid"),
         "the state hash is never printed: {stdout}"
     );
-    db.close().await;
+    database.drop_database().await;
 }
 
 #[test]
@@ -120,15 +117,20 @@ fn a_flag_overrides_the_environment() {
     assert!(!dir.path().join("env.db").exists());
 }
 
-#[tokio::test]
-async fn tokens_lists_connections_with_a_masked_preview() {
-    let app = TestApp::spawn().await;
+async fn tokens_lists_connections_with_a_masked_preview(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
     let callback = app.allowed_callback_url().await;
     assert_eq!(app.get(&callback).await.0, 200);
     let dir = tempfile::tempdir().unwrap();
 
+    let key = if backend.is_server() {
+        ENCRYPTION_KEY
+    } else {
+        ""
+    };
     let (ok, stdout, stderr) = run(amoauth_command(dir.path())
         .env("DATABASE_URL", &app.database_url)
+        .env("AMOAUTH_ENCRYPTION_KEY", key)
         .arg("tokens"));
 
     assert!(ok, "{stderr}");
@@ -145,3 +147,8 @@ async fn tokens_lists_connections_with_a_masked_preview() {
     }
     app.stop().await;
 }
+
+on_all_backends!(
+    cleanup_removes_exactly_the_states_expired_past_the_grace_period,
+    tokens_lists_connections_with_a_masked_preview,
+);

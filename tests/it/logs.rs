@@ -1,76 +1,27 @@
 //! The real binary's logs, at the most verbose level, never contain a secret.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use amoauth::sandbox::Fault;
 
 use crate::support::*;
 
-struct Process {
-    child: std::process::Child,
-    base: String,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Process {
-    fn logs(&mut self) -> String {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        std::fs::read_to_string(&self.log).unwrap()
-    }
-}
-
-/// Starts `amoauth serve` as a process; its stdout and stderr both go to one file.
-async fn spawn_process(port: u16, sandbox_origin: &str, log_format: &str) -> Process {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("amoauth.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut child = amoauth_command(dir.path())
-        .env(
-            "DATABASE_URL",
-            format!("sqlite://{}", dir.path().join("amoauth.db").display()),
-        )
-        .env("AMOCRM_CLIENT_ID", CLIENT_ID)
-        .env("AMOCRM_CLIENT_SECRET", CLIENT_SECRET)
-        .env("AMOCRM_REDIRECT_URI", format!("{base}/amocrm/callback"))
-        .env("AMOAUTH_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("AMOAUTH_AMOCRM_URL", sandbox_origin)
-        .env("AMOAUTH_AMOCRM_TIMEOUT", "500ms")
-        .env("AMOAUTH_LISTEN", format!("127.0.0.1:{port}"))
-        .env("AMOAUTH_LOG_FORMAT", log_format)
-        .env("RUST_LOG", "trace")
-        .arg("serve")
-        .stdout(Stdio::from(file.try_clone().unwrap()))
-        .stderr(Stdio::from(file))
-        .spawn()
-        .unwrap();
-    let client = http_client();
-    for _ in 0..200 {
-        if client.get(format!("{base}/healthz")).send().await.is_ok() {
-            return Process {
-                child,
-                base,
-                log,
-                _dir: dir,
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("amoauth serve did not start");
-}
-
 /// Drives successes and failures through a real process and checks what it logged.
 async fn secrets_stay_out_of_logs(log_format: &str) {
     // A free port for amoauth, known before it starts, because the sandbox needs the redirect URI.
-    let port = loopback_listener().await.1.port();
+    let port = free_port();
     let (sandbox, sandbox_origin) =
         spawn_sandbox(&format!("http://127.0.0.1:{port}/amocrm/callback")).await;
-    let mut process = spawn_process(port, &sandbox_origin, log_format).await;
+    let redirect_uri = format!("http://127.0.0.1:{port}/amocrm/callback");
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = format!("sqlite://{}", dir.path().join("amoauth.db").display());
+    let env = [
+        ("AMOAUTH_AMOCRM_TIMEOUT", "500ms"),
+        ("AMOAUTH_LOG_FORMAT", log_format),
+        ("RUST_LOG", "trace"),
+    ];
+    let process =
+        ServeProcess::start(port, &redirect_uri, &sandbox_origin, &database_url, &env).await;
     let client = http_client();
     let base = process.base.clone();
 
@@ -139,7 +90,7 @@ async fn secrets_stay_out_of_logs(log_format: &str) {
     assert_eq!(client.get(&bad).send().await.unwrap().status(), 400);
     let session = cookie.split_once('=').unwrap().1.to_owned();
 
-    let logs = process.logs();
+    let logs = process.stop();
 
     assert!(
         logs.contains("amoCRM connected"),

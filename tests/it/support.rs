@@ -1,19 +1,256 @@
-//! Test harness: amoauth and the amoCRM sandbox on real sockets, a fresh SQLite file per test.
+//! Test harness: amoauth and the amoCRM sandbox on real sockets, a fresh database per test
+//! on SQLite, PostgreSQL or MariaDB.
 
 use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use amoauth::config::Settings;
 use amoauth::sandbox::{Sandbox, SandboxConfig};
 use amoauth::server::{Running, start_with_listener};
-use sqlx::SqlitePool;
-use sqlx::sqlite::SqliteConnectOptions;
+use chrono::NaiveDateTime;
+use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 use tempfile::TempDir;
+use tokio::task::JoinHandle;
 
 pub const CLIENT_ID: &str = "test-client-id";
 pub const CLIENT_SECRET: &str = "test-client-secret-7f3a9c1e5b";
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+/// base64 of 32 bytes of 7: the key server databases are given in tests.
+pub const ENCRYPTION_KEY: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 pub const ACCOUNT_ID: i64 = 31_337_001;
 pub const ACCOUNT_HOST: &str = "demo.amocrm.ru";
+
+/// Where a test's database lives. PostgreSQL and MariaDB run when their URLs are set in
+/// `AMOAUTH_TEST_POSTGRES_URL` / `AMOAUTH_TEST_MYSQL_URL`; each test gets its own database there.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres(String),
+    MySql(String),
+}
+
+impl Backend {
+    pub fn postgres() -> Option<Self> {
+        Self::from_env("AMOAUTH_TEST_POSTGRES_URL", "PostgreSQL").map(Self::Postgres)
+    }
+
+    pub fn mysql() -> Option<Self> {
+        Self::from_env("AMOAUTH_TEST_MYSQL_URL", "MySQL/MariaDB").map(Self::MySql)
+    }
+
+    fn from_env(variable: &str, name: &str) -> Option<String> {
+        let url = std::env::var(variable).ok().filter(|v| !v.is_empty());
+        if url.is_none() {
+            eprintln!("skipped: set {variable} to run this test on {name}");
+        }
+        url
+    }
+
+    pub fn is_server(&self) -> bool {
+        !matches!(self, Self::Sqlite)
+    }
+
+    /// Creates an empty database for one test.
+    pub async fn fresh_database(&self) -> TestDatabase {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "amoauth_t{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        match self {
+            Self::Sqlite => {
+                let url = format!("sqlite://{}", dir.path().join("amoauth.db").display());
+                let options: sqlx::sqlite::SqliteConnectOptions = url.parse().unwrap();
+                let pool = SqlitePool::connect_with(options.create_if_missing(true))
+                    .await
+                    .unwrap();
+                TestDatabase {
+                    url,
+                    db: TestDb::Sqlite(pool),
+                    admin: None,
+                    dir,
+                }
+            }
+            Self::Postgres(admin_url) => {
+                let admin = PgPool::connect(admin_url).await.unwrap();
+                sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                let url = with_database(admin_url, &name);
+                let pool = PgPool::connect(&url).await.unwrap();
+                TestDatabase {
+                    url,
+                    db: TestDb::Postgres(pool),
+                    admin: Some((admin_url.clone(), name)),
+                    dir,
+                }
+            }
+            Self::MySql(admin_url) => {
+                let admin = MySqlPool::connect(admin_url).await.unwrap();
+                sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                let url = with_database(admin_url, &name);
+                let pool = MySqlPool::connect(&url).await.unwrap();
+                TestDatabase {
+                    url,
+                    db: TestDb::MySql(pool),
+                    admin: Some((admin_url.clone(), name)),
+                    dir,
+                }
+            }
+        }
+    }
+}
+
+fn with_database(url: &str, name: &str) -> String {
+    let mut url = url::Url::parse(url).unwrap();
+    url.set_path(&format!("/{name}"));
+    url.to_string()
+}
+
+/// One test's database and a direct connection to it, as an operator's SQL shell would have.
+pub struct TestDatabase {
+    pub url: String,
+    pub db: TestDb,
+    admin: Option<(String, String)>,
+    /// Holds the SQLite file (and amoauth's key file) for as long as the test runs.
+    pub dir: TempDir,
+}
+
+impl TestDatabase {
+    /// The host and port of the database server (None for SQLite).
+    pub fn server_addr(&self) -> Option<SocketAddr> {
+        let url = url::Url::parse(&self.url).ok()?;
+        let host = url.host_str()?;
+        let port = url.port_or_known_default().or(match self.db {
+            TestDb::Postgres(_) => Some(5432),
+            TestDb::MySql(_) => Some(3306),
+            TestDb::Sqlite(_) => None,
+        })?;
+        format!("{host}:{port}").parse().ok()
+    }
+
+    /// The URL with another port, to reach the server through a proxy.
+    pub fn url_via(&self, port: u16) -> String {
+        let mut url = url::Url::parse(&self.url).unwrap();
+        url.set_port(Some(port)).unwrap();
+        url.to_string()
+    }
+
+    /// Drops the test's database on a server.
+    pub async fn drop_database(self) {
+        self.db.close().await;
+        if let Some((admin_url, name)) = &self.admin {
+            if admin_url.starts_with("postgres") {
+                let admin = PgPool::connect(admin_url).await.unwrap();
+                let _ = sqlx::query(AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&admin)
+                .await;
+            } else {
+                let admin = MySqlPool::connect(admin_url).await.unwrap();
+                let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
+                    .execute(&admin)
+                    .await;
+            }
+        }
+    }
+}
+
+/// A direct connection to a test database of any backend.
+pub enum TestDb {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+    MySql(MySqlPool),
+}
+
+/// The same code for every backend's pool.
+macro_rules! on_db {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            TestDb::Sqlite($pool) => $body,
+            TestDb::Postgres($pool) => $body,
+            TestDb::MySql($pool) => $body,
+        }
+    };
+}
+
+impl TestDb {
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        on_db!(self, pool => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap())
+    }
+
+    pub async fn strings(&self, sql: &'static str) -> Vec<Option<String>> {
+        on_db!(self, pool => sqlx::query_scalar(sql).fetch_all(pool).await.unwrap())
+    }
+
+    pub async fn string(&self, sql: &'static str) -> String {
+        on_db!(self, pool => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap())
+    }
+
+    pub async fn timestamp(&self, sql: &'static str) -> NaiveDateTime {
+        on_db!(self, pool => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap())
+    }
+
+    /// Runs a statement as written; returns the rows it touched or returned.
+    pub async fn execute(&self, sql: &'static str) -> u64 {
+        on_db!(self, pool => sqlx::query(sql).execute(pool).await.unwrap().rows_affected())
+    }
+
+    pub async fn fetch_count(&self, sql: &'static str) -> usize {
+        on_db!(self, pool => sqlx::query(sql).fetch_all(pool).await.unwrap().len())
+    }
+
+    /// Adds a state row directly, as if an install had made it.
+    pub async fn insert_state(
+        &self,
+        hash: &str,
+        created_at: NaiveDateTime,
+        expires_at: NaiveDateTime,
+    ) {
+        let sql = if matches!(self, Self::Postgres(_)) {
+            "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at) VALUES ($1, 'x', $2, $3)"
+        } else {
+            "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at) VALUES (?, 'x', ?, ?)"
+        };
+        on_db!(self, pool => sqlx::query(sql).bind(hash).bind(created_at).bind(expires_at).execute(pool).await.map(drop).unwrap());
+    }
+
+    /// Every text and integer value stored in `table`, for leak checks.
+    pub async fn all_text(&self, table: &str) -> String {
+        use sqlx::{Column as _, Row as _};
+        let sql = AssertSqlSafe(format!("SELECT * FROM {table}"));
+        on_db!(self, pool => {
+            let rows = sqlx::query(sql).fetch_all(pool).await.unwrap();
+            let mut text = String::new();
+            for row in rows {
+                for (i, column) in row.columns().iter().enumerate() {
+                    let value: Option<String> = row
+                        .try_get::<Option<String>, _>(i)
+                        .or_else(|_| row.try_get::<Option<i64>, _>(i).map(|v| v.map(|v| v.to_string())))
+                        .unwrap_or(None);
+                    text.push_str(&format!("{}={} ", column.name(), value.unwrap_or_default()));
+                }
+                text.push('\n');
+            }
+            text
+        })
+    }
+
+    pub async fn close(&self) {
+        on_db!(self, pool => pool.close().await)
+    }
+}
 
 /// Knobs a test may turn; everything else is the default configuration.
 #[derive(Default, Clone)]
@@ -21,6 +258,8 @@ pub struct Options {
     pub state_ttl: Option<&'static str>,
     pub amocrm_timeout: Option<&'static str>,
     pub widget_installs: bool,
+    /// Reach the database server through a proxy the test can cut.
+    pub via_proxy: bool,
 }
 
 pub struct TestApp {
@@ -28,9 +267,10 @@ pub struct TestApp {
     pub sandbox: Sandbox,
     pub sandbox_origin: String,
     pub client: reqwest::Client,
+    /// The URL amoauth was given.
     pub database_url: String,
-    /// Keeps the database directory alive as long as the app.
-    _dir: TempDir,
+    pub database: TestDatabase,
+    pub proxy: Option<Proxy>,
     running: Option<Running>,
 }
 
@@ -50,6 +290,15 @@ pub async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddr) {
     (listener, addr)
 }
 
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Starts the sandbox for amoauth at `redirect_uri`; returns it and its origin on `localhost`
 /// (another site than amoauth's 127.0.0.1, as amoCRM is).
 pub async fn spawn_sandbox(redirect_uri: &str) -> (Sandbox, String) {
@@ -59,19 +308,27 @@ pub async fn spawn_sandbox(redirect_uri: &str) -> (Sandbox, String) {
 }
 
 impl TestApp {
-    pub async fn spawn() -> Self {
-        Self::spawn_with(Options::default()).await
+    pub async fn spawn(backend: &Backend) -> Self {
+        Self::spawn_with(backend, Options::default()).await
     }
 
-    pub async fn spawn_with(options: Options) -> Self {
+    pub async fn spawn_with(backend: &Backend, options: Options) -> Self {
         let (listener, addr) = loopback_listener().await;
         let base = format!("http://{addr}");
         let redirect_uri = format!("{base}/amocrm/callback");
         let (sandbox, sandbox_origin) = spawn_sandbox(&redirect_uri).await;
-        let dir = tempfile::tempdir().unwrap();
-        let database_url = format!("sqlite://{}", dir.path().join("amoauth.db").display());
+        let database = backend.fresh_database().await;
+        let proxy = match options.via_proxy {
+            true => Some(Proxy::start(database.server_addr().expect("a server database")).await),
+            false => None,
+        };
+        let database_url = match &proxy {
+            Some(proxy) => database.url_via(proxy.addr.port()),
+            None => database.url.clone(),
+        };
         let settings = Settings {
             database_url: Some(database_url.clone()),
+            encryption_key: backend.is_server().then(|| ENCRYPTION_KEY.into()),
             client_id: Some(CLIENT_ID.into()),
             client_secret: Some(CLIENT_SECRET.into()),
             redirect_uri: Some(redirect_uri),
@@ -91,15 +348,21 @@ impl TestApp {
             sandbox_origin,
             client: http_client(),
             database_url,
-            _dir: dir,
+            database,
+            proxy,
             running: Some(running),
         }
+    }
+
+    pub fn db(&self) -> &TestDb {
+        &self.database.db
     }
 
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
             running.stop().await.unwrap();
         }
+        self.database.drop_database().await;
     }
 
     /// GET /amocrm/install as the admin; returns the consent URL it redirects to.
@@ -117,21 +380,7 @@ impl TestApp {
 
     /// Opens the sandbox's consent page and clicks Allow or Deny; returns the callback URL.
     pub async fn consent(&self, consent_url: &str, decision: &str) -> String {
-        let page = self.client.get(consent_url).send().await.unwrap();
-        assert_eq!(page.status(), 200, "consent page should render");
-        let url = url::Url::parse(consent_url).unwrap();
-        let mut form: Vec<(String, String)> = url.query_pairs().into_owned().collect();
-        form.push(("account_id".into(), ACCOUNT_ID.to_string()));
-        form.push(("decision".into(), decision.into()));
-        let response = self
-            .client
-            .post(format!("{}/oauth/decide", self.sandbox_origin))
-            .form(&form)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 302);
-        location(&response)
+        consent(&self.client, &self.sandbox_origin, consent_url, decision).await
     }
 
     /// Install, Allow, and the callback URL amoCRM sends the browser back to.
@@ -146,33 +395,58 @@ impl TestApp {
         (status, response.text().await.unwrap())
     }
 
-    /// A separate connection to the database, as an operator with a SQL shell would have.
-    pub async fn db(&self) -> SqlitePool {
-        let options: SqliteConnectOptions = self.database_url.parse().unwrap();
-        SqlitePool::connect_with(options).await.unwrap()
+    /// A request to amoauth carrying only the given cookie.
+    pub async fn with_cookie(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        cookie: &str,
+    ) -> reqwest::Response {
+        self.client
+            .request(method, format!("{}{path}", self.base))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn count(&self, sql: &'static str) -> i64 {
-        let db = self.db().await;
-        let n = sqlx::query_scalar(sql).fetch_one(&db).await.unwrap();
-        db.close().await;
-        n
+        self.db().count(sql).await
     }
 
     /// Reasons of the callback audit rows, oldest first.
     pub async fn callback_reasons(&self) -> Vec<String> {
-        let db = self.db().await;
-        let rows: Vec<Option<String>> = sqlx::query_scalar(
-            "SELECT reason FROM amocrm_oauth_attempts WHERE kind = 'callback' ORDER BY id",
-        )
-        .fetch_all(&db)
-        .await
-        .unwrap();
-        db.close().await;
+        let rows = self
+            .db()
+            .strings("SELECT reason FROM amocrm_oauth_attempts WHERE kind = 'callback' ORDER BY id")
+            .await;
         rows.into_iter()
             .map(|r| r.unwrap_or_else(|| "-".into()))
             .collect()
     }
+}
+
+/// Opens the sandbox's consent page and clicks Allow or Deny; returns the callback URL.
+pub async fn consent(
+    client: &reqwest::Client,
+    sandbox_origin: &str,
+    consent_url: &str,
+    decision: &str,
+) -> String {
+    let page = client.get(consent_url).send().await.unwrap();
+    assert_eq!(page.status(), 200, "consent page should render");
+    let url = url::Url::parse(consent_url).unwrap();
+    let mut form: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    form.push(("account_id".into(), ACCOUNT_ID.to_string()));
+    form.push(("decision".into(), decision.into()));
+    let response = client
+        .post(format!("{sandbox_origin}/oauth/decide"))
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 302);
+    location(&response)
 }
 
 pub fn location(response: &reqwest::Response) -> String {
@@ -194,32 +468,8 @@ pub fn query_param(url: &str, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-/// Every value stored in the given table, as text, for leak checks.
-pub async fn all_text(db: &SqlitePool, table: &str) -> String {
-    use sqlx::{Column as _, Row as _};
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {table}")))
-        .fetch_all(db)
-        .await
-        .unwrap();
-    let mut text = String::new();
-    for row in rows {
-        for (i, column) in row.columns().iter().enumerate() {
-            let value: Option<String> = row
-                .try_get::<Option<String>, _>(i)
-                .or_else(|_| {
-                    row.try_get::<Option<i64>, _>(i)
-                        .map(|v| v.map(|v| v.to_string()))
-                })
-                .unwrap_or(None);
-            text.push_str(&format!("{}={} ", column.name(), value.unwrap_or_default()));
-        }
-        text.push('\n');
-    }
-    text
-}
-
 /// The `amoauth` binary with a clean environment, run in `dir` (so no stray `.env` is read).
-pub fn amoauth_command(dir: &std::path::Path) -> std::process::Command {
+pub fn amoauth_command(dir: &Path) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_amoauth"));
     command
         .env_clear()
@@ -228,19 +478,117 @@ pub fn amoauth_command(dir: &std::path::Path) -> std::process::Command {
     command
 }
 
-impl TestApp {
-    /// A request to amoauth carrying only the given cookie.
-    pub async fn with_cookie(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        cookie: &str,
-    ) -> reqwest::Response {
-        self.client
-            .request(method, format!("{}{path}", self.base))
-            .header("cookie", cookie)
-            .send()
-            .await
-            .unwrap()
+/// `amoauth serve` as a real process; stdout and stderr go to one log file.
+pub struct ServeProcess {
+    child: std::process::Child,
+    pub base: String,
+    log: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl ServeProcess {
+    /// Starts it on `port` with the test's client, talking to the sandbox, plus `env`.
+    pub async fn start(
+        port: u16,
+        redirect_uri: &str,
+        sandbox_origin: &str,
+        database_url: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("amoauth.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut command = amoauth_command(dir.path());
+        command
+            .env("DATABASE_URL", database_url)
+            .env("AMOCRM_CLIENT_ID", CLIENT_ID)
+            .env("AMOCRM_CLIENT_SECRET", CLIENT_SECRET)
+            .env("AMOCRM_REDIRECT_URI", redirect_uri)
+            .env("AMOAUTH_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("AMOAUTH_AMOCRM_URL", sandbox_origin)
+            .env("AMOAUTH_LISTEN", format!("127.0.0.1:{port}"))
+            .envs(env.iter().copied())
+            .arg("serve")
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file));
+        let mut child = command.spawn().unwrap();
+        let client = http_client();
+        for _ in 0..300 {
+            if client.get(format!("{base}/healthz")).send().await.is_ok() {
+                return Self {
+                    child,
+                    base,
+                    log,
+                    _dir: dir,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "amoauth serve did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Kills the process and returns everything it wrote.
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+/// A TCP proxy to a database server that a test can cut (every connection dropped, new ones
+/// refused) and restore, to play a database outage or restart.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    upstream: SocketAddr,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let (listener, addr) = loopback_listener().await;
+        let proxy = Self {
+            addr,
+            upstream,
+            task: Mutex::new(None),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let upstream = self.upstream;
+        let task = tokio::spawn(async move {
+            // Owned by this task: aborting it drops every proxied connection too.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        *self.task.lock().unwrap() = Some(task);
+    }
+
+    /// The database "goes away": open connections reset, new ones refused.
+    pub async fn cut(&self) {
+        let task = self.task.lock().unwrap().take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// The database is back on the same address.
+    pub async fn restore(&self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
     }
 }

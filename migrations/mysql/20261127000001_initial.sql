@@ -1,0 +1,62 @@
+-- OAuth states: the seed's fix. Only the SHA-256 of a state is stored, never the state.
+-- Times are UTC in DATETIME(6) columns; hashes compare byte for byte (ascii_bin).
+CREATE TABLE amocrm_oauth_states (
+    state_hash  VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+    subdomain   VARCHAR(255),
+    created_at  DATETIME(6) NOT NULL,
+    expires_at  DATETIME(6) NOT NULL,
+    ip          VARCHAR(64),
+    user_agent  TEXT,
+    INDEX amocrm_oauth_states_expires_at (expires_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- One row per connected amoCRM account; token columns hold ciphertext sealed with key_id.
+CREATE TABLE amocrm_tokens (
+    id                  BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    account_id          BIGINT UNIQUE,
+    account_name        TEXT,
+    domain              VARCHAR(255) NOT NULL,
+    subdomain           VARCHAR(255) NOT NULL,
+    access_token        TEXT,
+    refresh_token       TEXT,
+    key_id              VARCHAR(32),
+    expires_at          DATETIME(6) NOT NULL,
+    refresh_expires_at  DATETIME(6) NOT NULL,
+    status              VARCHAR(32) NOT NULL DEFAULT 'active',
+    raw                 LONGTEXT,
+    last_refresh_at     DATETIME(6),
+    last_error          TEXT,
+    version             BIGINT NOT NULL DEFAULT 1,
+    created_at          DATETIME(6) NOT NULL,
+    updated_at          DATETIME(6) NOT NULL,
+    INDEX amocrm_tokens_expires_at (expires_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Audit trail of every install and callback.
+CREATE TABLE amocrm_oauth_attempts (
+    id                 BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    kind               VARCHAR(32) NOT NULL,
+    outcome            VARCHAR(32) NOT NULL,
+    reason             VARCHAR(64),
+    detail             TEXT,
+    subdomain          VARCHAR(255),
+    account_id         BIGINT,
+    ip                 VARCHAR(64),
+    user_agent         TEXT,
+    state_fingerprint  VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin,
+    state_consumed     BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at         DATETIME(6) NOT NULL,
+    finished_at        DATETIME(6),
+    INDEX amocrm_oauth_attempts_created_at (created_at),
+    INDEX amocrm_oauth_attempts_state_fingerprint (state_fingerprint)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Admin browser sessions; only the SHA-256 of the cookie value is stored.
+CREATE TABLE amoauth_sessions (
+    id_hash     VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+    created_at  DATETIME(6) NOT NULL,
+    expires_at  DATETIME(6) NOT NULL,
+    ip          VARCHAR(64),
+    user_agent  TEXT,
+    INDEX amoauth_sessions_expires_at (expires_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

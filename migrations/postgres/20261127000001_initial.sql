@@ -1,0 +1,62 @@
+-- OAuth states: the seed's fix. Only the SHA-256 of a state is stored, never the state.
+-- Times are UTC in TIMESTAMP columns (sqlx sessions run with TimeZone=UTC).
+CREATE TABLE amocrm_oauth_states (
+    state_hash  VARCHAR(64) PRIMARY KEY,
+    subdomain   VARCHAR(255),
+    created_at  TIMESTAMP NOT NULL,
+    expires_at  TIMESTAMP NOT NULL,
+    ip          VARCHAR(64),
+    user_agent  TEXT
+);
+CREATE INDEX amocrm_oauth_states_expires_at ON amocrm_oauth_states (expires_at);
+
+-- One row per connected amoCRM account; token columns hold ciphertext sealed with key_id.
+CREATE TABLE amocrm_tokens (
+    id                  BIGSERIAL PRIMARY KEY,
+    account_id          BIGINT UNIQUE,
+    account_name        TEXT,
+    domain              VARCHAR(255) NOT NULL,
+    subdomain           VARCHAR(255) NOT NULL,
+    access_token        TEXT,
+    refresh_token       TEXT,
+    key_id              VARCHAR(32),
+    expires_at          TIMESTAMP NOT NULL,
+    refresh_expires_at  TIMESTAMP NOT NULL,
+    status              VARCHAR(32) NOT NULL DEFAULT 'active',
+    raw                 TEXT,
+    last_refresh_at     TIMESTAMP,
+    last_error          TEXT,
+    version             BIGINT NOT NULL DEFAULT 1,
+    created_at          TIMESTAMP NOT NULL,
+    updated_at          TIMESTAMP NOT NULL
+);
+CREATE INDEX amocrm_tokens_expires_at ON amocrm_tokens (expires_at);
+
+-- Audit trail of every install and callback.
+CREATE TABLE amocrm_oauth_attempts (
+    id                 BIGSERIAL PRIMARY KEY,
+    kind               VARCHAR(32) NOT NULL,
+    outcome            VARCHAR(32) NOT NULL,
+    reason             VARCHAR(64),
+    detail             TEXT,
+    subdomain          VARCHAR(255),
+    account_id         BIGINT,
+    ip                 VARCHAR(64),
+    user_agent         TEXT,
+    state_fingerprint  VARCHAR(64),
+    state_consumed     BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at         TIMESTAMP NOT NULL,
+    finished_at        TIMESTAMP
+);
+CREATE INDEX amocrm_oauth_attempts_created_at ON amocrm_oauth_attempts (created_at);
+CREATE INDEX amocrm_oauth_attempts_state_fingerprint ON amocrm_oauth_attempts (state_fingerprint);
+
+-- Admin browser sessions; only the SHA-256 of the cookie value is stored.
+CREATE TABLE amoauth_sessions (
+    id_hash     VARCHAR(64) PRIMARY KEY,
+    created_at  TIMESTAMP NOT NULL,
+    expires_at  TIMESTAMP NOT NULL,
+    ip          VARCHAR(64),
+    user_agent  TEXT
+);
+CREATE INDEX amoauth_sessions_expires_at ON amoauth_sessions (expires_at);

@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use crate::api_keys;
 use crate::config::{ConfigError, LogFormat, Settings, parse_duration};
 use crate::crypto::random_token;
 use crate::sandbox::{Sandbox, SandboxConfig};
@@ -39,16 +40,34 @@ enum Command {
         #[arg(long, default_value = "1d")]
         grace: String,
     },
-    /// List connections: domain, account, status, expiry, hours left, masked token preview
+    /// List connections: status, expiry, hours left, last refresh, last error, masked token
     Tokens,
     /// List active OAuth states (never the states themselves)
     States,
+    /// Refresh one connection now (by account id or subdomain), or every connection that is due
+    Refresh {
+        /// Account id or subdomain; without it, every connection due by margin or keep-alive age
+        account: Option<String>,
+    },
+    /// Manage API keys for the token API
+    #[command(subcommand, name = "api-key")]
+    ApiKey(ApiKeyCommand),
     /// Run only the amoCRM sandbox, for testing an integration offline
     Sandbox {
         /// Address to listen on
         #[arg(long, default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiKeyCommand {
+    /// Create a key and print it once (only its hash is stored)
+    Create { name: String },
+    /// List keys: name, id, created, revoked
+    List,
+    /// Revoke a key at once
+    Revoke { name: String },
 }
 
 /// Parses the command line (after `.env`) and runs the command.
@@ -74,6 +93,8 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Cleanup { grace } => cleanup(&settings, &grace).await,
         Command::Tokens => tokens(&settings).await,
         Command::States => states(&settings).await,
+        Command::Refresh { account } => refresh(&settings, account.as_deref()).await,
+        Command::ApiKey(command) => api_key(&settings, command).await,
         Command::Sandbox { listen } => run_sandbox(&settings, listen).await,
     }
 }
@@ -192,8 +213,8 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
     }
     let at = now();
     println!(
-        "{:<24} {:>10}  {:<24} {:<10} {:<20} {:>10}  token",
-        "domain", "account", "name", "status", "expires_at (UTC)", "hours_left"
+        "{:<24} {:>10}  {:<20} {:<13} {:<20} {:>10}  {:<20} {:<13} last_error",
+        "domain", "account", "name", "status", "expires_at (UTC)", "hours_left", "last_refresh (UTC)", "token"
     );
     for c in connections {
         let preview = match &c.access_token {
@@ -205,16 +226,73 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
         };
         let hours_left = (c.expires_at - at).num_minutes() as f64 / 60.0;
         println!(
-            "{:<24} {:>10}  {:<24} {:<10} {:<20} {:>10.1}  {preview}",
+            "{:<24} {:>10}  {:<20} {:<13} {:<20} {:>10.1}  {:<20} {:<13} {}",
             c.domain,
-            c.account_id
-                .map(|id| id.to_string())
-                .unwrap_or_else(|| "-".into()),
+            c.account_id.map(|id| id.to_string()).unwrap_or_else(|| "-".into()),
             c.account_name.unwrap_or_default(),
             c.status,
             c.expires_at.format("%Y-%m-%d %H:%M:%S"),
             hours_left,
+            c.last_refresh_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "never".into()),
+            preview,
+            c.last_error.as_deref().unwrap_or("-"),
         );
+    }
+    Ok(())
+}
+
+async fn refresh(settings: &Settings, account: Option<&str>) -> anyhow::Result<()> {
+    let config = settings.server()?;
+    let service = server::token_service(&config).await?;
+    match account {
+        Some(account) => {
+            let row = service
+                .store()
+                .find_connection(account)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("no connection for account `{account}`; see `amoauth tokens`"))?;
+            let refreshed = service.refresh(row.id, row.version).await?;
+            println!(
+                "refreshed {} (account {}): the access token expires at {} UTC",
+                refreshed.domain,
+                refreshed.account_id.map(|id| id.to_string()).unwrap_or_else(|| "-".into()),
+                refreshed.expires_at.format("%Y-%m-%d %H:%M:%S")
+            );
+        }
+        None => {
+            let summary = service.refresh_due(config.refresh.margin, config.refresh.keepalive_age).await?;
+            println!("refreshed {} connections, {} failed", summary.refreshed, summary.failed);
+            if summary.failed > 0 {
+                anyhow::bail!("{} refreshes failed; see `amoauth tokens` for each last error", summary.failed);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn api_key(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<()> {
+    let store = server::open_store(&settings.store()?).await?;
+    match command {
+        ApiKeyCommand::Create { name } => {
+            let key = api_keys::create(&store, &name).await?;
+            println!("{}", key.full);
+            eprintln!("API key `{name}` (id {}) created; it is shown only this once.", key.key_id);
+        }
+        ApiKeyCommand::List => {
+            for key in store.api_keys().await? {
+                let revoked = key
+                    .revoked_at
+                    .map(|t| format!("revoked {}", t.format("%Y-%m-%d %H:%M:%S")))
+                    .unwrap_or_else(|| "active".into());
+                println!("{:<24} {}  created {}  {revoked}", key.name, key.key_id, key.created_at.format("%Y-%m-%d %H:%M:%S"));
+            }
+        }
+        ApiKeyCommand::Revoke { name } => {
+            if !store.revoke_api_key(&name, now()).await? {
+                anyhow::bail!("no active API key named `{name}`; see `amoauth api-key list`");
+            }
+            println!("revoked API key `{name}`");
+        }
     }
     Ok(())
 }

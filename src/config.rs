@@ -93,6 +93,15 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub widget_installs: Option<String>,
+    /// Refresh access tokens this long before they expire (e.g. 1h)
+    #[arg(long, env = "AMOAUTH_REFRESH_MARGIN", global = true, hide_env_values = true)]
+    pub refresh_margin: Option<String>,
+    /// Refresh any refresh token older than this, used or not (e.g. 30d)
+    #[arg(long, env = "AMOAUTH_KEEPALIVE_AGE", global = true, hide_env_values = true)]
+    pub keepalive_age: Option<String>,
+    /// How often the refresh worker looks for due connections (e.g. 1m)
+    #[arg(long, env = "AMOAUTH_REFRESH_INTERVAL", global = true, hide_env_values = true)]
+    pub refresh_interval: Option<String>,
     /// How often `serve` deletes expired states and sessions (e.g. 1h)
     #[arg(
         long,
@@ -210,6 +219,18 @@ pub struct ServerConfig {
     pub admin_token: Option<Secret>,
     pub widget_installs: bool,
     pub cleanup_interval: Duration,
+    pub refresh: RefreshConfig,
+}
+
+/// When and how tokens are refreshed.
+#[derive(Clone, Debug)]
+pub struct RefreshConfig {
+    pub margin: Duration,
+    pub keepalive_age: Duration,
+    pub interval: Duration,
+    /// How long one process may hold a connection's refresh: longer than a refresh with a
+    /// subdomain lookup and a retry (three amoCRM calls), so a slow holder is never overtaken.
+    pub lease: Duration,
 }
 
 /// How to reach amoCRM and who we are there.
@@ -326,6 +347,12 @@ impl Settings {
         };
         let cleanup_interval =
             parse_duration_var(&self.cleanup_interval, "AMOAUTH_CLEANUP_INTERVAL", "1h")?;
+        let refresh = RefreshConfig {
+            margin: parse_duration_var(&self.refresh_margin, "AMOAUTH_REFRESH_MARGIN", "1h")?,
+            keepalive_age: parse_duration_var(&self.keepalive_age, "AMOAUTH_KEEPALIVE_AGE", "30d")?,
+            interval: parse_duration_var(&self.refresh_interval, "AMOAUTH_REFRESH_INTERVAL", "1m")?,
+            lease: amocrm.timeout * 3 + Duration::from_secs(1),
+        };
         Ok(ServerConfig {
             store,
             amocrm,
@@ -334,6 +361,7 @@ impl Settings {
             admin_token,
             widget_installs,
             cleanup_interval,
+            refresh,
         })
     }
 }

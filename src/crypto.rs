@@ -176,6 +176,15 @@ pub fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
 }
 
+/// Lowercase hex HMAC-SHA256, as amoCRM signs its uninstall webhook.
+pub fn hmac_sha256_hex(key: &str, message: &str) -> String {
+    use hmac::Mac as _;
+    let mut mac = <hmac::Hmac<Sha256> as hmac::KeyInit>::new_from_slice(key.as_bytes())
+        .expect("HMAC accepts keys of any length");
+    mac.update(message.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
 /// Compares secrets without leaking where they differ through timing.
 pub fn constant_time_eq(a: &str, b: &str) -> bool {
     use subtle::ConstantTimeEq as _;
@@ -240,6 +249,15 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn hmac_matches_a_known_vector() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            hmac_sha256_hex("Jefe", "what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! amoauth: connects web applications to amoCRM and Kommo accounts through OAuth 2.0.
 
 pub mod amocrm;
+pub mod api_keys;
 pub mod cli;
 pub mod config;
 pub mod crypto;
@@ -9,3 +10,4 @@ pub mod http;
 pub mod sandbox;
 pub mod server;
 pub mod store;
+pub mod tokens;

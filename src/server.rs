@@ -14,6 +14,7 @@ use crate::crypto::{Cipher, load_or_create_key, random_token};
 use crate::flow::Flow;
 use crate::http::{AppState, router};
 use crate::store::{Store, now};
+use crate::tokens::{TokenService, run_worker};
 
 /// Expired states are kept this long, so a late callback is told "expired", not "unknown".
 pub const DEFAULT_CLEANUP_GRACE: Duration = Duration::from_secs(86_400);
@@ -48,6 +49,14 @@ pub async fn open_cipher(config: &StoreConfig, store: &Store) -> anyhow::Result<
     Ok(cipher)
 }
 
+/// The token service on its own, for `amoauth refresh`.
+pub async fn token_service(config: &ServerConfig) -> anyhow::Result<Arc<TokenService>> {
+    let store = open_store(&config.store).await?;
+    let cipher = Arc::new(open_cipher(&config.store, &store).await?);
+    let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
+    Ok(Arc::new(TokenService::new(store, amo, cipher, config.refresh.lease)))
+}
+
 /// A server running in the background (tests and `serve` both use it).
 pub struct Running {
     pub addr: SocketAddr,
@@ -57,7 +66,8 @@ pub struct Running {
     pub store: Store,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
-    cleanup: JoinHandle<()>,
+    /// The cleanup loop and the refresh worker.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Running {
@@ -67,7 +77,9 @@ impl Running {
         self.server
             .await
             .context("the HTTP server task panicked")??;
-        self.cleanup.abort();
+        for task in self.background {
+            task.abort();
+        }
         self.store.close().await;
         Ok(())
     }
@@ -99,16 +111,27 @@ pub async fn start_with_listener(
         None => (Secret::new(random_token()), true),
     };
     let secure_cookies = config.amocrm.redirect_uri.scheme() == "https";
-    let request_timeout = config.amocrm.timeout * 2 + Duration::from_secs(5);
+    // A token request may wait for another process's lease, then refresh itself.
+    let request_timeout = config.refresh.lease + config.amocrm.timeout * 2 + Duration::from_secs(5);
+    let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
+    let cipher = Arc::new(cipher);
     let flow = Arc::new(Flow::new(
         store.clone(),
-        AmoClient::new(config.amocrm.clone()),
-        cipher,
+        Arc::clone(&amo),
+        Arc::clone(&cipher),
         config.state_ttl,
         config.widget_installs,
     ));
+    let tokens = Arc::new(TokenService::new(store.clone(), amo, cipher, config.refresh.lease));
+    let worker = tokio::spawn(run_worker(
+        Arc::clone(&tokens),
+        config.refresh.interval,
+        config.refresh.margin,
+        config.refresh.keepalive_age,
+    ));
     let state = AppState {
         flow,
+        tokens,
         admin_token: Arc::new(admin_token.clone()),
         secure_cookies,
     };
@@ -131,7 +154,7 @@ pub async fn start_with_listener(
         store,
         shutdown,
         server,
-        cleanup,
+        background: vec![cleanup, worker],
     })
 }
 

@@ -11,6 +11,8 @@ CREATE TABLE amocrm_oauth_states (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
 -- One row per connected amoCRM account; token columns hold ciphertext sealed with key_id.
+-- issued_at: when the current pair was issued (keep-alive age); lease_*: the one process
+-- allowed to refresh right now; version: bumped by every write of the pair.
 CREATE TABLE amocrm_tokens (
     id                  BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
     account_id          BIGINT UNIQUE,
@@ -22,10 +24,15 @@ CREATE TABLE amocrm_tokens (
     key_id              VARCHAR(32),
     expires_at          DATETIME(6) NOT NULL,
     refresh_expires_at  DATETIME(6) NOT NULL,
+    issued_at           DATETIME(6) NOT NULL,
     status              VARCHAR(32) NOT NULL DEFAULT 'active',
     raw                 LONGTEXT,
     last_refresh_at     DATETIME(6),
     last_error          TEXT,
+    refresh_failures    BIGINT NOT NULL DEFAULT 0,
+    next_refresh_at     DATETIME(6),
+    lease_owner         VARCHAR(64),
+    lease_until         DATETIME(6),
     version             BIGINT NOT NULL DEFAULT 1,
     created_at          DATETIME(6) NOT NULL,
     updated_at          DATETIME(6) NOT NULL,
@@ -59,4 +66,14 @@ CREATE TABLE amoauth_sessions (
     ip          VARCHAR(64),
     user_agent  TEXT,
     INDEX amoauth_sessions_expires_at (expires_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- API keys of the host app's services; only the SHA-256 of each secret is stored.
+CREATE TABLE amoauth_api_keys (
+    id          BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    name        VARCHAR(255) NOT NULL UNIQUE,
+    key_id      VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL UNIQUE,
+    key_hash    VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
+    created_at  DATETIME(6) NOT NULL,
+    revoked_at  DATETIME(6)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

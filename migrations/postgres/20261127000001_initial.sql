@@ -11,6 +11,8 @@ CREATE TABLE amocrm_oauth_states (
 CREATE INDEX amocrm_oauth_states_expires_at ON amocrm_oauth_states (expires_at);
 
 -- One row per connected amoCRM account; token columns hold ciphertext sealed with key_id.
+-- issued_at: when the current pair was issued (keep-alive age); lease_*: the one process
+-- allowed to refresh right now; version: bumped by every write of the pair.
 CREATE TABLE amocrm_tokens (
     id                  BIGSERIAL PRIMARY KEY,
     account_id          BIGINT UNIQUE,
@@ -22,10 +24,15 @@ CREATE TABLE amocrm_tokens (
     key_id              VARCHAR(32),
     expires_at          TIMESTAMP NOT NULL,
     refresh_expires_at  TIMESTAMP NOT NULL,
+    issued_at           TIMESTAMP NOT NULL,
     status              VARCHAR(32) NOT NULL DEFAULT 'active',
     raw                 TEXT,
     last_refresh_at     TIMESTAMP,
     last_error          TEXT,
+    refresh_failures    BIGINT NOT NULL DEFAULT 0,
+    next_refresh_at     TIMESTAMP,
+    lease_owner         VARCHAR(64),
+    lease_until         TIMESTAMP,
     version             BIGINT NOT NULL DEFAULT 1,
     created_at          TIMESTAMP NOT NULL,
     updated_at          TIMESTAMP NOT NULL
@@ -60,3 +67,13 @@ CREATE TABLE amoauth_sessions (
     user_agent  TEXT
 );
 CREATE INDEX amoauth_sessions_expires_at ON amoauth_sessions (expires_at);
+
+-- API keys of the host app's services; only the SHA-256 of each secret is stored.
+CREATE TABLE amoauth_api_keys (
+    id          BIGSERIAL PRIMARY KEY,
+    name        VARCHAR(255) NOT NULL UNIQUE,
+    key_id      VARCHAR(64) NOT NULL UNIQUE,
+    key_hash    VARCHAR(64) NOT NULL,
+    created_at  TIMESTAMP NOT NULL,
+    revoked_at  TIMESTAMP
+);

@@ -10,6 +10,8 @@ CREATE TABLE amocrm_oauth_states (
 CREATE INDEX amocrm_oauth_states_expires_at ON amocrm_oauth_states (expires_at);
 
 -- One row per connected amoCRM account; token columns hold ciphertext sealed with key_id.
+-- issued_at: when the current pair was issued (keep-alive age); lease_*: the one process
+-- allowed to refresh right now; version: bumped by every write of the pair.
 CREATE TABLE amocrm_tokens (
     id                  INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id          INTEGER UNIQUE,
@@ -21,10 +23,15 @@ CREATE TABLE amocrm_tokens (
     key_id              TEXT,
     expires_at          TEXT NOT NULL,
     refresh_expires_at  TEXT NOT NULL,
+    issued_at           TEXT NOT NULL,
     status              TEXT NOT NULL DEFAULT 'active',
     raw                 TEXT,
     last_refresh_at     TEXT,
     last_error          TEXT,
+    refresh_failures    INTEGER NOT NULL DEFAULT 0,
+    next_refresh_at     TEXT,
+    lease_owner         TEXT,
+    lease_until         TEXT,
     version             INTEGER NOT NULL DEFAULT 1,
     created_at          TEXT NOT NULL,
     updated_at          TEXT NOT NULL
@@ -59,3 +66,13 @@ CREATE TABLE amoauth_sessions (
     user_agent  TEXT
 );
 CREATE INDEX amoauth_sessions_expires_at ON amoauth_sessions (expires_at);
+
+-- API keys of the host app's services; only the SHA-256 of each secret is stored.
+CREATE TABLE amoauth_api_keys (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT NOT NULL UNIQUE,
+    key_id      TEXT NOT NULL UNIQUE,
+    key_hash    TEXT NOT NULL,
+    created_at  TEXT NOT NULL,
+    revoked_at  TEXT
+);

@@ -1,6 +1,7 @@
 //! The amoCRM client: consent URL, code exchange and account lookup, over a small typed
 //! wrapper of reqwest (amoCRM's token URL differs per account and its errors are problem+json).
 
+mod host;
 mod problem;
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, HOST};
@@ -8,6 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use url::Url;
 
+pub use host::{AccountHost, account_host, is_dns_label};
 pub use problem::{AmoError, Problem, ProblemKind};
 
 use crate::config::{AmoCrmConfig, Secret};
@@ -47,6 +49,27 @@ pub struct Account {
     pub name: String,
     pub subdomain: String,
     pub raw: Value,
+}
+
+/// Where an account lives now, from `/oauth2/account/current/subdomain`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AccountDomain {
+    pub id: i64,
+    pub subdomain: String,
+    /// The account's host, e.g. `fastis02.amocrm.ru`.
+    pub domain: String,
+}
+
+/// The `api_domain` claim of an amoCRM access token (a JWT), read without verifying it:
+/// it only says where to ask, and the answer is checked against the allow-list.
+pub fn jwt_api_domain(access_token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = access_token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("api_domain")?.as_str().map(str::to_owned)
 }
 
 #[derive(Debug)]
@@ -126,6 +149,42 @@ impl AmoClient {
             .form(&form);
         let body = self.send(host, request).await?;
         parse_token_set(&body)
+    }
+
+    /// Trades the refresh token for a new pair (amoCRM rotates refresh tokens).
+    #[tracing::instrument(skip(self, refresh_token), fields(host = %host))]
+    pub async fn refresh(&self, host: &str, refresh_token: &Secret) -> Result<TokenSet, AmoError> {
+        let form = [
+            ("client_id", self.config.client_id.as_str()),
+            ("client_secret", self.config.client_secret.expose()),
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose()),
+            ("redirect_uri", self.config.redirect_uri.as_str()),
+        ];
+        let request = self
+            .request(reqwest::Method::POST, host, "/oauth2/access_token")
+            .header(ACCEPT, "application/json")
+            .form(&form);
+        let body = self.send(host, request).await?;
+        parse_token_set(&body)
+    }
+
+    /// Finds the account's current host after a subdomain rename, through the shared API
+    /// host named in the access token (`api_domain`).
+    #[tracing::instrument(skip(self, refresh_token), fields(api_domain = %api_domain))]
+    pub async fn current_subdomain(
+        &self,
+        api_domain: &str,
+        refresh_token: &Secret,
+    ) -> Result<AccountDomain, AmoError> {
+        let request = self
+            .request(reqwest::Method::GET, api_domain, "/oauth2/account/current/subdomain")
+            .header(ACCEPT, "application/json")
+            .header("X-Refresh-Token", refresh_token.expose());
+        let body = self.send(api_domain, request).await?;
+        serde_json::from_slice(&body).map_err(|err| {
+            AmoError::BadResponse(format!("the subdomain lookup answered unexpected JSON ({err})"))
+        })
     }
 
     /// Looks up the account the access token belongs to.
@@ -262,6 +321,16 @@ mod tests {
         let raw = set.raw.to_string();
         assert!(!raw.contains("AAA") && !raw.contains("RRR"), "{raw}");
         assert!(raw.contains("server_time"));
+    }
+
+    #[test]
+    fn api_domain_is_read_from_the_jwt() {
+        use base64::Engine as _;
+        let encode = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let token = format!("{}.{}.sig", encode("{}"), encode(r#"{"api_domain":"api-b.amocrm.ru"}"#));
+        assert_eq!(jwt_api_domain(&token).as_deref(), Some("api-b.amocrm.ru"));
+        assert_eq!(jwt_api_domain("not-a-jwt"), None);
+        assert_eq!(jwt_api_domain(&format!("x.{}.y", encode("{}"))), None);
     }
 
     #[test]

@@ -1,15 +1,19 @@
 //! Install and callback: the seed's flow with the state in the database, independent of HTTP.
 
 mod params;
+mod uninstall;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use url::Url;
 
-pub use params::{AccountHost, CallbackParams, account_host, is_dns_label};
+pub use params::CallbackParams;
+pub use uninstall::{UninstallError, Uninstalled};
 
-use crate::amocrm::{Account, AmoClient, AmoError, ConsentMode, TokenSet};
+use crate::amocrm::{
+    Account, AccountHost, AmoClient, AmoError, ConsentMode, TokenSet, account_host, is_dns_label,
+};
 use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
 use crate::store::{
@@ -29,7 +33,7 @@ pub struct Requester {
 }
 
 impl Requester {
-    fn user_agent(&self) -> Option<&str> {
+    pub(crate) fn user_agent(&self) -> Option<&str> {
         self.user_agent
             .as_deref()
             .map(|ua| match ua.char_indices().nth(MAX_USER_AGENT) {
@@ -104,8 +108,8 @@ pub enum InstallError {
 
 pub struct Flow {
     store: Store,
-    amo: AmoClient,
-    cipher: Cipher,
+    amo: Arc<AmoClient>,
+    cipher: Arc<Cipher>,
     state_ttl: Duration,
     widget_installs: bool,
 }
@@ -113,8 +117,8 @@ pub struct Flow {
 impl Flow {
     pub fn new(
         store: Store,
-        amo: AmoClient,
-        cipher: Cipher,
+        amo: Arc<AmoClient>,
+        cipher: Arc<Cipher>,
         state_ttl: Duration,
         widget_installs: bool,
     ) -> Self {
@@ -129,10 +133,6 @@ impl Flow {
 
     pub fn store(&self) -> &Store {
         &self.store
-    }
-
-    pub fn cipher(&self) -> &Cipher {
-        &self.cipher
     }
 
     /// Seed steps 1-2: a 256-bit state saved (hashed) with its TTL, then the consent URL.

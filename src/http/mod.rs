@@ -1,7 +1,9 @@
 //! The HTTP surface: one module per area, merged into one router.
 
+mod api;
 mod auth;
 mod oauth;
+mod webhook;
 pub mod pages;
 
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::config::Secret;
 use crate::flow::Flow;
+use crate::tokens::TokenService;
 use crate::store::{StoreError, now};
 use auth::Admin;
 use pages::Lang;
@@ -28,6 +31,7 @@ use pages::Lang;
 #[derive(Clone)]
 pub struct AppState {
     pub flow: Arc<Flow>,
+    pub tokens: Arc<TokenService>,
     pub admin_token: Arc<Secret>,
     /// Session cookies get `Secure` when the public site is https.
     pub secure_cookies: bool,
@@ -41,6 +45,9 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/logout", post(auth::logout))
         .route("/amocrm/install", get(oauth::install))
         .route("/amocrm/callback", get(oauth::callback))
+        .route("/amocrm/webhook/uninstall", get(webhook::uninstall))
+        .route("/api/v1/connections", get(api::connections))
+        .route("/api/v1/connections/{account}/token", get(api::token))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state)

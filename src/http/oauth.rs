@@ -14,7 +14,7 @@ use super::{AppState, store_unavailable};
 use crate::amocrm::{AmoError, ConsentMode};
 use crate::flow::{CallbackError, CallbackOutcome, InstallError, Requester};
 
-fn requester(peer: SocketAddr, headers: &HeaderMap) -> Requester {
+pub(super) fn requester(peer: SocketAddr, headers: &HeaderMap) -> Requester {
     Requester {
         ip: Some(peer.ip().to_string()),
         user_agent: headers

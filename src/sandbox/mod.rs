@@ -1,7 +1,8 @@
 //! The amoCRM OAuth sandbox: an in-process HTTP server that behaves like amoCRM's OAuth 2.0
-//! (consent page, token endpoint, `/api/v4/account`) so the demo and the tests run offline.
-//! This file owns the public handle and its configuration; `state` holds the token logic,
-//! `routes` the HTTP surface and `page` the consent page markup.
+//! (consent page, token endpoint, `/api/v4/account`, host rediscovery, the uninstall webhook)
+//! so the demo and the tests run offline. This file owns the public handle, its configuration
+//! and the webhook signature; `state` holds the token logic, `routes` the HTTP surface and
+//! `page` the consent page markup.
 
 mod page;
 mod routes;
@@ -11,7 +12,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use url::Url;
+
 use state::State;
+
+/// amoCRM's `User-Agent` on the uninstall webhook.
+const UNINSTALL_WEBHOOK_USER_AGENT: &str = "amoService-oAuth-Code-Sender/1.0";
+/// amoCRM documents no timeout for the uninstall webhook (3 s for the install one); the
+/// sandbox waits longer so a slow test machine fails on an assertion, not on a timeout.
+const UNINSTALL_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the sandbox pretends to be: one registered integration and the accounts a user can
 /// grant it access to.
@@ -95,6 +106,8 @@ pub struct SandboxStats {
     pub successful_refreshes: u64,
     /// Requests to `GET /api/v4/account`, failed ones included.
     pub account_lookups: u64,
+    /// Requests to `GET /oauth2/account/current/subdomain`, failed ones included.
+    pub subdomain_lookups: u64,
     /// The `Host` header of each token-endpoint request, in order.
     pub token_hosts: Vec<String>,
 }
@@ -110,6 +123,11 @@ pub enum Fault {
     Garbage,
     /// Sleep this long, then behave normally.
     Delay(Duration),
+    /// Handle the request normally, then never answer, as when the network drops the reply:
+    /// the answer is held back for an hour, so the client times out. On the token endpoint
+    /// the pair is issued, the refresh token rotates and the counters count a success, which
+    /// is what amoCRM's grace rule is for: the client retries with the refresh token it sent.
+    LoseReply,
 }
 
 /// Handle to a running or runnable sandbox; clones share the same state.
@@ -128,8 +146,8 @@ impl Sandbox {
     pub fn new(config: SandboxConfig) -> Self {
         Self {
             shared: Arc::new(Shared {
+                state: Mutex::new(State::new(&config)),
                 config,
-                state: Mutex::new(State::default()),
             }),
         }
     }
@@ -184,18 +202,67 @@ impl Sandbox {
     /// # Panics
     /// If no configured account has this id: that is a mistake in the calling test.
     pub fn authorize(&self, account_id: i64) -> String {
-        let account = self
-            .account(account_id)
-            .unwrap_or_else(|| panic!("the sandbox has no account with id {account_id}"));
-        self.state().issue_code(account)
+        // Bound first, so the lock is released before panicking and does not get poisoned.
+        let code = self.state().issue_code(account_id);
+        code.unwrap_or_else(|| panic!("the sandbox has no account with id {account_id}"))
+    }
+
+    /// The account moves to `{new_subdomain}.{domain}`, as when its owner renames it in
+    /// amoCRM. Its codes and tokens stay valid, but only at the new host: requests at the old
+    /// one get 404, and `GET /oauth2/account/current/subdomain` tells the new one.
+    ///
+    /// # Panics
+    /// If no configured account has this id: that is a mistake in the calling test.
+    pub fn rename_account(&self, account_id: i64, new_subdomain: &str) {
+        let renamed = self.state().rename_account(account_id, new_subdomain);
+        assert!(renamed, "the sandbox has no account with id {account_id}");
+    }
+
+    /// Revokes every access and refresh token of the account, as amoCRM does when the admin
+    /// disables the integration: refreshes then get 401 "Token has been revoked" and
+    /// `/api/v4/account` gets 401. Authorization codes not yet exchanged stay usable. An
+    /// unknown id revokes nothing.
+    pub fn revoke_tokens(&self, account_id: i64) {
+        self.state().revoke_tokens(account_id);
+    }
+
+    /// Disables the integration in the account as an admin would: revokes its tokens (see
+    /// [`revoke_tokens`](Self::revoke_tokens)), then sends amoCRM's uninstall webhook,
+    /// `GET {url}?client_uuid=…&account_id=…&signature=…` (appended to any query `url` already
+    /// has) with amoCRM's `User-Agent`, signed with [`uninstall_signature`]. Sent once, with no
+    /// retry, for an unknown account id too. Returns the receiver's HTTP status, or why the
+    /// request failed.
+    pub async fn fire_uninstall_webhook(&self, url: &str, account_id: i64) -> Result<u16, String> {
+        self.revoke_tokens(account_id);
+        let config = self.config();
+        let mut target =
+            Url::parse(url).map_err(|error| format!("invalid webhook URL {url:?}: {error}"))?;
+        let signature = uninstall_signature(&config.client_id, &config.client_secret, account_id);
+        target
+            .query_pairs_mut()
+            .append_pair("client_uuid", &config.client_id)
+            .append_pair("account_id", &account_id.to_string())
+            .append_pair("signature", &signature);
+
+        // reqwest is built without a crypto provider; an `Err` only means one is installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .user_agent(UNINSTALL_WEBHOOK_USER_AGENT)
+            .timeout(UNINSTALL_WEBHOOK_TIMEOUT)
+            // The status the receiver chose is the answer, a redirect included.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|error| error_chain(&error))?;
+        let response = client
+            .get(target)
+            .send()
+            .await
+            .map_err(|error| error_chain(&error))?;
+        Ok(response.status().as_u16())
     }
 
     fn config(&self) -> &SandboxConfig {
         &self.shared.config
-    }
-
-    fn account(&self, id: i64) -> Option<&SandboxAccount> {
-        self.config().accounts.iter().find(|a| a.id == id)
     }
 
     /// A poisoned lock only means another handler panicked mid-update; the maps stay usable,
@@ -206,4 +273,26 @@ impl Sandbox {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// The signature of amoCRM's uninstall webhook: lowercase hex of
+/// HMAC-SHA256(key = `client_secret`, message = `"{client_id}|{account_id}"`).
+pub fn uninstall_signature(client_id: &str, client_secret: &str, account_id: i64) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(client_secret.as_bytes())
+        .expect("HMAC accepts keys of any length");
+    mac.update(format!("{client_id}|{account_id}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// An error with its causes: reqwest's own message rarely says what went wrong
+/// ("error sending request"), its sources do ("connection refused").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -1,11 +1,15 @@
 //! The sandbox's HTTP surface: consent page and decision, token endpoint, `/api/v4/account`,
-//! problem+json errors shaped like amoCRM's, fault injection and the request counter.
+//! host rediscovery by refresh token, problem+json errors shaped like amoCRM's, fault injection
+//! and the request counter.
+
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{FormRejection, QueryRejection};
 use axum::extract::{Form, Query, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION};
+use axum::http::uri::Authority;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -13,14 +17,18 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use super::state::{CURRENT_USER_ID, GrantType, TokenError, TokenRequest};
-use super::{Fault, Sandbox, page};
+use super::state::{ApiError, CURRENT_USER_ID, GrantType, TokenError, TokenRequest};
+use super::{Fault, Sandbox, SandboxAccount, page};
 
 const OAUTH_PROBLEM_TYPE: &str = "https://developers.amocrm.ru/v3/errors/OAuthProblemJson";
 const BAD_REQUEST_TITLE: &str = "Некорректный запрос";
 const BAD_REQUEST_DETAIL: &str = "В запросе отсутствует ряд параметров или параметры невалидны";
 /// The sandbox has no real account history; a fixed creation date keeps answers stable.
 const ACCOUNT_CREATED_AT: i64 = 1_600_000_000;
+/// How long a `Fault::LoseReply` answer is held back: far longer than any client waits.
+const LOST_REPLY_HOLD: Duration = Duration::from_secs(3600);
+/// amoCRM's header carrying the refresh token for host rediscovery.
+const REFRESH_TOKEN_HEADER: &str = "x-refresh-token";
 
 pub(super) fn router(sandbox: Sandbox) -> Router {
     Router::new()
@@ -30,6 +38,8 @@ pub(super) fn router(sandbox: Sandbox) -> Router {
         .route("/oauth/decide", post(decide))
         .route("/oauth2/access_token", post(access_token))
         .route("/api/v4/account", get(account))
+        // amoCRM serves this on the shared `api_domain` host; the sandbox on any host.
+        .route("/oauth2/account/current/subdomain", get(current_subdomain))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -78,6 +88,11 @@ fn oauth_problem(status: u16, hint: Option<String>) -> Problem {
     }
 }
 
+/// amoCRM's answer at a host that serves no account of the grant or token.
+fn account_not_found() -> Problem {
+    http_problem(StatusCode::NOT_FOUND, "Not Found", "Account not found")
+}
+
 /// The shape amoCRM uses outside OAuth (`/api/v4/...`, unknown paths).
 fn http_problem(status: StatusCode, title: &'static str, detail: &'static str) -> Problem {
     Problem {
@@ -106,25 +121,47 @@ impl IntoResponse for TokenError {
             TokenError::Invalid { status, hint } => {
                 oauth_problem(status.as_u16(), Some(hint.to_owned()))
             }
+            TokenError::AccountNotFound => account_not_found(),
         }
         .into_response()
     }
 }
 
-/// Plays an injected fault: `Some` is the answer to send instead, `None` means go on
-/// (after sleeping, for a delay).
-async fn play(fault: Option<Fault>) -> Option<Response> {
+/// Plays an injected fault before the request is handled: `Some` is the answer to send
+/// instead, `None` means go on (after sleeping, for a delay). `LoseReply` acts after handling,
+/// in `deliver`.
+async fn play(fault: Option<&Fault>) -> Option<Response> {
     match fault? {
-        Fault::Problem { status, hint } => Some(oauth_problem(status, Some(hint)).into_response()),
+        Fault::Problem { status, hint } => {
+            Some(oauth_problem(*status, Some(hint.clone())).into_response())
+        }
         Fault::ServerError => {
             Some((StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error").into_response())
         }
         Fault::Garbage => Some(Html("<html>oops</html>").into_response()),
         Fault::Delay(delay) => {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep(*delay).await;
             None
         }
+        Fault::LoseReply => None,
     }
+}
+
+/// Sends the handled request's answer, or for `LoseReply` holds it back until the client has
+/// long given up. The state lock is not held here: other requests go on meanwhile.
+async fn deliver(fault: Option<&Fault>, response: Response) -> Response {
+    if matches!(fault, Some(Fault::LoseReply)) {
+        tokio::time::sleep(LOST_REPLY_HOLD).await;
+    }
+    response
+}
+
+/// The `Host` header as amoCRM routes by it: lowercase, without port or trailing dot. `None`
+/// if absent or malformed; such requests are not host-checked.
+fn request_host(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(HOST)?.to_str().ok()?;
+    let authority = value.parse::<Authority>().ok()?;
+    Some(authority.host().trim_end_matches('.').to_ascii_lowercase())
 }
 
 fn error_page(status: StatusCode, message: &str) -> Response {
@@ -147,6 +184,7 @@ async fn consent(
         return error_page(StatusCode::BAD_REQUEST, "Некорректные параметры запроса.");
     };
     let config = sandbox.config();
+    let accounts = sandbox.state().accounts().to_vec();
     match query.client_id.as_deref() {
         Some(id) if id == config.client_id => {}
         Some(id) if !id.is_empty() => {
@@ -159,7 +197,7 @@ async fn consent(
     }
     let markup = page::consent(
         &config.client_id,
-        &config.accounts,
+        &accounts,
         non_empty(&query.state),
         non_empty(&query.mode),
     );
@@ -200,22 +238,26 @@ async fn decide(
     let state = non_empty(&form.state);
     match form.decision.as_deref() {
         Some("allow") => {
-            let account = form
+            let account_id = form
                 .account_id
                 .as_deref()
-                .and_then(|id| id.parse::<i64>().ok())
-                .and_then(|id| sandbox.account(id));
-            let Some(account) = account else {
+                .and_then(|id| id.parse::<i64>().ok());
+            // Code and referer under one lock, so a concurrent rename cannot split them.
+            let issued = account_id.and_then(|id| {
+                let mut state = sandbox.state();
+                let host = state.account(id).map(SandboxAccount::host)?;
+                Some((state.issue_code(id)?, host))
+            });
+            let Some((code, host)) = issued else {
                 return error_page(StatusCode::BAD_REQUEST, "Выберите аккаунт.");
             };
-            let code = sandbox.state().issue_code(account);
             let mut query = location.query_pairs_mut();
             query.append_pair("code", &code);
             if let Some(state) = state {
                 query.append_pair("state", state);
             }
             query
-                .append_pair("referer", &account.host())
+                .append_pair("referer", &host)
                 .append_pair("client_id", &config.client_id);
         }
         Some("deny") => {
@@ -277,18 +319,23 @@ async fn access_token(State(sandbox): State<Sandbox>, headers: HeaderMap, body: 
         state.note_token_request(host, grant_type);
         state.token_fault.clone()
     };
-    if let Some(response) = play(fault).await {
+    if let Some(response) = play(fault.as_ref()).await {
         return response;
     }
-    let request = match request {
-        Ok(request) => request,
-        Err(hint) => return oauth_problem(400, Some(hint.to_owned())).into_response(),
+    let response = match request {
+        Ok(request) => {
+            let host = request_host(&headers);
+            let outcome = sandbox
+                .state()
+                .token(sandbox.config(), &request, host.as_deref());
+            match outcome {
+                Ok(grant) => axum::Json(grant).into_response(),
+                Err(error) => error.into_response(),
+            }
+        }
+        Err(hint) => oauth_problem(400, Some(hint.to_owned())).into_response(),
     };
-    let outcome = sandbox.state().token(sandbox.config(), &request);
-    match outcome {
-        Ok(grant) => axum::Json(grant).into_response(),
-        Err(error) => error.into_response(),
-    }
+    deliver(fault.as_ref(), response).await
 }
 
 /// `GET /api/v4/account`: the account behind the Bearer token.
@@ -298,23 +345,35 @@ async fn account(State(sandbox): State<Sandbox>, headers: HeaderMap) -> Response
         state.stats.account_lookups += 1;
         state.account_fault.clone()
     };
-    if let Some(response) = play(fault).await {
+    if let Some(response) = play(fault.as_ref()).await {
         return response;
     }
+    let response = account_answer(&sandbox, &headers);
+    deliver(fault.as_ref(), response).await
+}
+
+fn account_answer(sandbox: &Sandbox, headers: &HeaderMap) -> Response {
     let token = headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
         .map(|(_, token)| token.trim());
-    let account = token.and_then(|t| sandbox.state().account_for_access_token(t));
-    let Some(account) = account else {
-        return http_problem(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "The access token is missing, invalid or expired",
-        )
-        .into_response();
+    let host = request_host(headers);
+    let account = token
+        .ok_or(ApiError::Unauthorized)
+        .and_then(|t| sandbox.state().account_for_access_token(t, host.as_deref()));
+    let account = match account {
+        Ok(account) => account,
+        Err(ApiError::Unauthorized) => {
+            return http_problem(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "The access token is missing, invalid or expired",
+            )
+            .into_response();
+        }
+        Err(ApiError::AccountNotFound) => return account_not_found().into_response(),
     };
     let body = serde_json::json!({
         "id": account.id,
@@ -338,6 +397,41 @@ async fn account(State(sandbox): State<Sandbox>, headers: HeaderMap) -> Response
         "_links": { "self": { "href": format!("https://{}/api/v4/account", account.host()) } },
     });
     ([(CONTENT_TYPE, "application/hal+json")], axum::Json(body)).into_response()
+}
+
+/// `GET /oauth2/account/current/subdomain`: the current host of the account behind the
+/// refresh token in `X-Refresh-Token`, so a client can find an account that was renamed.
+async fn current_subdomain(State(sandbox): State<Sandbox>, headers: HeaderMap) -> Response {
+    let token = headers
+        .get(REFRESH_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let account = {
+        let mut state = sandbox.state();
+        state.stats.subdomain_lookups += 1;
+        token.and_then(|t| state.account_for_refresh_token(t))
+    };
+    let Some(account) = account else {
+        return http_problem(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "The refresh token is missing, invalid, revoked or expired",
+        )
+        .into_response();
+    };
+    let top_level_domain = account
+        .domain
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    axum::Json(serde_json::json!({
+        "id": account.id,
+        "subdomain": account.subdomain,
+        "domain": account.host(),
+        "top_level_domain": top_level_domain,
+    }))
+    .into_response()
 }
 
 async fn not_found() -> Response {

@@ -1,6 +1,7 @@
-//! The sandbox's mutable state and amoCRM's token rules: the shiftable clock, authorization
-//! codes, access tokens, the rotation chain of refresh tokens (with the grace rule), counters
-//! and injected faults. Nothing here knows about HTTP beyond status codes.
+//! The sandbox's mutable state and amoCRM's token rules: the shiftable clock, the accounts as
+//! renamed so far, authorization codes, access tokens, the rotation chain of refresh tokens
+//! (with the grace rule), revocation, host checks, counters and injected faults. Nothing here
+//! knows about HTTP beyond status codes and the already parsed `Host`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,6 +27,9 @@ pub(super) const CURRENT_USER_ID: i64 = 10_000_001;
 pub(super) struct State {
     /// How far `advance_clock` has moved the sandbox ahead of the wall clock.
     clock_offset: TimeDelta,
+    /// The configured accounts with their current subdomains. Grants refer to accounts by id,
+    /// so a rename moves every grant to the new host at once, as on amoCRM.
+    accounts: Vec<SandboxAccount>,
     codes: HashMap<String, Code>,
     access_tokens: HashMap<String, AccessToken>,
     refresh_tokens: HashMap<String, RefreshToken>,
@@ -36,19 +40,21 @@ pub(super) struct State {
 }
 
 struct Code {
-    account: SandboxAccount,
+    account_id: i64,
     issued_at: DateTime<Utc>,
     used: bool,
 }
 
 struct AccessToken {
-    account: SandboxAccount,
+    account_id: i64,
     expires_at: DateTime<Utc>,
+    /// Set by `revoke_tokens`, when the admin disables the integration.
+    revoked: bool,
 }
 
 /// One link of a rotation chain: each refresh issues a successor to the token it used.
 struct RefreshToken {
-    account: SandboxAccount,
+    account_id: i64,
     issued_at: DateTime<Utc>,
     revoked: bool,
     predecessor: Option<String>,
@@ -95,7 +101,7 @@ pub(super) struct TokenGrant {
 }
 
 /// Why the token endpoint refused a request.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(super) enum TokenError {
     /// 401 "Некорректный клиент": wrong or missing client credentials.
     InvalidClient,
@@ -104,6 +110,17 @@ pub(super) enum TokenError {
         status: StatusCode,
         hint: &'static str,
     },
+    /// 404 "Account not found": the grant belongs to an account served at another host.
+    AccountNotFound,
+}
+
+/// Why `/api/v4/account` refused a Bearer token.
+#[derive(Debug)]
+pub(super) enum ApiError {
+    /// 401: the token is unknown, expired or revoked.
+    Unauthorized,
+    /// 404 "Account not found": the token's account is served at another host.
+    AccountNotFound,
 }
 
 fn bad_request(hint: &'static str) -> TokenError {
@@ -126,6 +143,66 @@ fn field(value: &Option<String>) -> Option<&str> {
 }
 
 impl State {
+    pub(super) fn new(config: &SandboxConfig) -> Self {
+        Self {
+            accounts: config.accounts.clone(),
+            ..Self::default()
+        }
+    }
+
+    /// The accounts as they are now, renames included.
+    pub(super) fn accounts(&self) -> &[SandboxAccount] {
+        &self.accounts
+    }
+
+    pub(super) fn account(&self, id: i64) -> Option<&SandboxAccount> {
+        self.accounts.iter().find(|a| a.id == id)
+    }
+
+    /// Gives the account a new subdomain; `false` if there is no such account.
+    pub(super) fn rename_account(&mut self, id: i64, new_subdomain: &str) -> bool {
+        match self.accounts.iter_mut().find(|a| a.id == id) {
+            Some(account) => {
+                new_subdomain.clone_into(&mut account.subdomain);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Revokes every access and refresh token of the account, as amoCRM does when the admin
+    /// disables the integration. Codes are left alone: they are not tokens yet.
+    pub(super) fn revoke_tokens(&mut self, account_id: i64) {
+        for token in self.access_tokens.values_mut() {
+            if token.account_id == account_id {
+                token.revoked = true;
+            }
+        }
+        for token in self.refresh_tokens.values_mut() {
+            if token.account_id == account_id {
+                token.revoked = true;
+            }
+        }
+    }
+
+    /// Whether a request that arrived at `host` (lowercase, without port) may act for
+    /// `account`. amoCRM serves each account only at its own host, so a host shaped like
+    /// `<label>.<domain>` for a domain of the sandbox's accounts must be exactly that
+    /// account's: a client still posting to the old host after a rename, or to the shared
+    /// `api-b` host, finds no account there. Other hosts (localhost, IPs, none) are how tests
+    /// and the demo reach the sandbox, so they stand for every account.
+    fn serves_account(&self, host: Option<&str>, account: &SandboxAccount) -> bool {
+        let Some(host) = host else {
+            return true;
+        };
+        let account_shaped = self.accounts.iter().any(|a| {
+            host.strip_suffix(a.domain.to_ascii_lowercase().as_str())
+                .and_then(|rest| rest.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty() && !label.contains('.'))
+        });
+        !account_shaped || host.eq_ignore_ascii_case(&account.host())
+    }
+
     /// Sandbox time: the wall clock plus whatever tests skipped ahead.
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
@@ -138,18 +215,20 @@ impl State {
         self.clock_offset = self.clock_offset.checked_add(&by).unwrap_or(TimeDelta::MAX);
     }
 
-    pub(super) fn issue_code(&mut self, account: &SandboxAccount) -> String {
+    /// A fresh authorization code for the account, or `None` if there is no such account.
+    pub(super) fn issue_code(&mut self, account_id: i64) -> Option<String> {
+        self.account(account_id)?;
         let code = opaque_secret::<64>();
         self.codes.insert(
             code.clone(),
             Code {
-                account: account.clone(),
+                account_id,
                 issued_at: self.now(),
                 used: false,
             },
         );
         self.issued.push(code.clone());
-        code
+        Some(code)
     }
 
     /// Counts a token-endpoint request before anything can fail, faults included.
@@ -162,12 +241,14 @@ impl State {
         }
     }
 
-    /// `POST /oauth2/access_token`, checked in the order amoCRM's OAuth server does:
-    /// grant type, client, redirect URI, then the grant itself.
+    /// `POST /oauth2/access_token` arriving at `host` (lowercase, without port), checked in
+    /// the order amoCRM's OAuth server does: grant type, client, redirect URI, then the grant
+    /// itself: known, at its account's host, still valid.
     pub(super) fn token(
         &mut self,
         config: &SandboxConfig,
         request: &TokenRequest,
+        host: Option<&str>,
     ) -> Result<TokenGrant, TokenError> {
         let grant_type = field(&request.grant_type)
             .and_then(GrantType::parse)
@@ -188,53 +269,70 @@ impl State {
         match grant_type {
             GrantType::AuthorizationCode => {
                 let code = field(&request.code).ok_or(bad_request("Check the `code` parameter"))?;
-                self.exchange_code(config, code)
+                self.exchange_code(config, code, host)
             }
             GrantType::RefreshToken => {
                 let token = field(&request.refresh_token)
                     .ok_or(bad_request("Check the `refresh_token` parameter"))?;
-                self.refresh(config, token)
+                self.refresh(config, token, host)
             }
         }
     }
 
+    /// Every check comes before the code is marked used, so a refused request leaves it
+    /// usable.
     fn exchange_code(
         &mut self,
         config: &SandboxConfig,
         code: &str,
+        host: Option<&str>,
     ) -> Result<TokenGrant, TokenError> {
+        let unknown = bad_request("Cannot decrypt the authorization code");
         let now = self.now();
-        let entry = self
-            .codes
-            .get_mut(code)
-            .ok_or(bad_request("Cannot decrypt the authorization code"))?;
-        if entry.used {
+        let &Code {
+            account_id,
+            issued_at,
+            used,
+        } = self.codes.get(code).ok_or(unknown)?;
+        let account = self.account(account_id).cloned().ok_or(unknown)?;
+        if !self.serves_account(host, &account) {
+            return Err(TokenError::AccountNotFound);
+        }
+        if used {
             return Err(bad_request("Authorization code has been revoked"));
         }
-        if now - entry.issued_at > CODE_TTL {
+        if now - issued_at > CODE_TTL {
             return Err(bad_request("Authorization code has expired"));
         }
-        entry.used = true;
-        let account = entry.account.clone();
+        if let Some(entry) = self.codes.get_mut(code) {
+            entry.used = true;
+        }
         self.stats.successful_code_exchanges += 1;
         Ok(self.issue_pair(config, &account, None))
     }
 
     /// Rotation with amoCRM's grace rule: the used token stays valid until its successor is
-    /// first used, so a client that lost the reply can retry with it.
-    fn refresh(&mut self, config: &SandboxConfig, token: &str) -> Result<TokenGrant, TokenError> {
+    /// first used, so a client that lost the reply can retry with it. Nothing changes before
+    /// every check has passed.
+    fn refresh(
+        &mut self,
+        config: &SandboxConfig,
+        token: &str,
+        host: Option<&str>,
+    ) -> Result<TokenGrant, TokenError> {
+        let unknown = bad_refresh("Cannot decrypt the refresh token");
         let now = self.now();
-        let entry = self
-            .refresh_tokens
-            .get(token)
-            .ok_or(bad_refresh("Cannot decrypt the refresh token"))?;
+        let entry = self.refresh_tokens.get(token).ok_or(unknown)?;
+        let account = self.account(entry.account_id).cloned().ok_or(unknown)?;
+        if !self.serves_account(host, &account) {
+            return Err(TokenError::AccountNotFound);
+        }
         if entry.revoked {
             return Err(bad_refresh("Token has been revoked"));
         }
         if now - entry.issued_at > REFRESH_TTL {
             return Err(bad_refresh("Token has expired"));
         }
-        let account = entry.account.clone();
         let predecessor = entry.predecessor.clone();
         let lost_successor = entry.successor.clone();
 
@@ -254,8 +352,8 @@ impl State {
     }
 
     /// Revokes `first` and its ancestors. Stops at the first already revoked one: a token is
-    /// only revoked together with all its ancestors, or as an unused successor, which is
-    /// nobody's ancestor.
+    /// only revoked together with all its ancestors (by rotation or by `revoke_tokens`, which
+    /// takes the whole account), or as an unused successor, which is nobody's ancestor.
     fn revoke_chain(&mut self, first: Option<String>) {
         let mut next = first;
         while let Some(entry) = next.and_then(|t| self.refresh_tokens.get_mut(&t)) {
@@ -283,15 +381,16 @@ impl State {
         self.access_tokens.insert(
             access_token.clone(),
             AccessToken {
-                account: account.clone(),
+                account_id: account.id,
                 expires_at,
+                revoked: false,
             },
         );
         let refresh_token = opaque_secret::<128>();
         self.refresh_tokens.insert(
             refresh_token.clone(),
             RefreshToken {
-                account: account.clone(),
+                account_id: account.id,
                 issued_at: now,
                 revoked: false,
                 predecessor: predecessor.map(str::to_owned),
@@ -310,13 +409,42 @@ impl State {
         }
     }
 
-    /// The account behind a Bearer token, if the token is known and not expired.
-    pub(super) fn account_for_access_token(&self, token: &str) -> Option<SandboxAccount> {
+    /// The account behind a Bearer token that arrived at `host` (lowercase, without port).
+    /// The host is checked first: at another account's host amoCRM finds no account at all,
+    /// whatever the token.
+    pub(super) fn account_for_access_token(
+        &self,
+        token: &str,
+        host: Option<&str>,
+    ) -> Result<SandboxAccount, ApiError> {
         let now = self.now();
-        self.access_tokens
+        let entry = self
+            .access_tokens
             .get(token)
-            .filter(|t| now < t.expires_at)
-            .map(|t| t.account.clone())
+            .ok_or(ApiError::Unauthorized)?;
+        let account = self
+            .account(entry.account_id)
+            .cloned()
+            .ok_or(ApiError::Unauthorized)?;
+        if !self.serves_account(host, &account) {
+            return Err(ApiError::AccountNotFound);
+        }
+        if entry.revoked || now >= entry.expires_at {
+            return Err(ApiError::Unauthorized);
+        }
+        Ok(account)
+    }
+
+    /// The account behind a refresh token that is known, not revoked and not expired, for
+    /// host rediscovery. Only reads: looking the host up is not a use of the token, so the
+    /// grace rule does not move.
+    pub(super) fn account_for_refresh_token(&self, token: &str) -> Option<SandboxAccount> {
+        let now = self.now();
+        let entry = self
+            .refresh_tokens
+            .get(token)
+            .filter(|t| !t.revoked && now - t.issued_at <= REFRESH_TTL)?;
+        self.account(entry.account_id).cloned()
     }
 }
 

@@ -11,6 +11,8 @@ pub enum AttemptKind {
     Install,
     Callback,
     WidgetInstall,
+    Refresh,
+    Webhook,
 }
 
 impl AttemptKind {
@@ -19,6 +21,8 @@ impl AttemptKind {
             Self::Install => "install",
             Self::Callback => "callback",
             Self::WidgetInstall => "widget_install",
+            Self::Refresh => "refresh",
+            Self::Webhook => "webhook",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! backend and one module per table. Every query is written once with `?` placeholders;
 //! the few statements whose SQL really differs have one constant per dialect.
 
+mod api_keys;
 mod attempts;
 mod sessions;
 mod states;
@@ -19,7 +20,8 @@ use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 
 pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome};
 pub use states::{Consumption, NewState, StateRow};
-pub use tokens::{ConnectionRow, NewConnection};
+pub use api_keys::ApiKeyRow;
+pub use tokens::{ConnectionRow, NewConnection, RefreshedPair};
 
 use crate::config::DatabaseUrl;
 
@@ -51,6 +53,8 @@ pub enum StoreError {
     Connect { url: String, cause: sqlx::Error },
     #[error("cannot apply database migrations: {0}")]
     Migrate(sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Duplicate(String),
 }
 
 pub(crate) trait Context<T> {

@@ -29,21 +29,49 @@ pub struct ConnectionRow {
     pub refresh_token: Option<Sealed>,
     pub expires_at: Timestamp,
     pub refresh_expires_at: Timestamp,
+    /// When the current pair was issued: its age drives the keep-alive refresh.
+    pub issued_at: Timestamp,
     pub status: String,
     pub raw: Option<String>,
     pub last_refresh_at: Option<Timestamp>,
     pub last_error: Option<String>,
+    pub refresh_failures: i64,
+    /// The worker leaves the connection alone until then after a failure (backoff).
+    pub next_refresh_at: Option<Timestamp>,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<Timestamp>,
+    /// Bumped by every write of the token pair; a refresh writes only if it is unchanged.
+    pub version: i64,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// A refreshed pair to store, sealed with one key.
+pub struct RefreshedPair<'a> {
+    pub access_token: &'a Sealed,
+    pub refresh_token: &'a Sealed,
+    pub expires_at: Timestamp,
+    pub refresh_expires_at: Timestamp,
+    pub issued_at: Timestamp,
+}
+
+/// Every column of a connection, in `StoredConnection`'s order.
+macro_rules! select_connection {
+    () => {
+        "SELECT id, account_id, account_name, domain, subdomain, access_token, refresh_token, \
+         key_id, expires_at, refresh_expires_at, issued_at, status, raw, last_refresh_at, last_error, \
+         refresh_failures, next_refresh_at, lease_owner, lease_until, version, created_at, updated_at \
+         FROM amocrm_tokens"
+    };
 }
 
 /// Columns and values of an upsert; the conflict clause is per dialect.
 macro_rules! upsert_insert {
     () => {
         "INSERT INTO amocrm_tokens (account_id, account_name, domain, subdomain, \
-     access_token, refresh_token, key_id, expires_at, refresh_expires_at, status, raw, \
-     last_refresh_at, last_error, version, created_at, updated_at) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 1, ?, ?) "
+     access_token, refresh_token, key_id, expires_at, refresh_expires_at, issued_at, status, raw, \
+     last_refresh_at, last_error, refresh_failures, version, created_at, updated_at) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?) "
     };
 }
 const UPSERT_ON_CONFLICT: &str = concat!(
@@ -85,6 +113,7 @@ impl Store {
             .bind(&c.access_token.key_id)
             .bind(c.expires_at)
             .bind(c.refresh_expires_at)
+            .bind(c.now)
             .bind(c.raw)
             .bind(c.now)
             .bind(c.now)
@@ -95,15 +124,215 @@ impl Store {
     }
 
     pub async fn connections(&self) -> Result<Vec<ConnectionRow>, StoreError> {
-        let sql = self.sql(
-            "SELECT id, account_id, account_name, domain, subdomain, access_token, refresh_token, \
-             key_id, expires_at, refresh_expires_at, status, raw, last_refresh_at, last_error, \
-             created_at, updated_at FROM amocrm_tokens ORDER BY id",
-        );
+        let sql = self.sql(concat!(select_connection!(), " ORDER BY id"));
         let rows: Vec<StoredConnection> =
             on_pool!(self, pool => sqlx::query_as(sql).fetch_all(pool).await)
                 .during("listing connections")?;
         Ok(rows.into_iter().map(ConnectionRow::from).collect())
+    }
+
+    pub async fn connection(&self, id: i64) -> Result<Option<ConnectionRow>, StoreError> {
+        let sql = self.sql(concat!(select_connection!(), " WHERE id = ?"));
+        let row: Option<StoredConnection> =
+            on_pool!(self, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await)
+                .during("reading the connection")?;
+        Ok(row.map(ConnectionRow::from))
+    }
+
+    /// Finds a connection by account id (digits) or by subdomain or host.
+    pub async fn find_connection(&self, account: &str) -> Result<Option<ConnectionRow>, StoreError> {
+        let row: Option<StoredConnection> = match account.parse::<i64>() {
+            Ok(account_id) => {
+                let sql = self.sql(concat!(select_connection!(), " WHERE account_id = ?"));
+                on_pool!(self, pool => sqlx::query_as(sql).bind(account_id).fetch_optional(pool).await)
+            }
+            Err(_) => {
+                let sql = self.sql(concat!(
+                    select_connection!(),
+                    " WHERE subdomain = ? OR domain = ? ORDER BY id LIMIT 1"
+                ));
+                on_pool!(self, pool => sqlx::query_as(sql).bind(account).bind(account).fetch_optional(pool).await)
+            }
+        }
+        .during("finding the connection")?;
+        Ok(row.map(ConnectionRow::from))
+    }
+
+    /// Active connections the worker should refresh: the access token expires before
+    /// `expiring_before`, or the pair was issued before `issued_before` (keep-alive); not in
+    /// backoff and not leased. Returns (id, version) pairs, most urgent first.
+    pub async fn due_for_refresh(
+        &self,
+        now: Timestamp,
+        expiring_before: Timestamp,
+        issued_before: Timestamp,
+        limit: i64,
+    ) -> Result<Vec<(i64, i64)>, StoreError> {
+        let sql = self.sql(
+            "SELECT id, version FROM amocrm_tokens WHERE status = 'active' \
+             AND (expires_at < ? OR issued_at < ?) \
+             AND (next_refresh_at IS NULL OR next_refresh_at <= ?) \
+             AND (lease_until IS NULL OR lease_until <= ?) ORDER BY expires_at LIMIT ?",
+        );
+        on_pool!(self, pool => sqlx::query_as(sql)
+            .bind(expiring_before)
+            .bind(issued_before)
+            .bind(now)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)
+        .during("finding connections due for refresh")
+    }
+
+    /// Takes the refresh lease when it is free or expired. Only the holder refreshes.
+    pub async fn take_lease(
+        &self,
+        id: i64,
+        owner: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let sql = self.sql(
+            "UPDATE amocrm_tokens SET lease_owner = ?, lease_until = ? \
+             WHERE id = ? AND (lease_until IS NULL OR lease_until <= ?)",
+        );
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(owner)
+            .bind(until)
+            .bind(id)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected() == 1))
+        .during("taking the refresh lease")
+    }
+
+    pub async fn release_lease(&self, id: i64, owner: &str) -> Result<(), StoreError> {
+        let sql = self.sql(
+            "UPDATE amocrm_tokens SET lease_owner = NULL, lease_until = NULL \
+             WHERE id = ? AND lease_owner = ?",
+        );
+        on_pool!(self, pool => sqlx::query(sql).bind(id).bind(owner).execute(pool).await.map(drop))
+            .during("releasing the refresh lease")
+    }
+
+    /// Stores a refreshed pair if nobody wrote the pair since `version` was read, and
+    /// releases the lease. False when another writer won: the caller must not use its pair.
+    pub async fn store_refreshed(
+        &self,
+        id: i64,
+        version: i64,
+        pair: &RefreshedPair<'_>,
+    ) -> Result<bool, StoreError> {
+        let sql = self.sql(
+            "UPDATE amocrm_tokens SET access_token = ?, refresh_token = ?, key_id = ?, \
+             expires_at = ?, refresh_expires_at = ?, issued_at = ?, last_refresh_at = ?, \
+             last_error = NULL, refresh_failures = 0, next_refresh_at = NULL, lease_owner = NULL, \
+             lease_until = NULL, version = version + 1, updated_at = ? WHERE id = ? AND version = ?",
+        );
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(&pair.access_token.ciphertext)
+            .bind(&pair.refresh_token.ciphertext)
+            .bind(&pair.access_token.key_id)
+            .bind(pair.expires_at)
+            .bind(pair.refresh_expires_at)
+            .bind(pair.issued_at)
+            .bind(pair.issued_at)
+            .bind(pair.issued_at)
+            .bind(id)
+            .bind(version)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected() == 1))
+        .during("saving the refreshed tokens")
+    }
+
+    /// Notes a failed refresh, schedules the next try, and releases the lease (if still ours).
+    pub async fn record_refresh_failure(
+        &self,
+        id: i64,
+        owner: &str,
+        error: &str,
+        retry_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let sql = self.sql(
+            "UPDATE amocrm_tokens SET last_error = ?, refresh_failures = refresh_failures + 1, \
+             next_refresh_at = ?, lease_owner = NULL, lease_until = NULL, updated_at = ? \
+             WHERE id = ? AND lease_owner = ?",
+        );
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(error)
+            .bind(retry_at)
+            .bind(now)
+            .bind(id)
+            .bind(owner)
+            .execute(pool)
+            .await
+            .map(drop))
+        .during("recording the refresh failure")
+    }
+
+    /// Marks the connection as needing a new install, unless the pair changed since
+    /// `version` (then a newer token exists and nothing is wrong). Never deletes the row.
+    pub async fn mark_needs_reauth(
+        &self,
+        id: i64,
+        version: i64,
+        error: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let sql = self.sql(
+            "UPDATE amocrm_tokens SET status = 'needs_reauth', last_error = ?, lease_owner = NULL, \
+             lease_until = NULL, updated_at = ? WHERE id = ? AND version = ?",
+        );
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(error)
+            .bind(now)
+            .bind(id)
+            .bind(version)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected() == 1))
+        .during("marking the connection as needing a new install")
+    }
+
+    /// Points the connection at the account's new host after a subdomain rename.
+    pub async fn update_host(
+        &self,
+        id: i64,
+        domain: &str,
+        subdomain: &str,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let sql = self.sql("UPDATE amocrm_tokens SET domain = ?, subdomain = ?, updated_at = ? WHERE id = ?");
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(domain)
+            .bind(subdomain)
+            .bind(now)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(drop))
+        .during("saving the account's new host")
+    }
+
+    /// The uninstall webhook: wipes the token material and marks the connection
+    /// `disconnected`. False when there was nothing to do (unknown or already done).
+    pub async fn disconnect(&self, account_id: i64, now: Timestamp) -> Result<bool, StoreError> {
+        let sql = self.sql(
+            "UPDATE amocrm_tokens SET status = 'disconnected', access_token = NULL, \
+             refresh_token = NULL, key_id = NULL, lease_owner = NULL, lease_until = NULL, \
+             version = version + 1, updated_at = ? WHERE account_id = ? AND status <> 'disconnected'",
+        );
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(now)
+            .bind(account_id)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected() == 1))
+        .during("disconnecting the account")
     }
 
     /// Ids of the keys that sealed stored tokens, with how many rows each sealed.
@@ -129,10 +358,16 @@ struct StoredConnection {
     key_id: Option<String>,
     expires_at: Timestamp,
     refresh_expires_at: Timestamp,
+    issued_at: Timestamp,
     status: String,
     raw: Option<String>,
     last_refresh_at: Option<Timestamp>,
     last_error: Option<String>,
+    refresh_failures: i64,
+    next_refresh_at: Option<Timestamp>,
+    lease_owner: Option<String>,
+    lease_until: Option<Timestamp>,
+    version: i64,
     created_at: Timestamp,
     updated_at: Timestamp,
 }
@@ -155,10 +390,16 @@ impl From<StoredConnection> for ConnectionRow {
             subdomain: row.subdomain,
             expires_at: row.expires_at,
             refresh_expires_at: row.refresh_expires_at,
+            issued_at: row.issued_at,
             status: row.status,
             raw: row.raw,
             last_refresh_at: row.last_refresh_at,
             last_error: row.last_error,
+            refresh_failures: row.refresh_failures,
+            next_refresh_at: row.next_refresh_at,
+            lease_owner: row.lease_owner,
+            lease_until: row.lease_until,
+            version: row.version,
             created_at: row.created_at,
             updated_at: row.updated_at,
         }

@@ -1,0 +1,129 @@
+//! The uninstall webhook: amoCRM's signed notice that an admin disabled the integration.
+
+use super::{Flow, Requester};
+use crate::crypto::{constant_time_eq, hmac_sha256_hex};
+use crate::store::{Attempt, AttemptKind, Outcome, StoreError, now};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UninstallError {
+    #[error("invalid webhook request: {0}")]
+    InvalidRequest(String),
+    #[error("client_uuid is not this integration's client id")]
+    WrongClient,
+    #[error("the signature does not match")]
+    BadSignature,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl UninstallError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::WrongClient => "wrong_client",
+            Self::BadSignature => "bad_signature",
+            Self::Store(_) => "database_error",
+        }
+    }
+}
+
+/// What a valid webhook did; amoCRM does not retry, so both answer 200.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Uninstalled {
+    Disconnected,
+    /// Unknown account, or already disconnected: nothing changed.
+    NothingToDo,
+}
+
+struct WebhookParams {
+    client_uuid: String,
+    account_id: i64,
+    signature: String,
+}
+
+fn parse(query: &str) -> Result<WebhookParams, UninstallError> {
+    let (mut client_uuid, mut account_id, mut signature) = (None, None, None);
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        let slot = match name.as_ref() {
+            "client_uuid" => &mut client_uuid,
+            "account_id" => &mut account_id,
+            "signature" => &mut signature,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(UninstallError::InvalidRequest(format!("`{name}` appears more than once")));
+        }
+        if value.len() > 128 {
+            return Err(UninstallError::InvalidRequest(format!("`{name}` is too long")));
+        }
+        *slot = Some(value.into_owned());
+    }
+    let missing = |name: &str| UninstallError::InvalidRequest(format!("`{name}` is required"));
+    let account_id = account_id.ok_or_else(|| missing("account_id"))?;
+    Ok(WebhookParams {
+        client_uuid: client_uuid.ok_or_else(|| missing("client_uuid"))?,
+        account_id: account_id
+            .parse::<i64>()
+            .ok()
+            .filter(|id| *id > 0)
+            .ok_or_else(|| UninstallError::InvalidRequest("`account_id` must be a positive integer".into()))?,
+        signature: signature.ok_or_else(|| missing("signature"))?,
+    })
+}
+
+impl Flow {
+    /// Checks the signature (HMAC-SHA256 keyed with the client secret over
+    /// "{client_id}|{account_id}"), then wipes the account's tokens. Idempotent.
+    pub async fn uninstall(&self, query: &str, requester: &Requester) -> Result<Uninstalled, UninstallError> {
+        let parsed = parse(query);
+        let account_id = parsed.as_ref().ok().map(|p| p.account_id);
+        let result = match parsed {
+            Ok(params) => self.verified_uninstall(&params).await,
+            Err(err) => Err(err),
+        };
+        let (outcome, reason, detail) = match &result {
+            Ok(Uninstalled::Disconnected) => (Outcome::Success, Some("disconnected"), None),
+            Ok(Uninstalled::NothingToDo) => (Outcome::Success, Some("nothing_to_do"), None),
+            Err(err) => (Outcome::Failure, Some(err.reason()), Some(err.to_string())),
+        };
+        match &result {
+            Ok(_) => tracing::info!(kind = "webhook", account_id, reason, ip = requester.ip.as_deref(), "uninstall webhook handled"),
+            Err(err) => tracing::warn!(kind = "webhook", account_id, reason, error = %err, ip = requester.ip.as_deref(), "uninstall webhook refused"),
+        }
+        let attempt = Attempt {
+            kind: AttemptKind::Webhook,
+            outcome,
+            reason,
+            detail: detail.as_deref(),
+            subdomain: None,
+            account_id,
+            ip: requester.ip.as_deref(),
+            user_agent: requester.user_agent(),
+            state_fingerprint: None,
+            created_at: now(),
+        };
+        if let Err(err) = self.store.record_attempt(&attempt).await {
+            tracing::error!(error = %err, "could not write the webhook audit row");
+        }
+        result
+    }
+
+    async fn verified_uninstall(&self, params: &WebhookParams) -> Result<Uninstalled, UninstallError> {
+        let config = self.amo.config();
+        if !constant_time_eq(&params.client_uuid, &config.client_id) {
+            return Err(UninstallError::WrongClient);
+        }
+        let expected = hmac_sha256_hex(
+            config.client_secret.expose(),
+            &format!("{}|{}", config.client_id, params.account_id),
+        );
+        if !constant_time_eq(&params.signature, &expected) {
+            return Err(UninstallError::BadSignature);
+        }
+        Ok(if self.store.disconnect(params.account_id, now()).await? {
+            Uninstalled::Disconnected
+        } else {
+            Uninstalled::NothingToDo
+        })
+    }
+}

@@ -1,0 +1,143 @@
+//! The JSON API for the host app's services: connections and fresh access tokens.
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::json;
+
+use super::AppState;
+use crate::api_keys;
+use crate::store::{ConnectionRow, Timestamp};
+use crate::tokens::TokenError;
+
+/// A JSON error: a stable `error` code and a sentence saying what to do.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": code, "message": message.into() }))).into_response()
+}
+
+/// Proof that the request carries an active API key.
+pub struct ApiKey;
+
+impl FromRequestParts<AppState> for ApiKey {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let presented = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim());
+        let unauthorized = || {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send `Authorization: Bearer <API key>`; create keys with `amoauth api-key create NAME`",
+            );
+            response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        };
+        let Some(presented) = presented else {
+            return Err(unauthorized());
+        };
+        match api_keys::verify(state.flow.store(), presented).await {
+            Ok(true) => Ok(ApiKey),
+            Ok(false) => Err(unauthorized()),
+            Err(err) => Err(database_unavailable(&err.to_string())),
+        }
+    }
+}
+
+fn database_unavailable(detail: &str) -> Response {
+    tracing::error!(error = %detail, "database unavailable");
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "amoauth cannot reach its database; try again shortly");
+    response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    response
+}
+
+/// RFC 3339 in UTC.
+fn rfc3339(at: Timestamp) -> String {
+    at.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[derive(Serialize)]
+struct ConnectionJson {
+    account_id: Option<i64>,
+    account_name: Option<String>,
+    subdomain: String,
+    domain: String,
+    status: String,
+    expires_at: String,
+    last_refresh_at: Option<String>,
+    last_error: Option<String>,
+}
+
+impl From<ConnectionRow> for ConnectionJson {
+    fn from(row: ConnectionRow) -> Self {
+        Self {
+            account_id: row.account_id,
+            account_name: row.account_name,
+            subdomain: row.subdomain,
+            domain: row.domain,
+            status: row.status,
+            expires_at: rfc3339(row.expires_at),
+            last_refresh_at: row.last_refresh_at.map(rfc3339),
+            last_error: row.last_error,
+        }
+    }
+}
+
+pub async fn connections(_key: ApiKey, State(state): State<AppState>) -> Response {
+    match state.flow.store().connections().await {
+        Ok(rows) => Json(rows.into_iter().map(ConnectionJson::from).collect::<Vec<_>>()).into_response(),
+        Err(err) => database_unavailable(&err.to_string()),
+    }
+}
+
+/// A valid access token for the account (id or subdomain). Never a refresh token.
+pub async fn token(_key: ApiKey, State(state): State<AppState>, Path(account): Path<String>) -> Response {
+    match state.tokens.access_token(&account).await {
+        Ok(token) => Json(json!({
+            "account_id": token.account_id,
+            "subdomain": token.subdomain,
+            "domain": token.domain,
+            "access_token": token.access_token.expose(),
+            "expires_at": rfc3339(token.expires_at),
+        }))
+        .into_response(),
+        Err(err) => token_error(&err),
+    }
+}
+
+fn token_error(err: &TokenError) -> Response {
+    match err {
+        TokenError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", err.to_string()),
+        TokenError::NeedsReauth { reason } => (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": "needs_reauth",
+                "reason": reason,
+                "message": "amoCRM no longer accepts this connection's refresh token; an admin must connect the account again at /amocrm/install",
+            })),
+        )
+            .into_response(),
+        TokenError::Disconnected => error(StatusCode::CONFLICT, "disconnected", "the integration was uninstalled in amoCRM; connect the account again at /amocrm/install"),
+        TokenError::Amo { timeout: true, .. } => error(StatusCode::GATEWAY_TIMEOUT, "refresh_failed", err.to_string()),
+        TokenError::Amo { .. } => error(StatusCode::BAD_GATEWAY, "refresh_failed", err.to_string()),
+        TokenError::Busy => {
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "busy", err.to_string());
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("2"));
+            response
+        }
+        TokenError::Database(detail) => database_unavailable(detail),
+        TokenError::Corrupt(_) => {
+            tracing::error!(error = %err, "stored tokens cannot be decrypted");
+            error(StatusCode::INTERNAL_SERVER_ERROR, "corrupt", err.to_string())
+        }
+    }
+}

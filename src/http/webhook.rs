@@ -1,0 +1,33 @@
+//! `GET /amocrm/webhook/uninstall`: amoCRM tells us an admin disabled the integration.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use super::oauth::requester;
+use crate::flow::{UninstallError, Uninstalled};
+
+pub async fn uninstall(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let requester = requester(peer, &headers);
+    match state.flow.uninstall(query.as_deref().unwrap_or_default(), &requester).await {
+        Ok(Uninstalled::Disconnected) => (StatusCode::OK, "disconnected\n").into_response(),
+        Ok(Uninstalled::NothingToDo) => (StatusCode::OK, "nothing to do\n").into_response(),
+        Err(err) => {
+            let status = match err {
+                UninstallError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+                UninstallError::WrongClient => StatusCode::FORBIDDEN,
+                UninstallError::BadSignature => StatusCode::UNAUTHORIZED,
+                UninstallError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            (status, format!("{err}\n")).into_response()
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! Keeping tokens alive: refresh exactly once per connection across every process (in-process
+//! single flight, a database lease, a re-read, a version-checked write), amoCRM's grace rule,
+//! `needs_reauth`, subdomain rename recovery, and fresh access tokens for the token API.
+
+mod pacer;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+
+pub use worker::{RefreshSummary, run_worker};
+
+use crate::amocrm::{AmoClient, AmoError, ProblemKind, TokenSet, account_host, jwt_api_domain};
+use crate::config::Secret;
+use crate::crypto::{Cipher, fill_random, random_token};
+use crate::store::{Attempt, AttemptKind, ConnectionRow, Outcome, RefreshedPair, Store, StoreError, Timestamp, now};
+use pacer::Pacer;
+
+/// The token API refreshes first when less than this is left of the access token.
+const MIN_VALIDITY: chrono::Duration = chrono::Duration::minutes(5);
+/// amoCRM refresh tokens live 3 months from issue.
+pub const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);
+/// How often a process waiting for another's refresh looks at the row.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Backoff after failed refreshes: 30 s, doubling, at most an hour, with jitter.
+const BACKOFF_BASE_SECS: f64 = 30.0;
+const BACKOFF_MAX_SECS: f64 = 3600.0;
+
+/// Why no fresh access token could be handed out.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TokenError {
+    #[error("no connection for account `{0}`")]
+    NotFound(String),
+    #[error("the connection needs a new install: {reason}")]
+    NeedsReauth { reason: String },
+    #[error("the account was disconnected (the integration was uninstalled)")]
+    Disconnected,
+    #[error("refreshing the token at {host} failed: {message}")]
+    Amo {
+        host: String,
+        reason: &'static str,
+        message: String,
+        timeout: bool,
+    },
+    #[error("another process holds the refresh of this connection; try again shortly")]
+    Busy,
+    #[error("database unavailable: {0}")]
+    Database(String),
+    #[error("the stored tokens cannot be decrypted: {0}")]
+    Corrupt(String),
+}
+
+impl From<StoreError> for TokenError {
+    fn from(err: StoreError) -> Self {
+        Self::Database(err.to_string())
+    }
+}
+
+/// An access token ready to use.
+#[derive(Debug, Clone)]
+pub struct FreshToken {
+    pub account_id: Option<i64>,
+    pub subdomain: String,
+    pub domain: String,
+    pub access_token: Secret,
+    pub expires_at: Timestamp,
+}
+
+type SharedRefresh = Arc<OnceCell<Result<ConnectionRow, TokenError>>>;
+
+pub struct TokenService {
+    store: Store,
+    amo: Arc<AmoClient>,
+    cipher: Arc<Cipher>,
+    /// Names this process in `lease_owner`.
+    owner: String,
+    lease: Duration,
+    inflight: Mutex<HashMap<i64, SharedRefresh>>,
+    pacer: Pacer,
+}
+
+impl TokenService {
+    /// `lease` must outlast a whole refresh (amoCRM timeouts included), so a slow holder is
+    /// never overtaken; a dead holder blocks others for at most this long.
+    pub fn new(store: Store, amo: Arc<AmoClient>, cipher: Arc<Cipher>, lease: Duration) -> Self {
+        let owner = format!("{}-{}", std::process::id(), &random_token()[..12]);
+        Self {
+            store,
+            amo,
+            cipher,
+            owner,
+            lease,
+            inflight: Mutex::new(HashMap::new()),
+            pacer: Pacer::amocrm(),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A valid access token for the account (id, subdomain or host), refreshed first when
+    /// it is close to expiry.
+    pub async fn access_token(self: &Arc<Self>, account: &str) -> Result<FreshToken, TokenError> {
+        let row = self
+            .store
+            .find_connection(account)
+            .await?
+            .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
+        usable(&row)?;
+        let row = if row.expires_at - now() > MIN_VALIDITY {
+            row
+        } else {
+            let refreshed = self.refresh(row.id, row.version).await?;
+            usable(&refreshed)?;
+            refreshed
+        };
+        let sealed = row
+            .access_token
+            .as_ref()
+            .ok_or_else(|| TokenError::Corrupt("the access token is missing".into()))?;
+        let access_token = self
+            .cipher
+            .open(sealed, "access_token")
+            .map_err(|err| TokenError::Corrupt(err.to_string()))?;
+        Ok(FreshToken {
+            account_id: row.account_id,
+            subdomain: row.subdomain,
+            domain: row.domain,
+            access_token,
+            expires_at: row.expires_at,
+        })
+    }
+
+    /// Refreshes the connection unless its pair changed since `seen_version` (then whoever
+    /// changed it already did the work). Callers in this process share one refresh.
+    pub async fn refresh(self: &Arc<Self>, id: i64, seen_version: i64) -> Result<ConnectionRow, TokenError> {
+        let cell = Arc::clone(
+            self.inflight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(id)
+                .or_default(),
+        );
+        let this = Arc::clone(self);
+        let result = cell
+            .get_or_init(|| async move {
+                // Spawned, so a caller that goes away cannot abandon a refresh half-way.
+                tokio::spawn(async move { this.refresh_across_processes(id, seen_version).await })
+                    .await
+                    .unwrap_or_else(|err| Err(TokenError::Database(format!("the refresh task failed: {err}"))))
+            })
+            .await
+            .clone();
+        let mut inflight = self.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if inflight.get(&id).is_some_and(|current| Arc::ptr_eq(current, &cell)) {
+            inflight.remove(&id);
+        }
+        result
+    }
+
+    /// Takes the database lease, or waits for the process holding it to finish.
+    async fn refresh_across_processes(&self, id: i64, seen_version: i64) -> Result<ConnectionRow, TokenError> {
+        let deadline = tokio::time::Instant::now() + self.lease * 2;
+        loop {
+            let at = now();
+            if self.store.take_lease(id, &self.owner, at, at + chrono_duration(self.lease)).await? {
+                let result = self.refresh_holding_lease(id, seen_version).await;
+                if result.is_err() {
+                    // Every write of the refresh releases the lease; this covers the paths
+                    // that fail before one (database or decryption errors).
+                    let _ = self.store.release_lease(id, &self.owner).await;
+                }
+                return result;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+            let row = self.read(id).await?;
+            if row.version != seen_version || row.status != "active" {
+                return Ok(row);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(TokenError::Busy);
+            }
+        }
+    }
+
+    async fn read(&self, id: i64) -> Result<ConnectionRow, TokenError> {
+        self.store
+            .connection(id)
+            .await?
+            .ok_or_else(|| TokenError::NotFound(id.to_string()))
+    }
+
+    async fn refresh_holding_lease(&self, id: i64, seen_version: i64) -> Result<ConnectionRow, TokenError> {
+        // Re-read under the lease: another process may have refreshed since we looked.
+        let row = self.read(id).await?;
+        if row.version != seen_version || row.status != "active" {
+            self.store.release_lease(id, &self.owner).await?;
+            return Ok(row);
+        }
+        let refresh_token = self.open(&row, "refresh_token")?;
+        match self.call_refresh(&row, &refresh_token).await {
+            Ok((tokens, host)) => self.save(&row, &tokens, &host).await,
+            Err(err) if revokes_the_grant(&err) => self.grant_rejected(&row, &err).await,
+            Err(err) => self.failed(&row, err).await,
+        }
+    }
+
+    fn open(&self, row: &ConnectionRow, column: &str) -> Result<Secret, TokenError> {
+        let sealed = match column {
+            "access_token" => row.access_token.as_ref(),
+            _ => row.refresh_token.as_ref(),
+        }
+        .ok_or_else(|| TokenError::Corrupt(format!("the {column} is missing")))?;
+        self.cipher
+            .open(sealed, column)
+            .map_err(|err| TokenError::Corrupt(err.to_string()))
+    }
+
+    /// The refresh itself, with one retry at the account's new host after a rename.
+    /// Returns the new pair and the host it came from.
+    async fn call_refresh(&self, row: &ConnectionRow, refresh_token: &Secret) -> Result<(TokenSet, String), AmoError> {
+        self.pacer.wait(row.id).await;
+        let err = match self.amo.refresh(&row.domain, refresh_token).await {
+            Ok(tokens) => return Ok((tokens, row.domain.clone())),
+            Err(err) if account_moved(&err) => err,
+            Err(err) => return Err(err),
+        };
+        let Some(new_host) = self.find_new_host(row, refresh_token).await else {
+            return Err(err);
+        };
+        tracing::info!(account_id = row.account_id, from = %row.domain, to = %new_host, "account moved to a new subdomain");
+        if let Some(host) = account_host(&new_host, &self.amo.config().domains)
+            && let Err(store_err) = self.store.update_host(row.id, &host.host, &host.subdomain, now()).await
+        {
+            tracing::error!(error = %store_err, "could not save the account's new host");
+        }
+        self.pacer.wait(row.id).await;
+        self.amo.refresh(&new_host, refresh_token).await.map(|tokens| (tokens, new_host))
+    }
+
+    /// Asks amoCRM where the account lives now; only an allowed amoCRM host is believed.
+    async fn find_new_host(&self, row: &ConnectionRow, refresh_token: &Secret) -> Option<String> {
+        let domains = &self.amo.config().domains;
+        let access_token = self.open(row, "access_token").ok()?;
+        let api_domain = jwt_api_domain(access_token.expose())?;
+        // The refresh token goes in a header: never to a host outside the allow-list.
+        account_host(&api_domain, domains)?;
+        self.pacer.wait(row.id).await;
+        let found = match self.amo.current_subdomain(&api_domain, refresh_token).await {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(error = %err, account_id = row.account_id, "subdomain lookup failed");
+                return None;
+            }
+        };
+        if row.account_id.is_some_and(|id| id != found.id) {
+            return None;
+        }
+        let host = account_host(&found.domain, domains)?;
+        (host.host != row.domain).then_some(host.host)
+    }
+
+    /// Stores the new pair before anyone uses it; a lost version race means another writer
+    /// stored a newer pair, which wins.
+    async fn save(&self, row: &ConnectionRow, tokens: &TokenSet, host: &str) -> Result<ConnectionRow, TokenError> {
+        let issued_at = now();
+        let stored = self
+            .store
+            .store_refreshed(
+                row.id,
+                row.version,
+                &RefreshedPair {
+                    access_token: &self.cipher.seal(tokens.access_token.expose(), "access_token"),
+                    refresh_token: &self.cipher.seal(tokens.refresh_token.expose(), "refresh_token"),
+                    expires_at: issued_at + chrono::Duration::seconds(tokens.expires_in),
+                    refresh_expires_at: issued_at + REFRESH_TOKEN_LIFETIME,
+                    issued_at,
+                },
+            )
+            .await?;
+        if stored {
+            self.audit(row, host, Outcome::Success, None, None).await;
+        } else {
+            tracing::warn!(account_id = row.account_id, "another process stored a newer pair first; keeping it");
+            self.store.release_lease(row.id, &self.owner).await?;
+        }
+        self.read(row.id).await
+    }
+
+    /// amoCRM refused the refresh token. Only when no newer pair was stored meanwhile is
+    /// the connection marked `needs_reauth`; it is never deleted.
+    async fn grant_rejected(&self, row: &ConnectionRow, err: &AmoError) -> Result<ConnectionRow, TokenError> {
+        let reason = match err {
+            AmoError::Rejected { problem, .. } => problem.summary(),
+            other => other.to_string(),
+        };
+        let current = self.read(row.id).await?;
+        if current.version != row.version {
+            self.store.release_lease(row.id, &self.owner).await?;
+            return Ok(current);
+        }
+        if self.store.mark_needs_reauth(row.id, row.version, &reason, now()).await? {
+            tracing::warn!(account_id = row.account_id, host = %row.domain, %reason, "refresh token rejected; the connection needs a new install");
+            self.audit(row, &row.domain, Outcome::Failure, Some("needs_reauth"), Some(&reason)).await;
+            return Err(TokenError::NeedsReauth { reason });
+        }
+        self.store.release_lease(row.id, &self.owner).await?;
+        self.read(row.id).await
+    }
+
+    /// A failure that may pass (timeout, lost reply, 5xx): the stored pair stays, so the
+    /// next try uses the same refresh token, which amoCRM's grace rule still accepts.
+    async fn failed(&self, row: &ConnectionRow, err: AmoError) -> Result<ConnectionRow, TokenError> {
+        let at = now();
+        let retry_at = at + backoff(row.refresh_failures + 1);
+        let message = err.to_string();
+        self.store
+            .record_refresh_failure(row.id, &self.owner, &message, retry_at, at)
+            .await?;
+        tracing::warn!(account_id = row.account_id, host = %row.domain, reason = err.reason(), error = %err, %retry_at, "refresh failed; will retry");
+        self.audit(row, &row.domain, Outcome::Failure, Some(err.reason()), Some(&message)).await;
+        Err(TokenError::Amo {
+            host: row.domain.clone(),
+            reason: err.reason(),
+            message,
+            timeout: matches!(err, AmoError::Timeout(_)),
+        })
+    }
+
+    async fn audit(&self, row: &ConnectionRow, host: &str, outcome: Outcome, reason: Option<&str>, detail: Option<&str>) {
+        if outcome == Outcome::Success {
+            tracing::info!(kind = "refresh", outcome = "success", account_id = row.account_id, host, "token refreshed");
+        }
+        let attempt = Attempt {
+            kind: AttemptKind::Refresh,
+            outcome,
+            reason,
+            detail,
+            subdomain: Some(host),
+            account_id: row.account_id,
+            ip: None,
+            user_agent: None,
+            state_fingerprint: None,
+            created_at: now(),
+        };
+        if let Err(err) = self.store.record_attempt(&attempt).await {
+            tracing::error!(error = %err, "could not write the refresh audit row");
+        }
+    }
+}
+
+/// Errors that are about the connection, not the request.
+fn usable(row: &ConnectionRow) -> Result<(), TokenError> {
+    match row.status.as_str() {
+        "active" => Ok(()),
+        "disconnected" => Err(TokenError::Disconnected),
+        _ => Err(TokenError::NeedsReauth {
+            reason: row.last_error.clone().unwrap_or_else(|| row.status.clone()),
+        }),
+    }
+}
+
+/// A refresh token amoCRM will never accept again: revoked (superseded) or expired.
+fn revokes_the_grant(err: &AmoError) -> bool {
+    matches!(
+        err.problem_kind(),
+        Some(ProblemKind::TokenRevoked | ProblemKind::TokenExpired)
+    )
+}
+
+/// A 401 or 404 that is not about the token: the account may have moved to a new subdomain.
+fn account_moved(err: &AmoError) -> bool {
+    match err {
+        AmoError::Rejected { status: 404, .. } | AmoError::Http { status: 404 } | AmoError::Http { status: 401 } => true,
+        AmoError::Rejected { status: 401, problem } => matches!(problem.kind(), ProblemKind::Other),
+        _ => false,
+    }
+}
+
+/// `BACKOFF_BASE_SECS · 2^(failures-1)`, capped, times a random factor in [0.5, 1.5) so
+/// replicas that failed together do not retry together.
+fn backoff(failures: i64) -> chrono::Duration {
+    let exponent = failures.clamp(1, 20) - 1;
+    let base = (BACKOFF_BASE_SECS * 2f64.powi(exponent as i32)).min(BACKOFF_MAX_SECS);
+    let mut byte = [0u8; 1];
+    fill_random(&mut byte);
+    let jitter = 0.5 + f64::from(byte[0]) / 256.0;
+    chrono::Duration::milliseconds((base * jitter * 1000.0) as i64)
+}
+
+fn chrono_duration(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::amocrm::Problem;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        for _ in 0..50 {
+            let first = backoff(1).num_milliseconds();
+            assert!((15_000..45_000).contains(&first), "{first}");
+            let third = backoff(3).num_milliseconds();
+            assert!((60_000..180_000).contains(&third), "{third}");
+            assert!(backoff(40).num_milliseconds() < 5_400_000);
+        }
+    }
+
+    #[test]
+    fn only_revoked_or_expired_grants_need_a_new_install() {
+        let rejected = |status, hint: &str| AmoError::Rejected {
+            status,
+            problem: Problem {
+                hint: Some(hint.into()),
+                ..Problem::default()
+            },
+        };
+        assert!(revokes_the_grant(&rejected(401, "Token has been revoked")));
+        assert!(revokes_the_grant(&rejected(401, "Token has expired")));
+        assert!(!revokes_the_grant(&AmoError::Http { status: 500 }));
+        assert!(!revokes_the_grant(&AmoError::Timeout(Duration::from_secs(1))));
+        assert!(account_moved(&AmoError::Http { status: 404 }));
+        assert!(!account_moved(&rejected(401, "Token has been revoked")));
+    }
+}

@@ -16,7 +16,9 @@ pub async fn create(store: &Store, name: &str) -> Result<NewApiKey, StoreError> 
     fill_random(&mut id_bytes);
     let key_id = hex::encode(id_bytes);
     let secret = random_token();
-    store.insert_api_key(name, &key_id, &sha256_hex(&secret), now()).await?;
+    store
+        .insert_api_key(name, &key_id, &sha256_hex(&secret), now())
+        .await?;
     Ok(NewApiKey {
         full: format!("ak_{key_id}_{secret}"),
         key_id,
@@ -25,7 +27,10 @@ pub async fn create(store: &Store, name: &str) -> Result<NewApiKey, StoreError> 
 
 /// True when `presented` is an active key.
 pub async fn verify(store: &Store, presented: &str) -> Result<bool, StoreError> {
-    let Some((key_id, secret)) = presented.strip_prefix("ak_").and_then(|rest| rest.split_once('_')) else {
+    let Some((key_id, secret)) = presented
+        .strip_prefix("ak_")
+        .and_then(|rest| rest.split_once('_'))
+    else {
         return Ok(false);
     };
     if key_id.len() != 16 || !key_id.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -214,7 +214,14 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
     let at = now();
     println!(
         "{:<24} {:>10}  {:<20} {:<13} {:<20} {:>10}  {:<20} {:<13} last_error",
-        "domain", "account", "name", "status", "expires_at (UTC)", "hours_left", "last_refresh (UTC)", "token"
+        "domain",
+        "account",
+        "name",
+        "status",
+        "expires_at (UTC)",
+        "hours_left",
+        "last_refresh (UTC)",
+        "token"
     );
     for c in connections {
         let preview = match &c.access_token {
@@ -228,12 +235,16 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
         println!(
             "{:<24} {:>10}  {:<20} {:<13} {:<20} {:>10.1}  {:<20} {:<13} {}",
             c.domain,
-            c.account_id.map(|id| id.to_string()).unwrap_or_else(|| "-".into()),
+            c.account_id
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| "-".into()),
             c.account_name.unwrap_or_default(),
             c.status,
             c.expires_at.format("%Y-%m-%d %H:%M:%S"),
             hours_left,
-            c.last_refresh_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "never".into()),
+            c.last_refresh_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_else(|| "never".into()),
             preview,
             c.last_error.as_deref().unwrap_or("-"),
         );
@@ -250,20 +261,33 @@ async fn refresh(settings: &Settings, account: Option<&str>) -> anyhow::Result<(
                 .store()
                 .find_connection(account)
                 .await?
-                .ok_or_else(|| anyhow::anyhow!("no connection for account `{account}`; see `amoauth tokens`"))?;
+                .ok_or_else(|| {
+                    anyhow::anyhow!("no connection for account `{account}`; see `amoauth tokens`")
+                })?;
             let refreshed = service.refresh(row.id, row.version).await?;
             println!(
                 "refreshed {} (account {}): the access token expires at {} UTC",
                 refreshed.domain,
-                refreshed.account_id.map(|id| id.to_string()).unwrap_or_else(|| "-".into()),
+                refreshed
+                    .account_id
+                    .map(|id| id.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 refreshed.expires_at.format("%Y-%m-%d %H:%M:%S")
             );
         }
         None => {
-            let summary = service.refresh_due(config.refresh.margin, config.refresh.keepalive_age).await?;
-            println!("refreshed {} connections, {} failed", summary.refreshed, summary.failed);
+            let summary = service
+                .refresh_due(config.refresh.margin, config.refresh.keepalive_age)
+                .await?;
+            println!(
+                "refreshed {} connections, {} failed",
+                summary.refreshed, summary.failed
+            );
             if summary.failed > 0 {
-                anyhow::bail!("{} refreshes failed; see `amoauth tokens` for each last error", summary.failed);
+                anyhow::bail!(
+                    "{} refreshes failed; see `amoauth tokens` for each last error",
+                    summary.failed
+                );
             }
         }
     }
@@ -276,7 +300,10 @@ async fn api_key(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<
         ApiKeyCommand::Create { name } => {
             let key = api_keys::create(&store, &name).await?;
             println!("{}", key.full);
-            eprintln!("API key `{name}` (id {}) created; it is shown only this once.", key.key_id);
+            eprintln!(
+                "API key `{name}` (id {}) created; it is shown only this once.",
+                key.key_id
+            );
         }
         ApiKeyCommand::List => {
             for key in store.api_keys().await? {
@@ -284,7 +311,12 @@ async fn api_key(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<
                     .revoked_at
                     .map(|t| format!("revoked {}", t.format("%Y-%m-%d %H:%M:%S")))
                     .unwrap_or_else(|| "active".into());
-                println!("{:<24} {}  created {}  {revoked}", key.name, key.key_id, key.created_at.format("%Y-%m-%d %H:%M:%S"));
+                println!(
+                    "{:<24} {}  created {}  {revoked}",
+                    key.name,
+                    key.key_id,
+                    key.created_at.format("%Y-%m-%d %H:%M:%S")
+                );
             }
         }
         ApiKeyCommand::Revoke { name } => {

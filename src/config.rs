@@ -94,13 +94,28 @@ pub struct Settings {
     )]
     pub widget_installs: Option<String>,
     /// Refresh access tokens this long before they expire (e.g. 1h)
-    #[arg(long, env = "AMOAUTH_REFRESH_MARGIN", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AMOAUTH_REFRESH_MARGIN",
+        global = true,
+        hide_env_values = true
+    )]
     pub refresh_margin: Option<String>,
     /// Refresh any refresh token older than this, used or not (e.g. 30d)
-    #[arg(long, env = "AMOAUTH_KEEPALIVE_AGE", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AMOAUTH_KEEPALIVE_AGE",
+        global = true,
+        hide_env_values = true
+    )]
     pub keepalive_age: Option<String>,
     /// How often the refresh worker looks for due connections (e.g. 1m)
-    #[arg(long, env = "AMOAUTH_REFRESH_INTERVAL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AMOAUTH_REFRESH_INTERVAL",
+        global = true,
+        hide_env_values = true
+    )]
     pub refresh_interval: Option<String>,
     /// How often `serve` deletes expired states and sessions (e.g. 1h)
     #[arg(

@@ -131,32 +131,48 @@ pub fn load_or_create_key(
             "AMOAUTH_ENCRYPTION_KEY: is required for this database (generate one with `openssl rand -base64 32`)"
         );
     };
-    match std::fs::read_to_string(path) {
-        Ok(content) => decode_key(&content)
-            .with_context(|| format!("key file {} is not a base64 32-byte key", path.display())),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = [0u8; 32];
-            fill_random(&mut key);
-            write_private_file(path, &B64.encode(key))
-                .with_context(|| format!("cannot create key file {}", path.display()))?;
+    let read = |path: &Path| -> anyhow::Result<[u8; 32]> {
+        let content = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read key file {}", path.display()))?;
+        decode_key(&content)
+            .with_context(|| format!("key file {} is not a base64 32-byte key", path.display()))
+    };
+    if path.exists() {
+        return read(path);
+    }
+    let mut key = [0u8; 32];
+    fill_random(&mut key);
+    match write_private_file(path, &B64.encode(key)) {
+        Ok(()) => {
             tracing::info!(path = %path.display(), "created a new encryption key file; back it up with the database");
             Ok(key)
         }
-        Err(err) => Err(err).with_context(|| format!("cannot read key file {}", path.display())),
+        // Another process starting at the same time created it first: use theirs.
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => read(path),
+        Err(err) => Err(err).with_context(|| format!("cannot create key file {}", path.display())),
     }
 }
 
+/// Writes the file completely under a temporary name, then links it into place, so no
+/// other process ever reads a half-written key; fails with AlreadyExists if `path` exists.
 fn write_private_file(path: &Path, content: &str) -> std::io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = std::path::PathBuf::from(temporary);
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
+    options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt as _;
         options.mode(0o600);
     }
-    let mut file = options.open(path)?;
-    file.write_all(content.as_bytes())?;
-    file.sync_all()
+    let written = options.open(&temporary).and_then(|mut file| {
+        file.write_all(content.as_bytes())?;
+        file.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&temporary, path));
+    let _ = std::fs::remove_file(&temporary);
+    linked
 }
 
 /// Fills `buf` from the OS CSPRNG.

@@ -54,7 +54,12 @@ pub async fn token_service(config: &ServerConfig) -> anyhow::Result<Arc<TokenSer
     let store = open_store(&config.store).await?;
     let cipher = Arc::new(open_cipher(&config.store, &store).await?);
     let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
-    Ok(Arc::new(TokenService::new(store, amo, cipher, config.refresh.lease)))
+    Ok(Arc::new(TokenService::new(
+        store,
+        amo,
+        cipher,
+        config.refresh.lease,
+    )))
 }
 
 /// A server running in the background (tests and `serve` both use it).
@@ -122,7 +127,12 @@ pub async fn start_with_listener(
         config.state_ttl,
         config.widget_installs,
     ));
-    let tokens = Arc::new(TokenService::new(store.clone(), amo, cipher, config.refresh.lease));
+    let tokens = Arc::new(TokenService::new(
+        store.clone(),
+        amo,
+        cipher,
+        config.refresh.lease,
+    ));
     let worker = tokio::spawn(run_worker(
         Arc::clone(&tokens),
         config.refresh.interval,

@@ -178,12 +178,18 @@ impl AmoClient {
         refresh_token: &Secret,
     ) -> Result<AccountDomain, AmoError> {
         let request = self
-            .request(reqwest::Method::GET, api_domain, "/oauth2/account/current/subdomain")
+            .request(
+                reqwest::Method::GET,
+                api_domain,
+                "/oauth2/account/current/subdomain",
+            )
             .header(ACCEPT, "application/json")
             .header("X-Refresh-Token", refresh_token.expose());
         let body = self.send(api_domain, request).await?;
         serde_json::from_slice(&body).map_err(|err| {
-            AmoError::BadResponse(format!("the subdomain lookup answered unexpected JSON ({err})"))
+            AmoError::BadResponse(format!(
+                "the subdomain lookup answered unexpected JSON ({err})"
+            ))
         })
     }
 
@@ -327,7 +333,11 @@ mod tests {
     fn api_domain_is_read_from_the_jwt() {
         use base64::Engine as _;
         let encode = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
-        let token = format!("{}.{}.sig", encode("{}"), encode(r#"{"api_domain":"api-b.amocrm.ru"}"#));
+        let token = format!(
+            "{}.{}.sig",
+            encode("{}"),
+            encode(r#"{"api_domain":"api-b.amocrm.ru"}"#)
+        );
         assert_eq!(jwt_api_domain(&token).as_deref(), Some("api-b.amocrm.ru"));
         assert_eq!(jwt_api_domain("not-a-jwt"), None);
         assert_eq!(jwt_api_domain(&format!("x.{}.y", encode("{}"))), None);

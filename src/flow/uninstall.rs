@@ -51,10 +51,14 @@ fn parse(query: &str) -> Result<WebhookParams, UninstallError> {
             _ => continue,
         };
         if slot.is_some() {
-            return Err(UninstallError::InvalidRequest(format!("`{name}` appears more than once")));
+            return Err(UninstallError::InvalidRequest(format!(
+                "`{name}` appears more than once"
+            )));
         }
         if value.len() > 128 {
-            return Err(UninstallError::InvalidRequest(format!("`{name}` is too long")));
+            return Err(UninstallError::InvalidRequest(format!(
+                "`{name}` is too long"
+            )));
         }
         *slot = Some(value.into_owned());
     }
@@ -66,7 +70,9 @@ fn parse(query: &str) -> Result<WebhookParams, UninstallError> {
             .parse::<i64>()
             .ok()
             .filter(|id| *id > 0)
-            .ok_or_else(|| UninstallError::InvalidRequest("`account_id` must be a positive integer".into()))?,
+            .ok_or_else(|| {
+                UninstallError::InvalidRequest("`account_id` must be a positive integer".into())
+            })?,
         signature: signature.ok_or_else(|| missing("signature"))?,
     })
 }
@@ -74,7 +80,11 @@ fn parse(query: &str) -> Result<WebhookParams, UninstallError> {
 impl Flow {
     /// Checks the signature (HMAC-SHA256 keyed with the client secret over
     /// "{client_id}|{account_id}"), then wipes the account's tokens. Idempotent.
-    pub async fn uninstall(&self, query: &str, requester: &Requester) -> Result<Uninstalled, UninstallError> {
+    pub async fn uninstall(
+        &self,
+        query: &str,
+        requester: &Requester,
+    ) -> Result<Uninstalled, UninstallError> {
         let parsed = parse(query);
         let account_id = parsed.as_ref().ok().map(|p| p.account_id);
         let result = match parsed {
@@ -87,8 +97,16 @@ impl Flow {
             Err(err) => (Outcome::Failure, Some(err.reason()), Some(err.to_string())),
         };
         match &result {
-            Ok(_) => tracing::info!(kind = "webhook", account_id, reason, ip = requester.ip.as_deref(), "uninstall webhook handled"),
-            Err(err) => tracing::warn!(kind = "webhook", account_id, reason, error = %err, ip = requester.ip.as_deref(), "uninstall webhook refused"),
+            Ok(_) => tracing::info!(
+                kind = "webhook",
+                account_id,
+                reason,
+                ip = requester.ip.as_deref(),
+                "uninstall webhook handled"
+            ),
+            Err(err) => {
+                tracing::warn!(kind = "webhook", account_id, reason, error = %err, ip = requester.ip.as_deref(), "uninstall webhook refused")
+            }
         }
         let attempt = Attempt {
             kind: AttemptKind::Webhook,
@@ -108,7 +126,10 @@ impl Flow {
         result
     }
 
-    async fn verified_uninstall(&self, params: &WebhookParams) -> Result<Uninstalled, UninstallError> {
+    async fn verified_uninstall(
+        &self,
+        params: &WebhookParams,
+    ) -> Result<Uninstalled, UninstallError> {
         let config = self.amo.config();
         if !constant_time_eq(&params.client_uuid, &config.client_id) {
             return Err(UninstallError::WrongClient);

@@ -16,7 +16,11 @@ use crate::tokens::TokenError;
 
 /// A JSON error: a stable `error` code and a sentence saying what to do.
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": code, "message": message.into() }))).into_response()
+    (
+        status,
+        Json(json!({ "error": code, "message": message.into() })),
+    )
+        .into_response()
 }
 
 /// Proof that the request carries an active API key.
@@ -25,7 +29,10 @@ pub struct ApiKey;
 impl FromRequestParts<AppState> for ApiKey {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let presented = parts
             .headers
             .get(AUTHORIZATION)
@@ -39,7 +46,9 @@ impl FromRequestParts<AppState> for ApiKey {
                 "unauthorized",
                 "send `Authorization: Bearer <API key>`; create keys with `amoauth api-key create NAME`",
             );
-            response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             response
         };
         let Some(presented) = presented else {
@@ -55,14 +64,21 @@ impl FromRequestParts<AppState> for ApiKey {
 
 fn database_unavailable(detail: &str) -> Response {
     tracing::error!(error = %detail, "database unavailable");
-    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", "amoauth cannot reach its database; try again shortly");
-    response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database_unavailable",
+        "amoauth cannot reach its database; try again shortly",
+    );
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("5"));
     response
 }
 
 /// RFC 3339 in UTC.
 fn rfc3339(at: Timestamp) -> String {
-    at.and_utc().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    at.and_utc()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 #[derive(Serialize)]
@@ -94,13 +110,22 @@ impl From<ConnectionRow> for ConnectionJson {
 
 pub async fn connections(_key: ApiKey, State(state): State<AppState>) -> Response {
     match state.flow.store().connections().await {
-        Ok(rows) => Json(rows.into_iter().map(ConnectionJson::from).collect::<Vec<_>>()).into_response(),
+        Ok(rows) => Json(
+            rows.into_iter()
+                .map(ConnectionJson::from)
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
         Err(err) => database_unavailable(&err.to_string()),
     }
 }
 
 /// A valid access token for the account (id or subdomain). Never a refresh token.
-pub async fn token(_key: ApiKey, State(state): State<AppState>, Path(account): Path<String>) -> Response {
+pub async fn token(
+    _key: ApiKey,
+    State(state): State<AppState>,
+    Path(account): Path<String>,
+) -> Response {
     match state.tokens.access_token(&account).await {
         Ok(token) => Json(json!({
             "account_id": token.account_id,

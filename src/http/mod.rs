@@ -3,8 +3,8 @@
 mod api;
 mod auth;
 mod oauth;
-mod webhook;
 pub mod pages;
+mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +22,8 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::config::Secret;
 use crate::flow::Flow;
-use crate::tokens::TokenService;
 use crate::store::{StoreError, now};
+use crate::tokens::TokenService;
 use auth::Admin;
 use pages::Lang;
 

@@ -17,7 +17,11 @@ pub async fn uninstall(
     headers: HeaderMap,
 ) -> Response {
     let requester = requester(peer, &headers);
-    match state.flow.uninstall(query.as_deref().unwrap_or_default(), &requester).await {
+    match state
+        .flow
+        .uninstall(query.as_deref().unwrap_or_default(), &requester)
+        .await
+    {
         Ok(Uninstalled::Disconnected) => (StatusCode::OK, "disconnected\n").into_response(),
         Ok(Uninstalled::NothingToDo) => (StatusCode::OK, "nothing to do\n").into_response(),
         Err(err) => {

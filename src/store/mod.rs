@@ -18,9 +18,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 
+pub use api_keys::ApiKeyRow;
 pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome};
 pub use states::{Consumption, NewState, StateRow};
-pub use api_keys::ApiKeyRow;
 pub use tokens::{ConnectionRow, NewConnection, RefreshedPair};
 
 use crate::config::DatabaseUrl;

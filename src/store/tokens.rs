@@ -140,7 +140,10 @@ impl Store {
     }
 
     /// Finds a connection by account id (digits) or by subdomain or host.
-    pub async fn find_connection(&self, account: &str) -> Result<Option<ConnectionRow>, StoreError> {
+    pub async fn find_connection(
+        &self,
+        account: &str,
+    ) -> Result<Option<ConnectionRow>, StoreError> {
         let row: Option<StoredConnection> = match account.parse::<i64>() {
             Ok(account_id) => {
                 let sql = self.sql(concat!(select_connection!(), " WHERE account_id = ?"));
@@ -306,7 +309,8 @@ impl Store {
         subdomain: &str,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let sql = self.sql("UPDATE amocrm_tokens SET domain = ?, subdomain = ?, updated_at = ? WHERE id = ?");
+        let sql = self
+            .sql("UPDATE amocrm_tokens SET domain = ?, subdomain = ?, updated_at = ? WHERE id = ?");
         on_pool!(self, pool => sqlx::query(sql)
             .bind(domain)
             .bind(subdomain)

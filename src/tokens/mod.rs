@@ -16,7 +16,9 @@ pub use worker::{RefreshSummary, run_worker};
 use crate::amocrm::{AmoClient, AmoError, ProblemKind, TokenSet, account_host, jwt_api_domain};
 use crate::config::Secret;
 use crate::crypto::{Cipher, fill_random, random_token};
-use crate::store::{Attempt, AttemptKind, ConnectionRow, Outcome, RefreshedPair, Store, StoreError, Timestamp, now};
+use crate::store::{
+    Attempt, AttemptKind, ConnectionRow, Outcome, RefreshedPair, Store, StoreError, Timestamp, now,
+};
 use pacer::Pacer;
 
 /// The token API refreshes first when less than this is left of the access token.
@@ -137,7 +139,11 @@ impl TokenService {
 
     /// Refreshes the connection unless its pair changed since `seen_version` (then whoever
     /// changed it already did the work). Callers in this process share one refresh.
-    pub async fn refresh(self: &Arc<Self>, id: i64, seen_version: i64) -> Result<ConnectionRow, TokenError> {
+    pub async fn refresh(
+        self: &Arc<Self>,
+        id: i64,
+        seen_version: i64,
+    ) -> Result<ConnectionRow, TokenError> {
         let cell = Arc::clone(
             self.inflight
                 .lock()
@@ -151,23 +157,41 @@ impl TokenService {
                 // Spawned, so a caller that goes away cannot abandon a refresh half-way.
                 tokio::spawn(async move { this.refresh_across_processes(id, seen_version).await })
                     .await
-                    .unwrap_or_else(|err| Err(TokenError::Database(format!("the refresh task failed: {err}"))))
+                    .unwrap_or_else(|err| {
+                        Err(TokenError::Database(format!(
+                            "the refresh task failed: {err}"
+                        )))
+                    })
             })
             .await
             .clone();
-        let mut inflight = self.inflight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if inflight.get(&id).is_some_and(|current| Arc::ptr_eq(current, &cell)) {
+        let mut inflight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if inflight
+            .get(&id)
+            .is_some_and(|current| Arc::ptr_eq(current, &cell))
+        {
             inflight.remove(&id);
         }
         result
     }
 
     /// Takes the database lease, or waits for the process holding it to finish.
-    async fn refresh_across_processes(&self, id: i64, seen_version: i64) -> Result<ConnectionRow, TokenError> {
+    async fn refresh_across_processes(
+        &self,
+        id: i64,
+        seen_version: i64,
+    ) -> Result<ConnectionRow, TokenError> {
         let deadline = tokio::time::Instant::now() + self.lease * 2;
         loop {
             let at = now();
-            if self.store.take_lease(id, &self.owner, at, at + chrono_duration(self.lease)).await? {
+            if self
+                .store
+                .take_lease(id, &self.owner, at, at + chrono_duration(self.lease))
+                .await?
+            {
                 let result = self.refresh_holding_lease(id, seen_version).await;
                 if result.is_err() {
                     // Every write of the refresh releases the lease; this covers the paths
@@ -194,7 +218,11 @@ impl TokenService {
             .ok_or_else(|| TokenError::NotFound(id.to_string()))
     }
 
-    async fn refresh_holding_lease(&self, id: i64, seen_version: i64) -> Result<ConnectionRow, TokenError> {
+    async fn refresh_holding_lease(
+        &self,
+        id: i64,
+        seen_version: i64,
+    ) -> Result<ConnectionRow, TokenError> {
         // Re-read under the lease: another process may have refreshed since we looked.
         let row = self.read(id).await?;
         if row.version != seen_version || row.status != "active" {
@@ -222,7 +250,11 @@ impl TokenService {
 
     /// The refresh itself, with one retry at the account's new host after a rename.
     /// Returns the new pair and the host it came from.
-    async fn call_refresh(&self, row: &ConnectionRow, refresh_token: &Secret) -> Result<(TokenSet, String), AmoError> {
+    async fn call_refresh(
+        &self,
+        row: &ConnectionRow,
+        refresh_token: &Secret,
+    ) -> Result<(TokenSet, String), AmoError> {
         self.pacer.wait(row.id).await;
         let err = match self.amo.refresh(&row.domain, refresh_token).await {
             Ok(tokens) => return Ok((tokens, row.domain.clone())),
@@ -234,12 +266,18 @@ impl TokenService {
         };
         tracing::info!(account_id = row.account_id, from = %row.domain, to = %new_host, "account moved to a new subdomain");
         if let Some(host) = account_host(&new_host, &self.amo.config().domains)
-            && let Err(store_err) = self.store.update_host(row.id, &host.host, &host.subdomain, now()).await
+            && let Err(store_err) = self
+                .store
+                .update_host(row.id, &host.host, &host.subdomain, now())
+                .await
         {
             tracing::error!(error = %store_err, "could not save the account's new host");
         }
         self.pacer.wait(row.id).await;
-        self.amo.refresh(&new_host, refresh_token).await.map(|tokens| (tokens, new_host))
+        self.amo
+            .refresh(&new_host, refresh_token)
+            .await
+            .map(|tokens| (tokens, new_host))
     }
 
     /// Asks amoCRM where the account lives now; only an allowed amoCRM host is believed.
@@ -266,7 +304,12 @@ impl TokenService {
 
     /// Stores the new pair before anyone uses it; a lost version race means another writer
     /// stored a newer pair, which wins.
-    async fn save(&self, row: &ConnectionRow, tokens: &TokenSet, host: &str) -> Result<ConnectionRow, TokenError> {
+    async fn save(
+        &self,
+        row: &ConnectionRow,
+        tokens: &TokenSet,
+        host: &str,
+    ) -> Result<ConnectionRow, TokenError> {
         let issued_at = now();
         let stored = self
             .store
@@ -274,8 +317,12 @@ impl TokenService {
                 row.id,
                 row.version,
                 &RefreshedPair {
-                    access_token: &self.cipher.seal(tokens.access_token.expose(), "access_token"),
-                    refresh_token: &self.cipher.seal(tokens.refresh_token.expose(), "refresh_token"),
+                    access_token: &self
+                        .cipher
+                        .seal(tokens.access_token.expose(), "access_token"),
+                    refresh_token: &self
+                        .cipher
+                        .seal(tokens.refresh_token.expose(), "refresh_token"),
                     expires_at: issued_at + chrono::Duration::seconds(tokens.expires_in),
                     refresh_expires_at: issued_at + REFRESH_TOKEN_LIFETIME,
                     issued_at,
@@ -285,7 +332,10 @@ impl TokenService {
         if stored {
             self.audit(row, host, Outcome::Success, None, None).await;
         } else {
-            tracing::warn!(account_id = row.account_id, "another process stored a newer pair first; keeping it");
+            tracing::warn!(
+                account_id = row.account_id,
+                "another process stored a newer pair first; keeping it"
+            );
             self.store.release_lease(row.id, &self.owner).await?;
         }
         self.read(row.id).await
@@ -293,7 +343,11 @@ impl TokenService {
 
     /// amoCRM refused the refresh token. Only when no newer pair was stored meanwhile is
     /// the connection marked `needs_reauth`; it is never deleted.
-    async fn grant_rejected(&self, row: &ConnectionRow, err: &AmoError) -> Result<ConnectionRow, TokenError> {
+    async fn grant_rejected(
+        &self,
+        row: &ConnectionRow,
+        err: &AmoError,
+    ) -> Result<ConnectionRow, TokenError> {
         let reason = match err {
             AmoError::Rejected { problem, .. } => problem.summary(),
             other => other.to_string(),
@@ -303,9 +357,20 @@ impl TokenService {
             self.store.release_lease(row.id, &self.owner).await?;
             return Ok(current);
         }
-        if self.store.mark_needs_reauth(row.id, row.version, &reason, now()).await? {
+        if self
+            .store
+            .mark_needs_reauth(row.id, row.version, &reason, now())
+            .await?
+        {
             tracing::warn!(account_id = row.account_id, host = %row.domain, %reason, "refresh token rejected; the connection needs a new install");
-            self.audit(row, &row.domain, Outcome::Failure, Some("needs_reauth"), Some(&reason)).await;
+            self.audit(
+                row,
+                &row.domain,
+                Outcome::Failure,
+                Some("needs_reauth"),
+                Some(&reason),
+            )
+            .await;
             return Err(TokenError::NeedsReauth { reason });
         }
         self.store.release_lease(row.id, &self.owner).await?;
@@ -314,7 +379,11 @@ impl TokenService {
 
     /// A failure that may pass (timeout, lost reply, 5xx): the stored pair stays, so the
     /// next try uses the same refresh token, which amoCRM's grace rule still accepts.
-    async fn failed(&self, row: &ConnectionRow, err: AmoError) -> Result<ConnectionRow, TokenError> {
+    async fn failed(
+        &self,
+        row: &ConnectionRow,
+        err: AmoError,
+    ) -> Result<ConnectionRow, TokenError> {
         let at = now();
         let retry_at = at + backoff(row.refresh_failures + 1);
         let message = err.to_string();
@@ -322,7 +391,14 @@ impl TokenService {
             .record_refresh_failure(row.id, &self.owner, &message, retry_at, at)
             .await?;
         tracing::warn!(account_id = row.account_id, host = %row.domain, reason = err.reason(), error = %err, %retry_at, "refresh failed; will retry");
-        self.audit(row, &row.domain, Outcome::Failure, Some(err.reason()), Some(&message)).await;
+        self.audit(
+            row,
+            &row.domain,
+            Outcome::Failure,
+            Some(err.reason()),
+            Some(&message),
+        )
+        .await;
         Err(TokenError::Amo {
             host: row.domain.clone(),
             reason: err.reason(),
@@ -331,9 +407,22 @@ impl TokenService {
         })
     }
 
-    async fn audit(&self, row: &ConnectionRow, host: &str, outcome: Outcome, reason: Option<&str>, detail: Option<&str>) {
+    async fn audit(
+        &self,
+        row: &ConnectionRow,
+        host: &str,
+        outcome: Outcome,
+        reason: Option<&str>,
+        detail: Option<&str>,
+    ) {
         if outcome == Outcome::Success {
-            tracing::info!(kind = "refresh", outcome = "success", account_id = row.account_id, host, "token refreshed");
+            tracing::info!(
+                kind = "refresh",
+                outcome = "success",
+                account_id = row.account_id,
+                host,
+                "token refreshed"
+            );
         }
         let attempt = Attempt {
             kind: AttemptKind::Refresh,
@@ -375,8 +464,13 @@ fn revokes_the_grant(err: &AmoError) -> bool {
 /// A 401 or 404 that is not about the token: the account may have moved to a new subdomain.
 fn account_moved(err: &AmoError) -> bool {
     match err {
-        AmoError::Rejected { status: 404, .. } | AmoError::Http { status: 404 } | AmoError::Http { status: 401 } => true,
-        AmoError::Rejected { status: 401, problem } => matches!(problem.kind(), ProblemKind::Other),
+        AmoError::Rejected { status: 404, .. }
+        | AmoError::Http { status: 404 }
+        | AmoError::Http { status: 401 } => true,
+        AmoError::Rejected {
+            status: 401,
+            problem,
+        } => matches!(problem.kind(), ProblemKind::Other),
         _ => false,
     }
 }
@@ -424,7 +518,9 @@ mod tests {
         assert!(revokes_the_grant(&rejected(401, "Token has been revoked")));
         assert!(revokes_the_grant(&rejected(401, "Token has expired")));
         assert!(!revokes_the_grant(&AmoError::Http { status: 500 }));
-        assert!(!revokes_the_grant(&AmoError::Timeout(Duration::from_secs(1))));
+        assert!(!revokes_the_grant(&AmoError::Timeout(Duration::from_secs(
+            1
+        ))));
         assert!(account_moved(&AmoError::Http { status: 404 }));
         assert!(!account_moved(&rejected(401, "Token has been revoked")));
     }

@@ -23,7 +23,10 @@ impl Pacer {
     /// Waits for this connection's next free slot.
     pub async fn wait(&self, connection: i64) {
         let slot = {
-            let mut next = self.next_slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut next = self
+                .next_slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let now = Instant::now();
             let slot = next.get(&connection).copied().unwrap_or(now).max(now);
             next.insert(connection, slot + self.spacing);
@@ -45,7 +48,11 @@ mod tests {
             pacer.wait(1).await;
         }
         // Eight requests need seven gaps of 1/7 s: one second.
-        assert!(start.elapsed() >= Duration::from_millis(999), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(999),
+            "{:?}",
+            start.elapsed()
+        );
         let other = Instant::now();
         pacer.wait(2).await;
         assert!(other.elapsed() < Duration::from_millis(1));

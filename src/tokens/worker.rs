@@ -23,19 +23,31 @@ pub struct RefreshSummary {
 impl TokenService {
     /// Refreshes every active connection whose access token expires within `margin` or whose
     /// pair is older than `keepalive_age`, skipping those in backoff or leased elsewhere.
-    pub async fn refresh_due(self: &Arc<Self>, margin: Duration, keepalive_age: Duration) -> Result<RefreshSummary, TokenError> {
+    pub async fn refresh_due(
+        self: &Arc<Self>,
+        margin: Duration,
+        keepalive_age: Duration,
+    ) -> Result<RefreshSummary, TokenError> {
         let mut summary = RefreshSummary::default();
         let permits = Arc::new(Semaphore::new(CONCURRENCY));
         loop {
             let at = now();
             let due = self
                 .store
-                .due_for_refresh(at, at + chrono_duration(margin), at - chrono_duration(keepalive_age), BATCH)
+                .due_for_refresh(
+                    at,
+                    at + chrono_duration(margin),
+                    at - chrono_duration(keepalive_age),
+                    BATCH,
+                )
                 .await?;
             let batch_len = due.len();
             let mut tasks = tokio::task::JoinSet::new();
             for (id, version) in due {
-                let permit = Arc::clone(&permits).acquire_owned().await.expect("the semaphore is never closed");
+                let permit = Arc::clone(&permits)
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
                 let service = Arc::clone(self);
                 tasks.spawn(async move {
                     let _permit = permit;
@@ -58,14 +70,26 @@ impl TokenService {
 }
 
 /// Runs `refresh_due` every `interval` until the process stops.
-pub async fn run_worker(service: Arc<TokenService>, interval: Duration, margin: Duration, keepalive_age: Duration) {
+pub async fn run_worker(
+    service: Arc<TokenService>,
+    interval: Duration,
+    margin: Duration,
+    keepalive_age: Duration,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         match service.refresh_due(margin, keepalive_age).await {
-            Ok(RefreshSummary { refreshed: 0, failed: 0 }) => {}
-            Ok(summary) => tracing::info!(refreshed = summary.refreshed, failed = summary.failed, "refresh worker pass"),
+            Ok(RefreshSummary {
+                refreshed: 0,
+                failed: 0,
+            }) => {}
+            Ok(summary) => tracing::info!(
+                refreshed = summary.refreshed,
+                failed = summary.failed,
+                "refresh worker pass"
+            ),
             Err(err) => tracing::error!(error = %err, "refresh worker pass failed; will retry"),
         }
     }

@@ -35,4 +35,5 @@ mod backends;
 mod cli;
 mod flow;
 mod logs;
+mod refresh;
 mod support;

@@ -226,6 +226,31 @@ impl TestDb {
         on_db!(self, pool => sqlx::query(sql).bind(hash).bind(created_at).bind(expires_at).execute(pool).await.map(drop).unwrap());
     }
 
+    /// Sets a time column of every connection (`expires_at` or `issued_at`), to age tokens.
+    pub async fn set_token_time(&self, column: &str, at: NaiveDateTime) {
+        assert!(matches!(column, "expires_at" | "issued_at"), "{column}");
+        let placeholder = if matches!(self, Self::Postgres(_)) {
+            "$1"
+        } else {
+            "?"
+        };
+        let sql = AssertSqlSafe(format!("UPDATE amocrm_tokens SET {column} = {placeholder}"));
+        on_db!(self, pool => sqlx::query(sql).bind(at).execute(pool).await.map(drop).unwrap());
+    }
+
+    /// The stored refresh token, decrypted with the tests' server key.
+    pub async fn stored_refresh_token(&self) -> String {
+        let key_id = self.string("SELECT key_id FROM amocrm_tokens").await;
+        let ciphertext = self.string("SELECT refresh_token FROM amocrm_tokens").await;
+        let cipher = amoauth::crypto::Cipher::new(&[7u8; 32]);
+        let sealed = amoauth::crypto::Sealed { key_id, ciphertext };
+        cipher
+            .open(&sealed, "refresh_token")
+            .unwrap()
+            .expose()
+            .to_owned()
+    }
+
     /// Every text and integer value stored in `table`, for leak checks.
     pub async fn all_text(&self, table: &str) -> String {
         use sqlx::{Column as _, Row as _};
@@ -260,6 +285,8 @@ pub struct Options {
     pub widget_installs: bool,
     /// Reach the database server through a proxy the test can cut.
     pub via_proxy: bool,
+    /// How often the refresh worker runs (default: every minute, i.e. not during a test).
+    pub refresh_interval: Option<&'static str>,
 }
 
 pub struct TestApp {
@@ -337,6 +364,7 @@ impl TestApp {
             state_ttl: options.state_ttl.map(Into::into),
             amocrm_timeout: options.amocrm_timeout.map(Into::into),
             widget_installs: Some(if options.widget_installs { "on" } else { "off" }.into()),
+            refresh_interval: options.refresh_interval.map(Into::into),
             ..Settings::default()
         };
         let running = start_with_listener(settings.server().unwrap(), listener)
@@ -356,6 +384,31 @@ impl TestApp {
 
     pub fn db(&self) -> &TestDb {
         &self.database.db
+    }
+
+    /// amoauth's own store, for setup a test would otherwise do with the CLI.
+    pub fn store(&self) -> &amoauth::store::Store {
+        &self.running.as_ref().expect("running").store
+    }
+
+    /// Install, Allow and callback: the demo account is connected.
+    pub async fn connect(&self) {
+        let callback = self.allowed_callback_url().await;
+        let (status, body) = self.get(&callback).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    /// A new API key for the token API.
+    pub async fn api_key(&self) -> String {
+        amoauth::api_keys::create(self.store(), &format!("test-{}", free_port()))
+            .await
+            .unwrap()
+            .full
+    }
+
+    /// GET on the token API with an API key; the status and the JSON body.
+    pub async fn api(&self, path: &str, key: &str) -> (u16, serde_json::Value) {
+        api_get(&self.client, &format!("{}{path}", self.base), key).await
     }
 
     pub async fn stop(mut self) {
@@ -424,6 +477,17 @@ impl TestApp {
             .map(|r| r.unwrap_or_else(|| "-".into()))
             .collect()
     }
+}
+
+/// GET with `Authorization: Bearer <key>`; the status and the JSON body (null when not JSON).
+pub async fn api_get(client: &reqwest::Client, url: &str, key: &str) -> (u16, serde_json::Value) {
+    let response = client.get(url).bearer_auth(key).send().await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// Opens the sandbox's consent page and clicks Allow or Deny; returns the callback URL.

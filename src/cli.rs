@@ -39,6 +39,9 @@ enum Command {
         /// Keep states that expired less than this long ago, so late callbacks are told "expired"
         #[arg(long, default_value = "1d")]
         grace: String,
+        /// Only count what would be removed
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List connections: status, expiry, hours left, last refresh, last error, masked token
     Tokens,
@@ -90,7 +93,7 @@ pub async fn run() -> anyhow::Result<()> {
             println!("database {} is up to date", config.database_url);
             Ok(())
         }
-        Command::Cleanup { grace } => cleanup(&settings, &grace).await,
+        Command::Cleanup { grace, dry_run } => cleanup(&settings, &grace, dry_run).await,
         Command::Tokens => tokens(&settings).await,
         Command::States => states(&settings).await,
         Command::Refresh { account } => refresh(&settings, account.as_deref()).await,
@@ -188,14 +191,28 @@ async fn demo(settings: &Settings) -> anyhow::Result<()> {
     running.stop().await
 }
 
-async fn cleanup(settings: &Settings, grace: &str) -> anyhow::Result<()> {
+async fn cleanup(settings: &Settings, grace: &str, dry_run: bool) -> anyhow::Result<()> {
     let grace = parse_duration(grace).ok_or_else(|| ConfigError {
         variable: "--grace",
         problem: format!("expected a duration such as 0s, 1h or 1d, got `{grace}`"),
     })?;
     let store = server::open_store(&settings.store()?).await?;
     let cutoff = now() - chrono::Duration::from_std(grace).context("--grace is too large")?;
-    let removed = store.delete_expired_states(cutoff, 10_000).await?;
+    if dry_run {
+        let expired = store.count_expired_states(cutoff).await?;
+        println!("would remove {expired} expired states (dry run; nothing was deleted)");
+        return Ok(());
+    }
+    const BATCH: i64 = 10_000;
+    // Long purges report progress on stderr, so stdout keeps the one-line result.
+    let mut progress = |removed: u64| {
+        if removed >= BATCH.unsigned_abs() {
+            eprintln!("… {removed} removed so far");
+        }
+    };
+    let removed = store
+        .delete_expired_states(cutoff, BATCH, &mut progress)
+        .await?;
     println!("removed {removed} expired states");
     Ok(())
 }

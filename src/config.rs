@@ -93,6 +93,14 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub widget_installs: Option<String>,
+    /// Origins allowed in connect-link return URLs (scheme://host[:port], comma-separated)
+    #[arg(
+        long,
+        env = "AMOAUTH_RETURN_ORIGINS",
+        global = true,
+        hide_env_values = true
+    )]
+    pub return_origins: Option<String>,
     /// Refresh access tokens this long before they expire (e.g. 1h)
     #[arg(
         long,
@@ -235,6 +243,8 @@ pub struct ServerConfig {
     pub widget_installs: bool,
     pub cleanup_interval: Duration,
     pub refresh: RefreshConfig,
+    /// Exact origins (`https://app.example.com`) a connect link may return to.
+    pub return_origins: Vec<String>,
 }
 
 /// When and how tokens are refreshed.
@@ -368,6 +378,7 @@ impl Settings {
             interval: parse_duration_var(&self.refresh_interval, "AMOAUTH_REFRESH_INTERVAL", "1m")?,
             lease: amocrm.timeout * 3 + Duration::from_secs(1),
         };
+        let return_origins = parse_origins(self.return_origins.as_deref().unwrap_or_default())?;
         Ok(ServerConfig {
             store,
             amocrm,
@@ -377,6 +388,7 @@ impl Settings {
             widget_installs,
             cleanup_interval,
             refresh,
+            return_origins,
         })
     }
 }
@@ -396,6 +408,25 @@ fn parse_http_url(raw: &str, variable: &'static str) -> Result<Url, ConfigError>
         return Err(invalid(variable, "must be an http:// or https:// URL"));
     }
     Ok(url)
+}
+
+/// `scheme://host[:port]`, exactly as `Url::origin` prints it, so comparison is exact.
+fn parse_origins(raw: &str) -> Result<Vec<String>, ConfigError> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|origin| !origin.is_empty())
+        .map(|origin| {
+            let url = parse_http_url(origin, "AMOAUTH_RETURN_ORIGINS")?;
+            let canonical = url.origin().ascii_serialization();
+            if canonical != origin.trim_end_matches('/') || url.path() != "/" {
+                return Err(invalid(
+                    "AMOAUTH_RETURN_ORIGINS",
+                    format!("`{origin}` is not an origin; write it as {canonical}"),
+                ));
+            }
+            Ok(canonical)
+        })
+        .collect()
 }
 
 fn parse_domains(raw: &str) -> Result<Vec<String>, ConfigError> {
@@ -537,6 +568,25 @@ mod tests {
         assert_eq!(slash.to_string(), "postgres://amo:***@db/amo");
         let no_password = DatabaseUrl("mysql://root@127.0.0.1/test".into());
         assert_eq!(no_password.to_string(), "mysql://root@127.0.0.1/test");
+    }
+
+    #[test]
+    fn return_origins_must_be_plain_origins() {
+        let mut s = settings();
+        s.return_origins = Some("https://app.example.com, http://localhost:3000".into());
+        assert_eq!(
+            s.server().unwrap().return_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        s.return_origins = Some("https://app.example.com/callback".into());
+        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_RETURN_ORIGINS");
+        s.return_origins = Some("https://App.Example.com".into());
+        assert!(
+            s.server()
+                .unwrap_err()
+                .problem
+                .contains("https://app.example.com")
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod crypto;
 pub mod flow;
 pub mod http;
+pub mod metrics;
 pub mod sandbox;
 pub mod server;
 pub mod store;

@@ -13,6 +13,7 @@ use crate::config::{Secret, ServerConfig, StoreConfig};
 use crate::crypto::{Cipher, load_or_create_key, random_token};
 use crate::flow::Flow;
 use crate::http::{AppState, router};
+use crate::metrics::Metrics;
 use crate::store::{Store, now};
 use crate::tokens::{TokenService, run_worker};
 
@@ -59,6 +60,7 @@ pub async fn token_service(config: &ServerConfig) -> anyhow::Result<Arc<TokenSer
         amo,
         cipher,
         config.refresh.lease,
+        Arc::new(Metrics::default()),
     )))
 }
 
@@ -126,12 +128,15 @@ pub async fn start_with_listener(
         Arc::clone(&cipher),
         config.state_ttl,
         config.widget_installs,
+        config.return_origins.clone(),
     ));
+    let metrics = Arc::new(Metrics::default());
     let tokens = Arc::new(TokenService::new(
         store.clone(),
         amo,
         cipher,
         config.refresh.lease,
+        Arc::clone(&metrics),
     ));
     let worker = tokio::spawn(run_worker(
         Arc::clone(&tokens),
@@ -142,6 +147,7 @@ pub async fn start_with_listener(
     let state = AppState {
         flow,
         tokens,
+        metrics,
         admin_token: Arc::new(admin_token.clone()),
         secure_cookies,
     };
@@ -175,7 +181,10 @@ async fn cleanup_loop(store: Store, interval: Duration) {
     loop {
         ticker.tick().await;
         let cutoff = now() - chrono::Duration::from_std(DEFAULT_CLEANUP_GRACE).unwrap_or_default();
-        match store.delete_expired_states(cutoff, CLEANUP_BATCH).await {
+        match store
+            .delete_expired_states(cutoff, CLEANUP_BATCH, &mut |_| {})
+            .await
+        {
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "periodic cleanup removed expired states"),
             Err(err) => {

@@ -1,4 +1,5 @@
 -- OAuth states: the seed's fix. Only the SHA-256 of a state is stored, never the state.
+-- external_id, return_url, mode: set when a host app started the flow with a connect link.
 -- Times are UTC in DATETIME(6) columns; hashes compare byte for byte (ascii_bin).
 CREATE TABLE amocrm_oauth_states (
     state_hash  VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
@@ -7,6 +8,9 @@ CREATE TABLE amocrm_oauth_states (
     expires_at  DATETIME(6) NOT NULL,
     ip          VARCHAR(64),
     user_agent  TEXT,
+    external_id VARCHAR(255),
+    return_url  TEXT,
+    mode        VARCHAR(16),
     INDEX amocrm_oauth_states_expires_at (expires_at)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
@@ -17,6 +21,7 @@ CREATE TABLE amocrm_tokens (
     id                  BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
     account_id          BIGINT UNIQUE,
     account_name        TEXT,
+    external_id         VARCHAR(255),
     domain              VARCHAR(255) NOT NULL,
     subdomain           VARCHAR(255) NOT NULL,
     access_token        TEXT,
@@ -36,7 +41,8 @@ CREATE TABLE amocrm_tokens (
     version             BIGINT NOT NULL DEFAULT 1,
     created_at          DATETIME(6) NOT NULL,
     updated_at          DATETIME(6) NOT NULL,
-    INDEX amocrm_tokens_expires_at (expires_at)
+    INDEX amocrm_tokens_expires_at (expires_at),
+    INDEX amocrm_tokens_external_id (external_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
 -- Audit trail of every install and callback.

@@ -1,4 +1,5 @@
 -- OAuth states: the seed's fix. Only the SHA-256 of a state is stored, never the state.
+-- external_id, return_url, mode: set when a host app started the flow with a connect link.
 -- Times are UTC in TIMESTAMP columns (sqlx sessions run with TimeZone=UTC).
 CREATE TABLE amocrm_oauth_states (
     state_hash  VARCHAR(64) PRIMARY KEY,
@@ -6,7 +7,10 @@ CREATE TABLE amocrm_oauth_states (
     created_at  TIMESTAMP NOT NULL,
     expires_at  TIMESTAMP NOT NULL,
     ip          VARCHAR(64),
-    user_agent  TEXT
+    user_agent  TEXT,
+    external_id VARCHAR(255),
+    return_url  TEXT,
+    mode        VARCHAR(16)
 );
 CREATE INDEX amocrm_oauth_states_expires_at ON amocrm_oauth_states (expires_at);
 
@@ -17,6 +21,7 @@ CREATE TABLE amocrm_tokens (
     id                  BIGSERIAL PRIMARY KEY,
     account_id          BIGINT UNIQUE,
     account_name        TEXT,
+    external_id         VARCHAR(255),
     domain              VARCHAR(255) NOT NULL,
     subdomain           VARCHAR(255) NOT NULL,
     access_token        TEXT,
@@ -38,6 +43,7 @@ CREATE TABLE amocrm_tokens (
     updated_at          TIMESTAMP NOT NULL
 );
 CREATE INDEX amocrm_tokens_expires_at ON amocrm_tokens (expires_at);
+CREATE INDEX amocrm_tokens_external_id ON amocrm_tokens (external_id);
 
 -- Audit trail of every install and callback.
 CREATE TABLE amocrm_oauth_attempts (

@@ -1,11 +1,15 @@
 -- OAuth states: the seed's fix. Only the SHA-256 of a state is stored, never the state.
+-- external_id, return_url, mode: set when a host app started the flow with a connect link.
 CREATE TABLE amocrm_oauth_states (
     state_hash  TEXT PRIMARY KEY NOT NULL,
     subdomain   TEXT,
     created_at  TEXT NOT NULL,
     expires_at  TEXT NOT NULL,
     ip          TEXT,
-    user_agent  TEXT
+    user_agent  TEXT,
+    external_id TEXT,
+    return_url  TEXT,
+    mode        VARCHAR(16)
 );
 CREATE INDEX amocrm_oauth_states_expires_at ON amocrm_oauth_states (expires_at);
 
@@ -16,6 +20,7 @@ CREATE TABLE amocrm_tokens (
     id                  INTEGER PRIMARY KEY AUTOINCREMENT,
     account_id          INTEGER UNIQUE,
     account_name        TEXT,
+    external_id         TEXT,
     domain              TEXT NOT NULL,
     subdomain           TEXT NOT NULL,
     access_token        TEXT,
@@ -37,6 +42,7 @@ CREATE TABLE amocrm_tokens (
     updated_at          TEXT NOT NULL
 );
 CREATE INDEX amocrm_tokens_expires_at ON amocrm_tokens (expires_at);
+CREATE INDEX amocrm_tokens_external_id ON amocrm_tokens (external_id);
 
 -- Audit trail of every install and callback.
 CREATE TABLE amocrm_oauth_attempts (

@@ -17,7 +17,8 @@ use crate::amocrm::{
 use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
 use crate::store::{
-    Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, Store, StoreError, now,
+    Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, StateRow, Store,
+    StoreError, Timestamp, now,
 };
 
 /// amoCRM refresh tokens live 3 months from issue.
@@ -49,6 +50,43 @@ pub struct Connected {
     pub account_id: i64,
     pub account_name: String,
     pub domain: String,
+    pub external_id: Option<String>,
+}
+
+/// Where a connect link sends the browser back, and how.
+#[derive(Debug, Clone)]
+pub struct ReturnTo {
+    /// Checked against `AMOAUTH_RETURN_ORIGINS` when the link was made.
+    pub url: String,
+    pub mode: ConsentMode,
+    pub external_id: Option<String>,
+}
+
+/// A callback's result and, for flows started by a connect link, where to report it.
+#[derive(Debug)]
+pub struct Callback {
+    pub result: Result<CallbackOutcome, CallbackError>,
+    pub return_to: Option<ReturnTo>,
+}
+
+impl Callback {
+    fn without_return(result: Result<CallbackOutcome, CallbackError>) -> Self {
+        Self {
+            result,
+            return_to: None,
+        }
+    }
+}
+
+/// What to start: an admin's install or a host app's connect link.
+#[derive(Debug, Clone, Copy)]
+pub struct InstallRequest<'a> {
+    pub subdomain: Option<&'a str>,
+    pub mode: ConsentMode,
+    /// The host app's tenant id (connect links).
+    pub external_id: Option<&'a str>,
+    /// Where the browser goes after consent (connect links); must be on an allowed origin.
+    pub return_url: Option<&'a str>,
 }
 
 /// What a callback ended with, when it did not connect an account.
@@ -102,6 +140,10 @@ pub enum InstallError {
         "`subdomain` must be an account name such as fastis02 or a host such as fastis02.amocrm.ru"
     )]
     BadSubdomain,
+    #[error("`return_url` must be an http(s) URL on an origin listed in AMOAUTH_RETURN_ORIGINS")]
+    ReturnUrlNotAllowed,
+    #[error("`external_id` must be 1 to 255 characters")]
+    BadExternalId,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -112,6 +154,7 @@ pub struct Flow {
     cipher: Arc<Cipher>,
     state_ttl: Duration,
     widget_installs: bool,
+    return_origins: Vec<String>,
 }
 
 impl Flow {
@@ -121,6 +164,7 @@ impl Flow {
         cipher: Arc<Cipher>,
         state_ttl: Duration,
         widget_installs: bool,
+        return_origins: Vec<String>,
     ) -> Self {
         Self {
             store,
@@ -128,6 +172,7 @@ impl Flow {
             cipher,
             state_ttl,
             widget_installs,
+            return_origins,
         }
     }
 
@@ -135,15 +180,31 @@ impl Flow {
         &self.store
     }
 
-    /// Seed steps 1-2: a 256-bit state saved (hashed) with its TTL, then the consent URL.
+    /// Seed steps 1-2: a 256-bit state saved (hashed) with its TTL, then the consent URL
+    /// and when the state expires.
     pub async fn start_install(
         &self,
-        subdomain: Option<&str>,
-        mode: ConsentMode,
+        request: &InstallRequest<'_>,
         requester: &Requester,
-    ) -> Result<Url, InstallError> {
+    ) -> Result<(Url, Timestamp), InstallError> {
+        if let Some(external_id) = request.external_id
+            && (external_id.is_empty() || external_id.len() > 255 || external_id.contains('\0'))
+        {
+            return Err(InstallError::BadExternalId);
+        }
+        if let Some(return_url) = request.return_url {
+            let allowed = Url::parse(return_url).ok().filter(|url| {
+                matches!(url.scheme(), "http" | "https")
+                    && self
+                        .return_origins
+                        .contains(&url.origin().ascii_serialization())
+            });
+            if allowed.is_none() {
+                return Err(InstallError::ReturnUrlNotAllowed);
+            }
+        }
         let domains = &self.amo.config().domains;
-        let account = match subdomain.filter(|s| !s.is_empty()) {
+        let account = match request.subdomain.filter(|s| !s.is_empty()) {
             None => None,
             Some(s) if is_dns_label(s) => account_host(&format!("{s}.{}", domains[0]), domains),
             Some(s) => Some(account_host(s, domains).ok_or(InstallError::BadSubdomain)?),
@@ -162,6 +223,9 @@ impl Flow {
                 expires_at,
                 ip: requester.ip.as_deref(),
                 user_agent: requester.user_agent(),
+                external_id: request.external_id,
+                return_url: request.return_url,
+                mode: request.return_url.map(|_| request.mode.as_str()),
             })
             .await?;
         let fingerprint = fingerprint(&state_hash);
@@ -188,17 +252,16 @@ impl Flow {
             state_fingerprint = %fingerprint,
             "install started"
         );
-        Ok(self
-            .amo
-            .consent_url(&state, account.as_ref().map(|a| a.host.as_str()), mode))
+        let consent = self.amo.consent_url(
+            &state,
+            account.as_ref().map(|a| a.host.as_str()),
+            request.mode,
+        );
+        Ok((consent, expires_at))
     }
 
     /// Seed steps 4-7 for a raw callback query, each failure told apart and audited.
-    pub async fn callback(
-        self: &Arc<Self>,
-        query: &str,
-        requester: &Requester,
-    ) -> Result<CallbackOutcome, CallbackError> {
+    pub async fn callback(self: &Arc<Self>, query: &str, requester: &Requester) -> Callback {
         let params = match CallbackParams::parse(query) {
             Ok(params) => params,
             Err(why) => {
@@ -209,12 +272,13 @@ impl Flow {
                     requester,
                     fingerprint: None,
                 };
-                return Err(audit.failed(CallbackError::InvalidRequest(why)).await);
+                let err = audit.failed(CallbackError::InvalidRequest(why)).await;
+                return Callback::without_return(Err(err));
             }
         };
         if params.from_widget.is_some() && params.state.is_none() && params.error.is_none() {
-            self.widget_install(params, requester).await?;
-            return Ok(CallbackOutcome::WidgetAccepted);
+            let result = self.widget_install(params, requester).await;
+            return Callback::without_return(result.map(|()| CallbackOutcome::WidgetAccepted));
         }
         let fingerprint = params.state.as_deref().map(|s| fingerprint(&sha256_hex(s)));
         let audit = Audit {
@@ -225,11 +289,23 @@ impl Flow {
             fingerprint: fingerprint.as_deref(),
         };
         let result = self.check_and_consume(&params, &audit).await;
-        let (attempt_id, host, code) = match result {
+        let (attempt_id, host, code, state) = match result {
             Ok(consumed) => consumed,
-            Err(err) => return Err(audit.failed(err).await),
+            Err(err) => return Callback::without_return(Err(audit.failed(err).await)),
         };
-        match self.connect(&host, &code).await {
+        let return_to = state.return_url.map(|url| ReturnTo {
+            url,
+            mode: if state.mode.as_deref() == Some("post_message") {
+                ConsentMode::PostMessage
+            } else {
+                ConsentMode::Popup
+            },
+            external_id: state.external_id.clone(),
+        });
+        let result = match self
+            .connect(&host, &code, state.external_id.as_deref())
+            .await
+        {
             Ok(connected) => {
                 audit.finish(attempt_id, Ok(&connected)).await;
                 Ok(CallbackOutcome::Connected(connected))
@@ -238,7 +314,8 @@ impl Flow {
                 audit.finish(attempt_id, Err(&err)).await;
                 Err(err)
             }
-        }
+        };
+        Callback { result, return_to }
     }
 
     /// Everything before the first outbound request: denial, parameters, referer, state.
@@ -246,7 +323,7 @@ impl Flow {
         &self,
         params: &CallbackParams,
         audit: &Audit<'_>,
-    ) -> Result<(i64, AccountHost, Secret), CallbackError> {
+    ) -> Result<(i64, AccountHost, Secret, StateRow), CallbackError> {
         if let Some(error) = &params.error {
             return Err(if error == "access_denied" {
                 CallbackError::AccessDenied
@@ -285,8 +362,8 @@ impl Flow {
             .consume_state(&sha256_hex(state), started, &pending)
             .await?
         {
-            Consumption::Consumed { attempt_id, .. } => {
-                Ok((attempt_id, host, Secret::new(code.as_str())))
+            Consumption::Consumed { attempt_id, state } => {
+                Ok((attempt_id, host, Secret::new(code.as_str()), state))
             }
             Consumption::Expired => Err(CallbackError::ExpiredState),
             Consumption::Used => Err(CallbackError::UsedState),
@@ -295,7 +372,12 @@ impl Flow {
     }
 
     /// Exchanges the code, looks up the account and saves the sealed tokens.
-    async fn connect(&self, host: &AccountHost, code: &Secret) -> Result<Connected, CallbackError> {
+    async fn connect(
+        &self,
+        host: &AccountHost,
+        code: &Secret,
+        external_id: Option<&str>,
+    ) -> Result<Connected, CallbackError> {
         let tokens = self
             .amo
             .exchange_code(&host.host, code.expose())
@@ -312,11 +394,12 @@ impl Flow {
                 host: host.host.clone(),
                 source,
             })?;
-        self.save(host, &tokens, &account).await?;
+        self.save(host, &tokens, &account, external_id).await?;
         Ok(Connected {
             account_id: account.id,
             account_name: account.name,
             domain: host.host.clone(),
+            external_id: external_id.map(str::to_owned),
         })
     }
 
@@ -325,6 +408,7 @@ impl Flow {
         host: &AccountHost,
         tokens: &TokenSet,
         account: &Account,
+        external_id: Option<&str>,
     ) -> Result<(), StoreError> {
         let issued = now();
         let raw = serde_json::json!({ "token": tokens.raw, "account": account.raw });
@@ -332,6 +416,7 @@ impl Flow {
         self.store
             .upsert_connection(&NewConnection {
                 account_id: account.id,
+                external_id,
                 account_name: &account.name,
                 domain: &host.host,
                 subdomain: &host.subdomain,
@@ -385,7 +470,7 @@ impl Flow {
         let flow = Arc::clone(self);
         let requester = requester.clone();
         tokio::spawn(async move {
-            let result = flow.connect(&host, &code).await;
+            let result = flow.connect(&host, &code, None).await;
             let audit = Audit {
                 store: &flow.store,
                 kind: AttemptKind::WidgetInstall,

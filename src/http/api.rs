@@ -1,16 +1,23 @@
 //! The JSON API for the host app's services: connections and fresh access tokens.
 
 use axum::Json;
-use axum::extract::{FromRequestParts, Path, State};
+use std::net::SocketAddr;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::AppState;
+use super::oauth::requester;
+use crate::amocrm::ConsentMode;
 use crate::api_keys;
+use crate::flow::{InstallError, InstallRequest};
+use crate::metrics::Counter;
 use crate::store::{ConnectionRow, Timestamp};
 use crate::tokens::TokenError;
 
@@ -52,11 +59,19 @@ impl FromRequestParts<AppState> for ApiKey {
             response
         };
         let Some(presented) = presented else {
+            state
+                .metrics
+                .count(Counter::TokenApiRequests, Some(("outcome", "unauthorized")));
             return Err(unauthorized());
         };
         match api_keys::verify(state.flow.store(), presented).await {
             Ok(true) => Ok(ApiKey),
-            Ok(false) => Err(unauthorized()),
+            Ok(false) => {
+                state
+                    .metrics
+                    .count(Counter::TokenApiRequests, Some(("outcome", "unauthorized")));
+                Err(unauthorized())
+            }
             Err(err) => Err(database_unavailable(&err.to_string())),
         }
     }
@@ -84,6 +99,7 @@ fn rfc3339(at: Timestamp) -> String {
 #[derive(Serialize)]
 struct ConnectionJson {
     account_id: Option<i64>,
+    external_id: Option<String>,
     account_name: Option<String>,
     subdomain: String,
     domain: String,
@@ -97,6 +113,7 @@ impl From<ConnectionRow> for ConnectionJson {
     fn from(row: ConnectionRow) -> Self {
         Self {
             account_id: row.account_id,
+            external_id: row.external_id,
             account_name: row.account_name,
             subdomain: row.subdomain,
             domain: row.domain,
@@ -108,8 +125,23 @@ impl From<ConnectionRow> for ConnectionJson {
     }
 }
 
-pub async fn connections(_key: ApiKey, State(state): State<AppState>) -> Response {
-    match state.flow.store().connections().await {
+#[derive(Deserialize)]
+pub struct ConnectionsQuery {
+    external_id: Option<String>,
+}
+
+/// All connections, or one tenant's with `?external_id=`.
+pub async fn connections(
+    _key: ApiKey,
+    State(state): State<AppState>,
+    Query(query): Query<ConnectionsQuery>,
+) -> Response {
+    let store = state.flow.store();
+    let rows = match &query.external_id {
+        Some(external_id) => store.connections_of(external_id).await,
+        None => store.connections().await,
+    };
+    match rows {
         Ok(rows) => Json(
             rows.into_iter()
                 .map(ConnectionJson::from)
@@ -120,13 +152,91 @@ pub async fn connections(_key: ApiKey, State(state): State<AppState>) -> Respons
     }
 }
 
+#[derive(Deserialize)]
+pub struct ConnectLinkRequest {
+    external_id: String,
+    return_url: String,
+    /// `popup` (default: the browser is redirected to `return_url`) or `post_message`.
+    mode: Option<String>,
+    subdomain: Option<String>,
+}
+
+/// A link that takes a host app's user through amoCRM's consent and back to `return_url`.
+pub async fn connect_link(
+    _key: ApiKey,
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Json<ConnectLinkRequest>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                rejection.body_text(),
+            );
+        }
+    };
+    let mode = match body.mode.as_deref() {
+        None | Some("popup") => ConsentMode::Popup,
+        Some("post_message") => ConsentMode::PostMessage,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "`mode` must be popup or post_message",
+            );
+        }
+    };
+    let request = InstallRequest {
+        subdomain: body.subdomain.as_deref(),
+        mode,
+        external_id: Some(&body.external_id),
+        return_url: Some(&body.return_url),
+    };
+    match state
+        .flow
+        .start_install(&request, &requester(peer, &headers))
+        .await
+    {
+        Ok((url, expires_at)) => {
+            state.metrics.count(Counter::FlowsStarted, None);
+            (
+                StatusCode::CREATED,
+                Json(json!({ "url": url.as_str(), "expires_at": rfc3339(expires_at) })),
+            )
+                .into_response()
+        }
+        Err(InstallError::Store(err)) => database_unavailable(&err.to_string()),
+        Err(err @ InstallError::ReturnUrlNotAllowed) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "return_url_not_allowed",
+            err.to_string(),
+        ),
+        Err(err) => error(StatusCode::BAD_REQUEST, "invalid_request", err.to_string()),
+    }
+}
+
 /// A valid access token for the account (id or subdomain). Never a refresh token.
 pub async fn token(
     _key: ApiKey,
     State(state): State<AppState>,
     Path(account): Path<String>,
 ) -> Response {
-    match state.tokens.access_token(&account).await {
+    tracing::Span::current().record("account", account.as_str());
+    let result = state.tokens.access_token(&account).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(TokenError::NotFound(_)) => "not_found",
+        Err(TokenError::NeedsReauth { .. } | TokenError::Disconnected) => "needs_reauth",
+        Err(_) => "error",
+    };
+    state
+        .metrics
+        .count(Counter::TokenApiRequests, Some(("outcome", outcome)));
+    match result {
         Ok(token) => Json(json!({
             "account_id": token.account_id,
             "subdomain": token.subdomain,

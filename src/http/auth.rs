@@ -13,14 +13,35 @@ use std::net::SocketAddr;
 
 use super::pages::{self, Lang};
 use super::{AppState, store_unavailable};
-use crate::crypto::{constant_time_eq, random_token, sha256_hex};
+use crate::config::Secret;
+use crate::crypto::{constant_time_eq, hmac_sha256_hex, random_token, sha256_hex};
 use crate::store::now;
 
 const SESSION_COOKIE: &str = "amoauth_session";
 const SESSION_LIFETIME: chrono::Duration = chrono::Duration::hours(12);
 
-/// Proof that the request comes from the administrator.
-pub struct Admin;
+/// Proof that the request comes from the administrator, and how: a browser session (whose
+/// forms need a CSRF token) or the Bearer admin token (no ambient credential to forge).
+pub struct Admin {
+    session: Option<String>,
+}
+
+impl Admin {
+    /// The CSRF token for this session's forms: derived from the session, so nothing is stored.
+    pub fn csrf_token(&self, admin_token: &Secret) -> Option<String> {
+        self.session
+            .as_deref()
+            .map(|session| hmac_sha256_hex(admin_token.expose(), &format!("csrf|{session}")))
+    }
+
+    /// True when a state-changing request may proceed.
+    pub fn csrf_ok(&self, presented: Option<&str>, admin_token: &Secret) -> bool {
+        match self.csrf_token(admin_token) {
+            None => true,
+            Some(expected) => presented.is_some_and(|token| constant_time_eq(token, &expected)),
+        }
+    }
+}
 
 /// Why a request is not the administrator's: API clients get 401, browsers the login page.
 pub enum Unauthorized {
@@ -56,7 +77,7 @@ impl FromRequestParts<AppState> for Admin {
     ) -> Result<Self, Self::Rejection> {
         if let Some(token) = bearer_token(&parts.headers) {
             return if constant_time_eq(token, state.admin_token.expose()) {
-                Ok(Admin)
+                Ok(Admin { session: None })
             } else {
                 Err(Unauthorized::Api)
             };
@@ -69,7 +90,9 @@ impl FromRequestParts<AppState> for Admin {
                 .await
                 .map_err(Unauthorized::Store)?;
             if valid {
-                return Ok(Admin);
+                return Ok(Admin {
+                    session: Some(session.to_owned()),
+                });
             }
         }
         if wants_html(&parts.headers) {

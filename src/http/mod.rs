@@ -2,7 +2,9 @@
 
 mod api;
 mod auth;
+mod dashboard;
 mod oauth;
+pub mod openapi;
 pub mod pages;
 mod webhook;
 
@@ -12,7 +14,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::{CACHE_CONTROL, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS};
-use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
+use axum::http::{HeaderValue, Request, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -22,9 +24,9 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::config::Secret;
 use crate::flow::Flow;
+use crate::metrics::{Gauge, Metrics};
 use crate::store::{StoreError, now};
 use crate::tokens::TokenService;
-use auth::Admin;
 use pages::Lang;
 
 /// What every handler shares.
@@ -32,6 +34,7 @@ use pages::Lang;
 pub struct AppState {
     pub flow: Arc<Flow>,
     pub tokens: Arc<TokenService>,
+    pub metrics: Arc<Metrics>,
     pub admin_token: Arc<Secret>,
     /// Session cookies get `Secure` when the public site is https.
     pub secure_cookies: bool,
@@ -40,25 +43,55 @@ pub struct AppState {
 /// The whole application. `request_timeout` bounds every route, amoCRM calls included.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     Router::new()
-        .route("/", get(home))
+        .route("/", get(dashboard::home))
+        .route(
+            "/connections/{account_id}/refresh",
+            post(dashboard::refresh_now),
+        )
+        .route(
+            "/connections/{account_id}/disconnect",
+            post(dashboard::disconnect),
+        )
         .route("/login", get(auth::login_page).post(auth::login_submit))
         .route("/logout", post(auth::logout))
         .route("/amocrm/install", get(oauth::install))
         .route("/amocrm/callback", get(oauth::callback))
         .route("/amocrm/webhook/uninstall", get(webhook::uninstall))
         .route("/api/v1/connections", get(api::connections))
+        .route("/api/v1/connect-links", post(api::connect_link))
+        .route("/api/v1/openapi.json", get(openapi::serve))
         .route("/api/v1/connections/{account}/token", get(api::token))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            time_request,
+        ))
         .with_state(state)
         .layer(DefaultBodyLimit::max(16 * 1024))
-        .layer(TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, request_timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            request_timeout,
+        ))
         // Pages can show tokens' metadata and the callback URL carries a code: never cache,
         // never leak the URL to another site through Referer.
-        .layer(SetResponseHeaderLayer::overriding(CACHE_CONTROL, HeaderValue::from_static("no-store")))
-        .layer(SetResponseHeaderLayer::overriding(REFERRER_POLICY, HeaderValue::from_static("no-referrer")))
-        .layer(SetResponseHeaderLayer::overriding(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
-        .layer(SetResponseHeaderLayer::overriding(X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
+        .layer(SetResponseHeaderLayer::overriding(
+            CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
         .layer(
             TraceLayer::new_for_http()
                 // The path only: the callback's query holds the authorization code.
@@ -68,7 +101,20 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                         .get("x-request-id")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or_default();
-                    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+                    let route = request
+                        .extensions()
+                        .get::<axum::extract::MatchedPath>()
+                        .map(|path| path.as_str().to_owned())
+                        .unwrap_or_default();
+                    // `account` is filled in by the handlers that know it.
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        route,
+                        request_id,
+                        account = tracing::field::Empty,
+                    )
                 })
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
@@ -88,24 +134,82 @@ pub(crate) fn store_unavailable(lang: Lang, err: &StoreError) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, Html(page.into_string())).into_response()
 }
 
-async fn home(_admin: Admin, State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let lang = Lang::from_headers(&headers);
+/// Times every request under its route template (`/api/v1/connections/{account}/token`),
+/// so the histogram's labels stay few whatever the URLs.
+async fn time_request(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    state.metrics.observe_request(&route, started.elapsed());
+    response
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
     let store = state.flow.store();
-    let loaded = async {
-        Ok::<_, StoreError>((store.connections().await?, store.recent_attempts(20).await?))
+    let gauges = async {
+        let counts = store.connection_counts().await?;
+        let earliest = store.earliest_expiry().await?;
+        Ok::<_, StoreError>((counts, earliest))
     }
     .await;
-    match loaded {
-        Ok((connections, attempts)) => {
-            Html(pages::home(lang, &connections, &attempts, now()).into_string()).into_response()
+    let (counts, earliest) = match gauges {
+        Ok(gauges) => gauges,
+        Err(err) => {
+            tracing::error!(error = %err, "metrics: database unavailable");
+            return (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response();
         }
-        Err(err) => store_unavailable(lang, &err),
-    }
+    };
+    let connections = Gauge {
+        name: "amoauth_connections",
+        help: "Connections by status.",
+        samples: counts
+            .into_iter()
+            .map(|(status, n)| {
+                (
+                    format!("status=\"{}\"", crate::metrics::escape(&status)),
+                    n as f64,
+                )
+            })
+            .collect(),
+    };
+    let until_expiry = Gauge {
+        name: "amoauth_seconds_until_earliest_expiry",
+        help: "Seconds until the first active access token expires (negative: already expired).",
+        samples: earliest
+            .map(|at| {
+                (
+                    String::new(),
+                    (at - now()).num_milliseconds() as f64 / 1000.0,
+                )
+            })
+            .into_iter()
+            .collect(),
+    };
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&[connections, until_expiry]),
+    )
+        .into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    match state.flow.store().ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+    match state.flow.store().migrations_current().await {
+        Ok(true) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database migrations are not current; run `amoauth migrate`\n",
+        )
+            .into_response(),
         Err(err) => {
             tracing::warn!(error = %err, "not ready");
             (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n").into_response()

@@ -12,7 +12,10 @@ use super::auth::Admin;
 use super::pages::{self, Lang};
 use super::{AppState, store_unavailable};
 use crate::amocrm::{AmoError, ConsentMode};
-use crate::flow::{CallbackError, CallbackOutcome, InstallError, Requester};
+use crate::flow::{
+    CallbackError, CallbackOutcome, InstallError, InstallRequest, Requester, ReturnTo,
+};
+use crate::metrics::Counter;
 
 pub(super) fn requester(peer: SocketAddr, headers: &HeaderMap) -> Requester {
     Requester {
@@ -51,22 +54,26 @@ pub async fn install(
             return (StatusCode::BAD_REQUEST, Html(page.into_string())).into_response();
         }
     };
+    let request = InstallRequest {
+        subdomain: query.subdomain.as_deref(),
+        mode,
+        external_id: None,
+        return_url: None,
+    };
     match state
         .flow
-        .start_install(query.subdomain.as_deref(), mode, &requester(peer, &headers))
+        .start_install(&request, &requester(peer, &headers))
         .await
     {
-        Ok(consent) => (StatusCode::SEE_OTHER, [(LOCATION, consent.to_string())]).into_response(),
-        Err(InstallError::BadSubdomain) => {
-            let page = pages::error(
-                lang,
-                "Неверный запрос",
-                "Invalid request",
-                &InstallError::BadSubdomain.to_string(),
-            );
-            (StatusCode::BAD_REQUEST, Html(page.into_string())).into_response()
+        Ok((consent, _)) => {
+            state.metrics.count(Counter::FlowsStarted, None);
+            (StatusCode::SEE_OTHER, [(LOCATION, consent.to_string())]).into_response()
         }
         Err(InstallError::Store(err)) => store_unavailable(lang, &err),
+        Err(err) => {
+            let page = pages::error(lang, "Неверный запрос", "Invalid request", &err.to_string());
+            (StatusCode::BAD_REQUEST, Html(page.into_string())).into_response()
+        }
     }
 }
 
@@ -78,25 +85,85 @@ pub async fn callback(
 ) -> Response {
     let lang = Lang::from_headers(&headers);
     let requester = requester(peer, &headers);
-    match state
+    let callback = state
         .flow
         .callback(query.as_deref().unwrap_or_default(), &requester)
-        .await
-    {
+        .await;
+    match &callback.result {
+        Ok(CallbackOutcome::Connected(connected)) => {
+            tracing::Span::current().record("account", connected.account_id);
+            state.metrics.count(Counter::FlowsCompleted, None);
+        }
+        Ok(CallbackOutcome::WidgetAccepted) => {}
+        Err(err) => {
+            if let CallbackError::Store(store_err) = err {
+                tracing::error!(error = %store_err, "callback failed on the database");
+            }
+            state
+                .metrics
+                .count(Counter::FlowsFailed, Some(("reason", err.reason())));
+        }
+    }
+    if let Some(return_to) = &callback.return_to {
+        return report_to_host_app(lang, return_to, &callback.result);
+    }
+    match callback.result {
         Ok(CallbackOutcome::Connected(connected)) => {
             Html(pages::connected(lang, &connected).into_string()).into_response()
         }
         // amoCRM ignores the answer to a widget install; a short text helps whoever debugs it.
         Ok(CallbackOutcome::WidgetAccepted) => (StatusCode::OK, "accepted\n").into_response(),
-        Err(err) => {
-            if let CallbackError::Store(store_err) = &err {
-                tracing::error!(error = %store_err, "callback failed on the database");
-            }
-            (
-                status_of(&err),
-                Html(pages::callback_error(lang, &err).into_string()),
-            )
-                .into_response()
+        Err(err) => (
+            status_of(&err),
+            Html(pages::callback_error(lang, &err).into_string()),
+        )
+            .into_response(),
+    }
+}
+
+/// A connect link's outcome goes back to the host app: `return_url` gets `amoauth_status`
+/// (`connected` or `error`), `account_id` or `reason`, and `external_id`; in `post_message`
+/// mode the page posts the same to the opener window, to `return_url`'s origin only.
+fn report_to_host_app(
+    lang: Lang,
+    return_to: &ReturnTo,
+    result: &Result<CallbackOutcome, CallbackError>,
+) -> Response {
+    let mut report: Vec<(&str, String)> = match result {
+        Ok(CallbackOutcome::Connected(connected)) => vec![
+            ("amoauth_status", "connected".into()),
+            ("account_id", connected.account_id.to_string()),
+        ],
+        Ok(CallbackOutcome::WidgetAccepted) => vec![("amoauth_status", "connected".into())],
+        Err(err) => vec![
+            ("amoauth_status", "error".into()),
+            ("reason", err.reason().into()),
+        ],
+    };
+    if let Some(external_id) = &return_to.external_id {
+        report.push(("external_id", external_id.clone()));
+    }
+    let Ok(mut url) = url::Url::parse(&return_to.url) else {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the stored return_url is invalid\n",
+        )
+            .into_response();
+    };
+    match return_to.mode {
+        ConsentMode::PostMessage => {
+            let origin = url.origin().ascii_serialization();
+            let message: serde_json::Map<String, serde_json::Value> = report
+                .into_iter()
+                .map(|(key, value)| (key.to_owned(), value.into()))
+                .collect();
+            let page = pages::post_message(lang, &origin, &message.into(), url.as_str());
+            Html(page.into_string()).into_response()
+        }
+        ConsentMode::Popup => {
+            url.query_pairs_mut()
+                .extend_pairs(report.iter().map(|(k, v)| (*k, v.as_str())));
+            (StatusCode::SEE_OTHER, [(LOCATION, url.to_string())]).into_response()
         }
     }
 }

@@ -6,6 +6,9 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use crate::amocrm::{AmoError, ProblemKind};
 use crate::flow::{CallbackError, Connected};
+use std::collections::HashMap;
+
+use super::dashboard::Suspicion;
 use crate::store::{AttemptRecord, ConnectionRow, Timestamp};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +66,7 @@ h1{font-size:1.5rem}.card{border:1px solid #d8dee6;border-radius:.5rem;padding:1
 .button.secondary,button.secondary{background:#6b7785}table{border-collapse:collapse;width:100%;font-size:.9rem}\
 td,th{border-bottom:1px solid #e3e8ee;padding:.4rem;text-align:left;vertical-align:top}.low{color:#b3261e;font-weight:600}\
 code{background:#f2f4f7;padding:0 .25rem;border-radius:.2rem}input{font-size:1rem;padding:.45rem;width:100%;max-width:28rem;box-sizing:border-box}\
-.muted{color:#6b7785;font-size:.85rem}.table-wrap{overflow-x:auto}";
+.muted{color:#6b7785;font-size:.85rem}tr.suspicious{background:#fff6e5}.table-wrap{overflow-x:auto}";
 
 fn layout(lang: Lang, title: &str, body: Markup) -> Markup {
     html! {
@@ -259,6 +262,36 @@ pub fn error(lang: Lang, title_ru: &'static str, title_en: &'static str, detail:
     )
 }
 
+/// The last page of a `post_message` connect link: tells the window that opened it how the
+/// connection went (only if that window is on `target_origin`) and closes itself.
+pub fn post_message(
+    lang: Lang,
+    target_origin: &str,
+    message: &serde_json::Value,
+    fallback: &str,
+) -> Markup {
+    // JSON inside <script>: `<` escaped so no value can close the element.
+    let script_json = |value: &serde_json::Value| value.to_string().replace('<', "\\u003c");
+    let script = format!(
+        "if (window.opener) {{ window.opener.postMessage({}, {}); window.close(); }}",
+        script_json(message),
+        script_json(&serde_json::Value::String(target_origin.to_owned())),
+    );
+    let title = lang.pick("Подключение завершено", "Connection finished");
+    layout(
+        lang,
+        title,
+        html! {
+            div.card {
+                h1 { (title) }
+                p { (lang.pick("Это окно можно закрыть.", "You can close this window.")) }
+                p { a.button href=(fallback) { (lang.pick("Вернуться в приложение", "Back to the app")) } }
+            }
+            script { (PreEscaped(script)) }
+        },
+    )
+}
+
 pub fn login(lang: Lang, next: &str, failed: bool) -> Markup {
     let title = lang.pick("Вход администратора", "Administrator login");
     layout(
@@ -286,11 +319,81 @@ fn format_time(at: Timestamp) -> String {
     at.format("%Y-%m-%d %H:%M UTC").to_string()
 }
 
+/// What the last dashboard action did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notice {
+    Refreshed,
+    RefreshFailed,
+    Disconnected,
+    NotFound,
+}
+
+impl Notice {
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "refreshed" => Some(Self::Refreshed),
+            "refresh_failed" => Some(Self::RefreshFailed),
+            "disconnected" => Some(Self::Disconnected),
+            "not_found" => Some(Self::NotFound),
+            _ => None,
+        }
+    }
+
+    fn text(self, lang: Lang) -> (&'static str, bool) {
+        match self {
+            Self::Refreshed => (
+                lang.pick("Токен обновлён.", "The token was refreshed."),
+                true,
+            ),
+            Self::RefreshFailed => (
+                lang.pick(
+                    "Обновить токен не удалось; причина — в колонке «Ошибка».",
+                    "The refresh failed; see the Last error column.",
+                ),
+                false,
+            ),
+            Self::Disconnected => (
+                lang.pick(
+                    "Подключение отключено, токены удалены.",
+                    "Disconnected; the tokens were wiped.",
+                ),
+                true,
+            ),
+            Self::NotFound => (
+                lang.pick("Подключение не найдено.", "No such connection."),
+                false,
+            ),
+        }
+    }
+}
+
+fn suspicion_text(lang: Lang, suspicion: Suspicion) -> &'static str {
+    match suspicion {
+        Suspicion::OtherClient => lang.pick(
+            "другой IP или браузер, чем при установке",
+            "another IP or browser than its install",
+        ),
+        Suspicion::RepeatedFailures => lang.pick(
+            "повторные ошибки с этого IP",
+            "repeated failures from this IP",
+        ),
+        Suspicion::Replayed => lang.pick("повтор использованной ссылки", "a used link replayed"),
+    }
+}
+
+fn format_optional_time(at: Option<Timestamp>) -> String {
+    at.map(format_time).unwrap_or_else(|| "—".into())
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn home(
     lang: Lang,
     connections: &[ConnectionRow],
     attempts: &[AttemptRecord],
+    marks: &HashMap<i64, Vec<Suspicion>>,
     now: Timestamp,
+    csrf: Option<&str>,
+    notice: Option<Notice>,
 ) -> Markup {
     let title = lang.pick("Подключения amoCRM", "amoCRM connections");
     layout(
@@ -298,6 +401,10 @@ pub fn home(
         title,
         html! {
             h1 { (title) }
+            @if let Some(notice) = notice {
+                @let (text, ok) = notice.text(lang);
+                div.card.ok[ok].err[!ok] { p { (text) } }
+            }
             p {
                 a.button href="/amocrm/install" { (lang.pick("Подключить amoCRM", "Connect amoCRM")) }
                 " "
@@ -312,16 +419,33 @@ pub fn home(
                     tr {
                         th { (lang.pick("Аккаунт", "Account")) } th { (lang.pick("Домен", "Domain")) }
                         th { (lang.pick("Статус", "Status")) } th { (lang.pick("Токен истекает", "Token expires")) }
-                        th { (lang.pick("Осталось, ч", "Hours left")) }
+                        th { (lang.pick("Осталось, ч", "Hours left")) } th { (lang.pick("Обновлён", "Last refresh")) }
+                        th { (lang.pick("Ошибка", "Last error")) } th { (lang.pick("Действия", "Actions")) }
                     }
                     @for c in connections {
                         @let hours = (c.expires_at - now).num_minutes() as f64 / 60.0;
+                        @let account_id = c.account_id.map(|id| id.to_string()).unwrap_or_default();
                         tr {
-                            td { (c.account_name.as_deref().unwrap_or("—")) br; span.muted { "ID " (c.account_id.map(|id| id.to_string()).unwrap_or_default()) } }
+                            td { (c.account_name.as_deref().unwrap_or("—")) br; span.muted { "ID " (account_id) } }
                             td { code { (c.domain) } }
-                            td { (c.status) }
+                            td class=[(c.status != "active").then_some("low")] { (c.status) }
                             td { (format_time(c.expires_at)) }
                             td class=[(hours < 2.0).then_some("low")] { (format!("{hours:.1}")) }
+                            td { (format_optional_time(c.last_refresh_at)) }
+                            td.muted { (c.last_error.as_deref().unwrap_or("—")) }
+                            td {
+                                @if c.account_id.is_some() && c.status != "disconnected" {
+                                    form method="post" action={ "/connections/" (account_id) "/refresh" } style="display:inline" {
+                                        @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
+                                        button type="submit" { (lang.pick("Обновить", "Refresh now")) }
+                                    }
+                                    " "
+                                    form method="post" action={ "/connections/" (account_id) "/disconnect" } style="display:inline" {
+                                        @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
+                                        button.secondary type="submit" { (lang.pick("Отключить", "Disconnect")) }
+                                    }
+                                }
+                            }
                         }
                     }
                 } }
@@ -333,9 +457,17 @@ pub fn home(
                     th { (lang.pick("Причина", "Reason")) } th { "IP" } th { "User-Agent" }
                 }
                 @for a in attempts {
-                    tr {
+                    @let suspicious = marks.get(&a.id);
+                    tr class=[suspicious.map(|_| "suspicious")] {
                         td { (format_time(a.created_at)) } td { (a.kind) } td { (a.outcome) }
-                        td { (a.reason.as_deref().unwrap_or("")) }
+                        td {
+                            (a.reason.as_deref().unwrap_or(""))
+                            @if let Some(found) = suspicious {
+                                @for suspicion in found {
+                                    br; span.low { "⚠ " (suspicion_text(lang, *suspicion)) }
+                                }
+                            }
+                        }
                         td { (a.ip.as_deref().unwrap_or("")) }
                         td.muted { (a.user_agent.as_deref().unwrap_or("")) }
                     }

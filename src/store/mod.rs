@@ -229,9 +229,19 @@ impl Store {
         .map_err(StoreError::Migrate)
     }
 
-    pub async fn ping(&self) -> Result<(), StoreError> {
-        on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(drop))
-            .during("checking the connection")
+    /// True when every migration this build knows has been applied.
+    pub async fn migrations_current(&self) -> Result<bool, StoreError> {
+        let migrator = match self.pool {
+            Pool::Sqlite(_) => &SQLITE_MIGRATIONS,
+            Pool::Postgres(_) => &POSTGRES_MIGRATIONS,
+            Pool::MySql(_) => &MYSQL_MIGRATIONS,
+        };
+        let expected = migrator.iter().map(|m| m.version).max().unwrap_or_default();
+        let sql = self.sql("SELECT MAX(version) FROM _sqlx_migrations");
+        let applied: Option<i64> =
+            on_pool!(self, pool => sqlx::query_scalar(sql).fetch_one(pool).await)
+                .during("checking the applied migrations")?;
+        Ok(applied.unwrap_or_default() >= expected)
     }
 
     pub async fn close(&self) {

@@ -10,6 +10,10 @@ pub struct NewState<'a> {
     pub expires_at: Timestamp,
     pub ip: Option<&'a str>,
     pub user_agent: Option<&'a str>,
+    /// Set when a host app started the flow with a connect link.
+    pub external_id: Option<&'a str>,
+    pub return_url: Option<&'a str>,
+    pub mode: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -19,6 +23,9 @@ pub struct StateRow {
     pub expires_at: Timestamp,
     pub ip: Option<String>,
     pub user_agent: Option<String>,
+    pub external_id: Option<String>,
+    pub return_url: Option<String>,
+    pub mode: Option<String>,
 }
 
 /// What happened to a state presented by a callback.
@@ -38,8 +45,8 @@ pub enum Consumption {
 impl Store {
     pub async fn insert_state(&self, state: &NewState<'_>) -> Result<(), StoreError> {
         let sql = self.sql(
-            "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at, ip, user_agent) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at, ip, \
+             user_agent, external_id, return_url, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         );
         on_pool!(self, pool => sqlx::query(sql)
             .bind(state.state_hash)
@@ -48,6 +55,9 @@ impl Store {
             .bind(state.expires_at)
             .bind(state.ip)
             .bind(state.user_agent)
+            .bind(state.external_id)
+            .bind(state.return_url)
+            .bind(state.mode)
             .execute(pool)
             .await
             .map(drop))
@@ -66,7 +76,7 @@ impl Store {
     ) -> Result<Consumption, StoreError> {
         const OPERATION: &str = "consuming the OAuth state";
         let select = self.sql(
-            "SELECT subdomain, created_at, expires_at, ip, user_agent \
+            "SELECT subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode \
              FROM amocrm_oauth_states WHERE state_hash = ?",
         );
         let delete =
@@ -127,19 +137,28 @@ impl Store {
     /// States that are still valid at `now`, newest first.
     pub async fn active_states(&self, now: Timestamp) -> Result<Vec<StateRow>, StoreError> {
         let sql = self.sql(
-            "SELECT subdomain, created_at, expires_at, ip, user_agent FROM amocrm_oauth_states \
-             WHERE expires_at > ? ORDER BY created_at DESC",
+            "SELECT subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode \
+             FROM amocrm_oauth_states WHERE expires_at > ? ORDER BY created_at DESC",
         );
         on_pool!(self, pool => sqlx::query_as(sql).bind(now).fetch_all(pool).await)
             .during("listing active states")
     }
 
+    /// How many states expired before `cutoff` (what a cleanup would remove).
+    pub async fn count_expired_states(&self, cutoff: Timestamp) -> Result<i64, StoreError> {
+        let sql = self.sql("SELECT COUNT(*) FROM amocrm_oauth_states WHERE expires_at < ?");
+        on_pool!(self, pool => sqlx::query_scalar(sql).bind(cutoff).fetch_one(pool).await)
+            .during("counting expired states")
+    }
+
     /// Deletes states that expired before `cutoff`, in batches so a large purge never holds
-    /// a lock for long. Returns how many rows were removed.
+    /// a lock for long; `progress` hears the running total after each batch. Returns how
+    /// many rows were removed.
     pub async fn delete_expired_states(
         &self,
         cutoff: Timestamp,
         batch: i64,
+        progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<u64, StoreError> {
         // MySQL allows LIMIT on DELETE but not in an IN subquery; the others the reverse.
         let in_subquery = "DELETE FROM amocrm_oauth_states WHERE state_hash IN \
@@ -159,6 +178,7 @@ impl Store {
                 .map(|done| done.rows_affected()))
             .during("deleting expired states")?;
             removed += deleted;
+            progress(removed);
             if deleted < batch.unsigned_abs() {
                 return Ok(removed);
             }

@@ -6,6 +6,8 @@ use crate::crypto::Sealed;
 /// A connection to save after a successful callback. Both tokens are sealed with one key.
 pub struct NewConnection<'a> {
     pub account_id: i64,
+    /// The host app's tenant id, from a connect link; a reconnect without one keeps the old.
+    pub external_id: Option<&'a str>,
     pub account_name: &'a str,
     pub domain: &'a str,
     pub subdomain: &'a str,
@@ -22,6 +24,7 @@ pub struct NewConnection<'a> {
 pub struct ConnectionRow {
     pub id: i64,
     pub account_id: Option<i64>,
+    pub external_id: Option<String>,
     pub account_name: Option<String>,
     pub domain: String,
     pub subdomain: String,
@@ -58,7 +61,7 @@ pub struct RefreshedPair<'a> {
 /// Every column of a connection, in `StoredConnection`'s order.
 macro_rules! select_connection {
     () => {
-        "SELECT id, account_id, account_name, domain, subdomain, access_token, refresh_token, \
+        "SELECT id, account_id, external_id, account_name, domain, subdomain, access_token, refresh_token, \
          key_id, expires_at, refresh_expires_at, issued_at, status, raw, last_refresh_at, last_error, \
          refresh_failures, next_refresh_at, lease_owner, lease_until, version, created_at, updated_at \
          FROM amocrm_tokens"
@@ -68,15 +71,16 @@ macro_rules! select_connection {
 /// Columns and values of an upsert; the conflict clause is per dialect.
 macro_rules! upsert_insert {
     () => {
-        "INSERT INTO amocrm_tokens (account_id, account_name, domain, subdomain, \
+        "INSERT INTO amocrm_tokens (account_id, external_id, account_name, domain, subdomain, \
      access_token, refresh_token, key_id, expires_at, refresh_expires_at, issued_at, status, raw, \
      last_refresh_at, last_error, refresh_failures, version, created_at, updated_at) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?) "
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?) "
     };
 }
 const UPSERT_ON_CONFLICT: &str = concat!(
     upsert_insert!(),
     "ON CONFLICT (account_id) DO UPDATE SET \
+     external_id = COALESCE(excluded.external_id, amocrm_tokens.external_id), \
      account_name = excluded.account_name, domain = excluded.domain, subdomain = excluded.subdomain, \
      access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
      key_id = excluded.key_id, expires_at = excluded.expires_at, \
@@ -86,6 +90,7 @@ const UPSERT_ON_CONFLICT: &str = concat!(
 const UPSERT_ON_DUPLICATE_KEY: &str = concat!(
     upsert_insert!(),
     "ON DUPLICATE KEY UPDATE \
+     external_id = COALESCE(VALUES(external_id), external_id), \
      account_name = VALUES(account_name), domain = VALUES(domain), subdomain = VALUES(subdomain), \
      access_token = VALUES(access_token), refresh_token = VALUES(refresh_token), \
      key_id = VALUES(key_id), expires_at = VALUES(expires_at), \
@@ -105,6 +110,7 @@ impl Store {
         );
         on_pool!(self, pool => sqlx::query(sql)
             .bind(c.account_id)
+            .bind(c.external_id)
             .bind(c.account_name)
             .bind(c.domain)
             .bind(c.subdomain)
@@ -128,6 +134,21 @@ impl Store {
         let rows: Vec<StoredConnection> =
             on_pool!(self, pool => sqlx::query_as(sql).fetch_all(pool).await)
                 .during("listing connections")?;
+        Ok(rows.into_iter().map(ConnectionRow::from).collect())
+    }
+
+    /// Connections of one tenant of the host app.
+    pub async fn connections_of(
+        &self,
+        external_id: &str,
+    ) -> Result<Vec<ConnectionRow>, StoreError> {
+        let sql = self.sql(concat!(
+            select_connection!(),
+            " WHERE external_id = ? ORDER BY id"
+        ));
+        let rows: Vec<StoredConnection> =
+            on_pool!(self, pool => sqlx::query_as(sql).bind(external_id).fetch_all(pool).await)
+                .during("listing the tenant's connections")?;
         Ok(rows.into_iter().map(ConnectionRow::from).collect())
     }
 
@@ -339,6 +360,21 @@ impl Store {
         .during("disconnecting the account")
     }
 
+    /// How many connections have each status.
+    pub async fn connection_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let sql =
+            self.sql("SELECT status, COUNT(*) FROM amocrm_tokens GROUP BY status ORDER BY status");
+        on_pool!(self, pool => sqlx::query_as(sql).fetch_all(pool).await)
+            .during("counting connections")
+    }
+
+    /// When the first active access token expires.
+    pub async fn earliest_expiry(&self) -> Result<Option<Timestamp>, StoreError> {
+        let sql = self.sql("SELECT MIN(expires_at) FROM amocrm_tokens WHERE status = 'active'");
+        on_pool!(self, pool => sqlx::query_scalar(sql).fetch_one(pool).await)
+            .during("finding the earliest expiry")
+    }
+
     /// Ids of the keys that sealed stored tokens, with how many rows each sealed.
     pub async fn key_ids_in_use(&self) -> Result<Vec<(String, i64)>, StoreError> {
         let sql = self.sql(
@@ -354,6 +390,7 @@ impl Store {
 struct StoredConnection {
     id: i64,
     account_id: Option<i64>,
+    external_id: Option<String>,
     account_name: Option<String>,
     domain: String,
     subdomain: String,
@@ -389,6 +426,7 @@ impl From<StoredConnection> for ConnectionRow {
             refresh_token: sealed(row.refresh_token),
             id: row.id,
             account_id: row.account_id,
+            external_id: row.external_id,
             account_name: row.account_name,
             domain: row.domain,
             subdomain: row.subdomain,

@@ -16,6 +16,7 @@ pub use worker::{RefreshSummary, run_worker};
 use crate::amocrm::{AmoClient, AmoError, ProblemKind, TokenSet, account_host, jwt_api_domain};
 use crate::config::Secret;
 use crate::crypto::{Cipher, fill_random, random_token};
+use crate::metrics::{Counter, Metrics};
 use crate::store::{
     Attempt, AttemptKind, ConnectionRow, Outcome, RefreshedPair, Store, StoreError, Timestamp, now,
 };
@@ -82,12 +83,19 @@ pub struct TokenService {
     lease: Duration,
     inflight: Mutex<HashMap<i64, SharedRefresh>>,
     pacer: Pacer,
+    metrics: Arc<Metrics>,
 }
 
 impl TokenService {
     /// `lease` must outlast a whole refresh (amoCRM timeouts included), so a slow holder is
     /// never overtaken; a dead holder blocks others for at most this long.
-    pub fn new(store: Store, amo: Arc<AmoClient>, cipher: Arc<Cipher>, lease: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        amo: Arc<AmoClient>,
+        cipher: Arc<Cipher>,
+        lease: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let owner = format!("{}-{}", std::process::id(), &random_token()[..12]);
         Self {
             store,
@@ -97,6 +105,7 @@ impl TokenService {
             lease,
             inflight: Mutex::new(HashMap::new()),
             pacer: Pacer::amocrm(),
+            metrics,
         }
     }
 
@@ -415,6 +424,13 @@ impl TokenService {
         reason: Option<&str>,
         detail: Option<&str>,
     ) {
+        let label = match (outcome, reason) {
+            (Outcome::Success, _) => "success",
+            (_, Some("needs_reauth")) => "needs_reauth",
+            _ => "failure",
+        };
+        self.metrics
+            .count(Counter::Refreshes, Some(("outcome", label)));
         if outcome == Outcome::Success {
             tracing::info!(
                 kind = "refresh",

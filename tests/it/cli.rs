@@ -34,6 +34,22 @@ async fn cleanup_removes_exactly_the_states_expired_past_the_grace_period(backen
             .await;
     }
 
+    let (ok, stdout, _) = run(amoauth_command(&dir)
+        .env("DATABASE_URL", &url)
+        .args(["cleanup", "--dry-run"]));
+    assert!(ok);
+    assert_eq!(
+        stdout.trim(),
+        "would remove 3 expired states (dry run; nothing was deleted)"
+    );
+    assert_eq!(
+        database
+            .db
+            .count("SELECT COUNT(*) FROM amocrm_oauth_states")
+            .await,
+        5
+    );
+
     let (ok, stdout, stderr) = run(amoauth_command(&dir)
         .env("DATABASE_URL", &url)
         .arg("cleanup"));

@@ -117,10 +117,26 @@ async fn secrets_stay_out_of_logs(log_format: &str) {
         );
     }
     if log_format == "json" {
-        for line in logs.lines() {
-            serde_json::from_str::<serde_json::Value>(line)
-                .unwrap_or_else(|_| panic!("not JSON: {line}"));
-        }
+        let lines: Vec<serde_json::Value> = logs
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+            .collect();
+        // The request log of the successful callback: request id, route, status, latency, account.
+        let finished = lines
+            .iter()
+            .find(|line| {
+                line["span"]["route"] == "/amocrm/callback"
+                    && line["status"] == 200
+                    && line["message"] == "finished processing request"
+            })
+            .unwrap_or_else(|| panic!("no request log line for the callback:\n{logs}"));
+        assert_eq!(finished["span"]["account"], ACCOUNT_ID, "{finished}");
+        assert!(!finished["latency"].is_null(), "{finished}");
+        assert_eq!(
+            finished["span"]["request_id"].as_str().map(str::len),
+            Some(36),
+            "{finished}"
+        );
     }
 }
 

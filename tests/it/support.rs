@@ -287,6 +287,8 @@ pub struct Options {
     pub via_proxy: bool,
     /// How often the refresh worker runs (default: every minute, i.e. not during a test).
     pub refresh_interval: Option<&'static str>,
+    /// AMOAUTH_RETURN_ORIGINS
+    pub return_origins: Option<&'static str>,
 }
 
 pub struct TestApp {
@@ -365,6 +367,7 @@ impl TestApp {
             amocrm_timeout: options.amocrm_timeout.map(Into::into),
             widget_installs: Some(if options.widget_installs { "on" } else { "off" }.into()),
             refresh_interval: options.refresh_interval.map(Into::into),
+            return_origins: options.return_origins.map(Into::into),
             ..Settings::default()
         };
         let running = start_with_listener(settings.server().unwrap(), listener)

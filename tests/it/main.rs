@@ -32,6 +32,7 @@ macro_rules! on_all_backends {
 }
 
 mod backends;
+mod browser;
 mod cli;
 mod flow;
 mod host_app;

@@ -16,6 +16,7 @@ use crate::amocrm::{
 };
 use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
+use crate::events::{ConnectionData, EventType, Events};
 use crate::store::{
     Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, Store, StoreError, now,
 };
@@ -112,6 +113,7 @@ pub struct Flow {
     cipher: Arc<Cipher>,
     state_ttl: Duration,
     widget_installs: bool,
+    events: Arc<Events>,
 }
 
 impl Flow {
@@ -121,6 +123,7 @@ impl Flow {
         cipher: Arc<Cipher>,
         state_ttl: Duration,
         widget_installs: bool,
+        events: Arc<Events>,
     ) -> Self {
         Self {
             store,
@@ -128,6 +131,7 @@ impl Flow {
             cipher,
             state_ttl,
             widget_installs,
+            events,
         }
     }
 
@@ -313,6 +317,8 @@ impl Flow {
                 source,
             })?;
         self.save(host, &tokens, &account).await?;
+        let data = ConnectionData::new(Some(account.id), &host.subdomain, &host.host);
+        self.events.emit(EventType::ConnectionCreated, data).await;
         Ok(Connected {
             account_id: account.id,
             account_name: account.name,

@@ -16,6 +16,7 @@ pub use worker::{RefreshSummary, run_worker};
 use crate::amocrm::{AmoClient, AmoError, ProblemKind, TokenSet, account_host, jwt_api_domain};
 use crate::config::Secret;
 use crate::crypto::{Cipher, fill_random, random_token};
+use crate::events::{ConnectionData, EventType, Events, grant_reason};
 use crate::store::{
     Attempt, AttemptKind, ConnectionRow, Outcome, RefreshedPair, Store, StoreError, Timestamp, now,
 };
@@ -82,12 +83,19 @@ pub struct TokenService {
     lease: Duration,
     inflight: Mutex<HashMap<i64, SharedRefresh>>,
     pacer: Pacer,
+    events: Arc<Events>,
 }
 
 impl TokenService {
     /// `lease` must outlast a whole refresh (amoCRM timeouts included), so a slow holder is
     /// never overtaken; a dead holder blocks others for at most this long.
-    pub fn new(store: Store, amo: Arc<AmoClient>, cipher: Arc<Cipher>, lease: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        amo: Arc<AmoClient>,
+        cipher: Arc<Cipher>,
+        lease: Duration,
+        events: Arc<Events>,
+    ) -> Self {
         let owner = format!("{}-{}", std::process::id(), &random_token()[..12]);
         Self {
             store,
@@ -97,6 +105,7 @@ impl TokenService {
             lease,
             inflight: Mutex::new(HashMap::new()),
             pacer: Pacer::amocrm(),
+            events,
         }
     }
 
@@ -338,7 +347,12 @@ impl TokenService {
             );
             self.store.release_lease(row.id, &self.owner).await?;
         }
-        self.read(row.id).await
+        let current = self.read(row.id).await?;
+        if stored {
+            let data = ConnectionData::of(&current);
+            self.events.emit(EventType::ConnectionRefreshed, data).await;
+        }
+        Ok(current)
     }
 
     /// amoCRM refused the refresh token. Only when no newer pair was stored meanwhile is
@@ -371,6 +385,10 @@ impl TokenService {
                 Some(&reason),
             )
             .await;
+            let data = ConnectionData::of(row).because(grant_reason(err), Some(&reason));
+            self.events
+                .emit(EventType::ConnectionNeedsReauth, data)
+                .await;
             return Err(TokenError::NeedsReauth { reason });
         }
         self.store.release_lease(row.id, &self.owner).await?;
@@ -399,6 +417,12 @@ impl TokenService {
             Some(&message),
         )
         .await;
+        let data = ConnectionData::of(row)
+            .because(err.reason(), Some(&message))
+            .retry_at(retry_at);
+        self.events
+            .emit(EventType::ConnectionRefreshFailed, data)
+            .await;
         Err(TokenError::Amo {
             host: row.domain.clone(),
             reason: err.reason(),

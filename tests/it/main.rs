@@ -33,6 +33,7 @@ macro_rules! on_all_backends {
 
 mod backends;
 mod cli;
+mod events;
 mod flow;
 mod logs;
 mod refresh;

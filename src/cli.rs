@@ -47,6 +47,8 @@ enum Command {
     Tokens,
     /// List active OAuth states (never the states themselves)
     States,
+    /// List events for the host app still pending or failed, and count the delivered ones
+    Events,
     /// Refresh one connection now (by account id or subdomain), or every connection that is due
     Refresh {
         /// Account id or subdomain; without it, every connection due by margin or keep-alive age
@@ -96,6 +98,7 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Cleanup { grace, dry_run } => cleanup(&settings, &grace, dry_run).await,
         Command::Tokens => tokens(&settings).await,
         Command::States => states(&settings).await,
+        Command::Events => events(&settings).await,
         Command::Refresh { account } => refresh(&settings, account.as_deref()).await,
         Command::ApiKey(command) => api_key(&settings, command).await,
         Command::Sandbox { listen } => run_sandbox(&settings, listen).await,
@@ -363,6 +366,50 @@ async fn states(settings: &Settings) -> anyhow::Result<()> {
             s.created_at.format("%Y-%m-%d %H:%M:%S"),
             s.expires_at.format("%Y-%m-%d %H:%M:%S"),
             s.ip.as_deref().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+async fn events(settings: &Settings) -> anyhow::Result<()> {
+    let store = server::open_store(&settings.store()?).await?;
+    let counts = store.event_counts().await?;
+    let count = |status: &str| {
+        counts
+            .iter()
+            .find(|(s, _)| s == status)
+            .map_or(0, |(_, n)| *n)
+    };
+    let (pending, failed) = (count("pending"), count("failed"));
+    println!(
+        "{} delivered, {pending} pending, {failed} failed",
+        count("delivered")
+    );
+    if pending + failed == 0 {
+        return Ok(());
+    }
+    const SHOWN: i64 = 1000;
+    let undelivered = store.undelivered_events(SHOWN).await?;
+    if pending + failed > SHOWN {
+        println!("the oldest {SHOWN}:");
+    }
+    println!(
+        "{:>8}  {:<26} {:<8} {:>8}  {:<20} last_error",
+        "id", "type", "status", "attempts", "next_attempt (UTC)"
+    );
+    for e in undelivered {
+        let next = match e.status.as_str() {
+            "pending" => e.next_attempt_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            _ => "-".into(),
+        };
+        println!(
+            "{:>8}  {:<26} {:<8} {:>8}  {:<20} {}",
+            e.id,
+            e.event_type,
+            e.status,
+            e.attempts,
+            next,
+            e.last_error.as_deref().unwrap_or("-"),
         );
     }
     Ok(())

@@ -133,6 +133,39 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub cleanup_interval: Option<String>,
+    /// Where events for the host app are POSTed; unset: no events
+    #[arg(
+        long,
+        env = "AMOAUTH_EVENTS_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub events_url: Option<String>,
+    /// HMAC-SHA256 key of the events' signatures; required with AMOAUTH_EVENTS_URL
+    #[arg(
+        long,
+        env = "AMOAUTH_EVENTS_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub events_secret: Option<String>,
+    /// Also send connection.refreshed after every refresh (on/off)
+    #[arg(
+        long,
+        env = "AMOAUTH_EVENTS_REFRESHED",
+        global = true,
+        hide_env_values = true
+    )]
+    pub events_refreshed: Option<String>,
+    /// How often `serve` looks for events to deliver (e.g. 1s)
+    #[arg(
+        long,
+        env = "AMOAUTH_EVENTS_INTERVAL",
+        global = true,
+        hide_env_values = true,
+        hide = true
+    )]
+    pub events_interval: Option<String>,
 }
 
 /// A configuration problem, printed as one line: the variable and what is wrong.
@@ -245,6 +278,20 @@ pub struct ServerConfig {
     pub refresh: RefreshConfig,
     /// Exact origins (`https://app.example.com`) a connect link may return to.
     pub return_origins: Vec<String>,
+    /// None: AMOAUTH_EVENTS_URL is unset, so no event is written or sent.
+    pub events: Option<EventsConfig>,
+}
+
+/// Where and how events for the host app are delivered.
+#[derive(Clone, Debug)]
+pub struct EventsConfig {
+    pub url: Url,
+    /// The HMAC-SHA256 key of `X-Amoauth-Signature`.
+    pub secret: Secret,
+    /// Whether `connection.refreshed` is sent (it is frequent, so opt-in).
+    pub refreshed: bool,
+    /// How often the outbox is polled; also the delay before the first retry.
+    pub interval: Duration,
 }
 
 /// When and how tokens are refreshed.
@@ -379,6 +426,7 @@ impl Settings {
             lease: amocrm.timeout * 3 + Duration::from_secs(1),
         };
         let return_origins = parse_origins(self.return_origins.as_deref().unwrap_or_default())?;
+        let events = self.events()?;
         Ok(ServerConfig {
             store,
             amocrm,
@@ -389,7 +437,27 @@ impl Settings {
             cleanup_interval,
             refresh,
             return_origins,
+            events,
         })
+    }
+
+    pub fn events(&self) -> Result<Option<EventsConfig>, ConfigError> {
+        let Some(raw) = non_empty(&self.events_url) else {
+            return Ok(None);
+        };
+        let url = parse_http_url(raw, "AMOAUTH_EVENTS_URL")?;
+        let secret = non_empty(&self.events_secret).ok_or_else(|| {
+            invalid(
+                "AMOAUTH_EVENTS_SECRET",
+                "is required when AMOAUTH_EVENTS_URL is set (the key that signs the events)",
+            )
+        })?;
+        Ok(Some(EventsConfig {
+            url,
+            secret: Secret::new(secret),
+            refreshed: parse_switch(&self.events_refreshed, "AMOAUTH_EVENTS_REFRESHED")?,
+            interval: parse_duration_var(&self.events_interval, "AMOAUTH_EVENTS_INTERVAL", "1s")?,
+        }))
     }
 }
 
@@ -399,6 +467,18 @@ fn non_empty(value: &Option<String>) -> Option<&str> {
 
 fn required<'a>(value: &'a Option<String>, variable: &'static str) -> Result<&'a str, ConfigError> {
     non_empty(value).ok_or_else(|| invalid(variable, "is required but not set"))
+}
+
+/// `on`/`off` (also `true`/`false`, `1`/`0`); unset is off.
+fn parse_switch(value: &Option<String>, variable: &'static str) -> Result<bool, ConfigError> {
+    match non_empty(value) {
+        None | Some("off") | Some("false") | Some("0") => Ok(false),
+        Some("on") | Some("true") | Some("1") => Ok(true),
+        Some(other) => Err(invalid(
+            variable,
+            format!("expected `on` or `off`, got `{other}`"),
+        )),
+    }
 }
 
 fn parse_http_url(raw: &str, variable: &'static str) -> Result<Url, ConfigError> {
@@ -596,6 +676,30 @@ mod tests {
         assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_ENCRYPTION_KEY");
         s.encryption_key = Some("BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=".into());
         assert!(s.server().is_ok());
+    }
+
+    #[test]
+    fn events_need_a_secret_and_are_off_without_a_url() {
+        let mut s = settings();
+        s.events_secret = Some("hook-secret".into());
+        assert!(s.server().unwrap().events.is_none());
+        s.events_secret = None;
+        s.events_url = Some("https://app.example/amoauth/events".into());
+        assert_eq!(
+            s.server().unwrap_err().to_string(),
+            "AMOAUTH_EVENTS_SECRET: is required when AMOAUTH_EVENTS_URL is set (the key that signs the events)"
+        );
+        s.events_secret = Some("hook-secret".into());
+        let events = s.server().unwrap().events.unwrap();
+        assert!(!events.refreshed);
+        assert_eq!(events.interval, Duration::from_secs(1));
+        assert!(!format!("{events:?}").contains("hook-secret"));
+        s.events_refreshed = Some("maybe".into());
+        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_EVENTS_REFRESHED");
+        s.events_refreshed = Some("on".into());
+        assert!(s.server().unwrap().events.unwrap().refreshed);
+        s.events_url = Some("app.example/events".into());
+        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_EVENTS_URL");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod api_keys;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod events;
 pub mod flow;
 pub mod http;
 pub mod metrics;

@@ -46,7 +46,7 @@ impl Counter {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct Histogram {
     /// Count per bucket (not cumulative), plus the overflow bucket.
     buckets: [u64; BUCKETS.len() + 1],
@@ -55,7 +55,7 @@ struct Histogram {
 }
 
 /// The process's metrics; one per running server, so tests in one process do not mix.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Metrics {
     counters: Mutex<BTreeMap<(Counter, String), u64>>,
     durations: Mutex<BTreeMap<String, Histogram>>,

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use crate::amocrm::AmoClient;
 use crate::config::{Secret, ServerConfig, StoreConfig};
 use crate::crypto::{Cipher, load_or_create_key, random_token};
+use crate::events::{Events, run_delivery};
 use crate::flow::Flow;
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
@@ -55,12 +56,19 @@ pub async fn token_service(config: &ServerConfig) -> anyhow::Result<Arc<TokenSer
     let store = open_store(&config.store).await?;
     let cipher = Arc::new(open_cipher(&config.store, &store).await?);
     let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
+    let metrics = Arc::new(Metrics::default());
+    let events = Arc::new(Events::new(
+        store.clone(),
+        config.events.clone(),
+        Arc::clone(&metrics),
+    ));
     Ok(Arc::new(TokenService::new(
         store,
         amo,
         cipher,
         config.refresh.lease,
-        Arc::new(Metrics::default()),
+        metrics,
+        events,
     )))
 }
 
@@ -75,6 +83,8 @@ pub struct Running {
     server: JoinHandle<std::io::Result<()>>,
     /// The cleanup loop and the refresh worker.
     background: Vec<JoinHandle<()>>,
+    /// The event delivery loop: awaited, not aborted, so no delivery stops half-way.
+    delivery: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -84,6 +94,9 @@ impl Running {
         self.server
             .await
             .context("the HTTP server task panicked")??;
+        if let Some(delivery) = self.delivery {
+            let _ = delivery.await;
+        }
         for task in self.background {
             task.abort();
         }
@@ -122,6 +135,12 @@ pub async fn start_with_listener(
     let request_timeout = config.refresh.lease + config.amocrm.timeout * 2 + Duration::from_secs(5);
     let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
     let cipher = Arc::new(cipher);
+    let metrics = Arc::new(Metrics::default());
+    let events = Arc::new(Events::new(
+        store.clone(),
+        config.events.clone(),
+        Arc::clone(&metrics),
+    ));
     let flow = Arc::new(Flow::new(
         store.clone(),
         Arc::clone(&amo),
@@ -129,14 +148,15 @@ pub async fn start_with_listener(
         config.state_ttl,
         config.widget_installs,
         config.return_origins.clone(),
+        Arc::clone(&events),
     ));
-    let metrics = Arc::new(Metrics::default());
     let tokens = Arc::new(TokenService::new(
         store.clone(),
         amo,
         cipher,
         config.refresh.lease,
         Arc::clone(&metrics),
+        Arc::clone(&events),
     ));
     let worker = tokio::spawn(run_worker(
         Arc::clone(&tokens),
@@ -153,6 +173,9 @@ pub async fn start_with_listener(
     };
     let addr = listener.local_addr()?;
     let (shutdown, mut stopped) = watch::channel(false);
+    let delivery = events
+        .is_enabled()
+        .then(|| tokio::spawn(run_delivery(events, shutdown.subscribe())));
     let app = router(state, request_timeout).into_make_service_with_connect_info::<SocketAddr>();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -171,6 +194,7 @@ pub async fn start_with_listener(
         shutdown,
         server,
         background: vec![cleanup, worker],
+        delivery,
     })
 }
 

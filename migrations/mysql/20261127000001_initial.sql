@@ -83,3 +83,20 @@ CREATE TABLE amoauth_api_keys (
     created_at  DATETIME(6) NOT NULL,
     revoked_at  DATETIME(6)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
+
+-- Outbox of events for the host app (AMOAUTH_EVENTS_URL): written where the event happens,
+-- delivered by `serve` with retries. payload is the event's `data` as JSON; lease_until
+-- claims a delivery so two replicas never send one event at the same time.
+CREATE TABLE amoauth_events (
+    id               BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    event_type       VARCHAR(64) NOT NULL,
+    payload          LONGTEXT NOT NULL,
+    created_at       DATETIME(6) NOT NULL,
+    attempts         BIGINT NOT NULL DEFAULT 0,
+    next_attempt_at  DATETIME(6) NOT NULL,
+    lease_until      DATETIME(6),
+    delivered_at     DATETIME(6),
+    status           VARCHAR(16) NOT NULL DEFAULT 'pending',
+    last_error       TEXT,
+    INDEX amoauth_events_status_next_attempt_at (status, next_attempt_at)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;

@@ -83,3 +83,20 @@ CREATE TABLE amoauth_api_keys (
     created_at  TIMESTAMP NOT NULL,
     revoked_at  TIMESTAMP
 );
+
+-- Outbox of events for the host app (AMOAUTH_EVENTS_URL): written where the event happens,
+-- delivered by `serve` with retries. payload is the event's `data` as JSON; lease_until
+-- claims a delivery so two replicas never send one event at the same time.
+CREATE TABLE amoauth_events (
+    id               BIGSERIAL PRIMARY KEY,
+    event_type       VARCHAR(64) NOT NULL,
+    payload          TEXT NOT NULL,
+    created_at       TIMESTAMP NOT NULL,
+    attempts         BIGINT NOT NULL DEFAULT 0,
+    next_attempt_at  TIMESTAMP NOT NULL,
+    lease_until      TIMESTAMP,
+    delivered_at     TIMESTAMP,
+    status           VARCHAR(16) NOT NULL DEFAULT 'pending',
+    last_error       TEXT
+);
+CREATE INDEX amoauth_events_status_next_attempt_at ON amoauth_events (status, next_attempt_at);

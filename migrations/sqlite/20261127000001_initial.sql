@@ -82,3 +82,20 @@ CREATE TABLE amoauth_api_keys (
     created_at  TEXT NOT NULL,
     revoked_at  TEXT
 );
+
+-- Outbox of events for the host app (AMOAUTH_EVENTS_URL): written where the event happens,
+-- delivered by `serve` with retries. payload is the event's `data` as JSON; lease_until
+-- claims a delivery so two replicas never send one event at the same time.
+CREATE TABLE amoauth_events (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_type       TEXT NOT NULL,
+    payload          TEXT NOT NULL,
+    created_at       TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  TEXT NOT NULL,
+    lease_until      TEXT,
+    delivered_at     TEXT,
+    status           TEXT NOT NULL DEFAULT 'pending',
+    last_error       TEXT
+);
+CREATE INDEX amoauth_events_status_next_attempt_at ON amoauth_events (status, next_attempt_at);

@@ -16,6 +16,7 @@ use crate::amocrm::{
 };
 use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
+use crate::events::{ConnectionData, EventType, Events};
 use crate::store::{
     Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, StateRow, Store,
     StoreError, Timestamp, now,
@@ -155,6 +156,7 @@ pub struct Flow {
     state_ttl: Duration,
     widget_installs: bool,
     return_origins: Vec<String>,
+    events: Arc<Events>,
 }
 
 impl Flow {
@@ -165,6 +167,7 @@ impl Flow {
         state_ttl: Duration,
         widget_installs: bool,
         return_origins: Vec<String>,
+        events: Arc<Events>,
     ) -> Self {
         Self {
             store,
@@ -173,6 +176,7 @@ impl Flow {
             state_ttl,
             widget_installs,
             return_origins,
+            events,
         }
     }
 
@@ -395,6 +399,9 @@ impl Flow {
                 source,
             })?;
         self.save(host, &tokens, &account, external_id).await?;
+        let mut data = ConnectionData::new(Some(account.id), &host.subdomain, &host.host);
+        data.external_id = external_id.map(str::to_owned);
+        self.events.emit(EventType::ConnectionCreated, data).await;
         Ok(Connected {
             account_id: account.id,
             account_name: account.name,

@@ -2,6 +2,7 @@
 
 use super::{Flow, Requester};
 use crate::crypto::{constant_time_eq, hmac_sha256_hex};
+use crate::events::{ConnectionData, EventType};
 use crate::store::{Attempt, AttemptKind, Outcome, StoreError, now};
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +143,15 @@ impl Flow {
             return Err(UninstallError::BadSignature);
         }
         Ok(if self.store.disconnect(params.account_id, now()).await? {
+            let id = params.account_id;
+            let data = match self.store.find_connection(&id.to_string()).await {
+                Ok(Some(row)) => ConnectionData::of(&row),
+                _ => ConnectionData::new(Some(id), "", ""),
+            };
+            let data = data.because("uninstalled", None);
+            self.events
+                .emit(EventType::ConnectionDisconnected, data)
+                .await;
             Uninstalled::Disconnected
         } else {
             Uninstalled::NothingToDo

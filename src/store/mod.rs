@@ -4,6 +4,7 @@
 
 mod api_keys;
 mod attempts;
+mod events;
 mod sessions;
 mod states;
 mod tokens;
@@ -20,6 +21,7 @@ use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 
 pub use api_keys::ApiKeyRow;
 pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome};
+pub use events::EventRow;
 pub use states::{Consumption, NewState, StateRow};
 pub use tokens::{ConnectionRow, NewConnection, RefreshedPair};
 

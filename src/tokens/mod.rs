@@ -16,6 +16,7 @@ pub use worker::{RefreshSummary, run_worker};
 use crate::amocrm::{AmoClient, AmoError, ProblemKind, TokenSet, account_host, jwt_api_domain};
 use crate::config::Secret;
 use crate::crypto::{Cipher, fill_random, random_token};
+use crate::events::{ConnectionData, EventType, Events, grant_reason};
 use crate::metrics::{Counter, Metrics};
 use crate::store::{
     Attempt, AttemptKind, ConnectionRow, Outcome, RefreshedPair, Store, StoreError, Timestamp, now,
@@ -84,6 +85,7 @@ pub struct TokenService {
     inflight: Mutex<HashMap<i64, SharedRefresh>>,
     pacer: Pacer,
     metrics: Arc<Metrics>,
+    events: Arc<Events>,
 }
 
 impl TokenService {
@@ -95,6 +97,7 @@ impl TokenService {
         cipher: Arc<Cipher>,
         lease: Duration,
         metrics: Arc<Metrics>,
+        events: Arc<Events>,
     ) -> Self {
         let owner = format!("{}-{}", std::process::id(), &random_token()[..12]);
         Self {
@@ -106,6 +109,7 @@ impl TokenService {
             inflight: Mutex::new(HashMap::new()),
             pacer: Pacer::amocrm(),
             metrics,
+            events,
         }
     }
 
@@ -347,7 +351,12 @@ impl TokenService {
             );
             self.store.release_lease(row.id, &self.owner).await?;
         }
-        self.read(row.id).await
+        let current = self.read(row.id).await?;
+        if stored {
+            let data = ConnectionData::of(&current);
+            self.events.emit(EventType::ConnectionRefreshed, data).await;
+        }
+        Ok(current)
     }
 
     /// amoCRM refused the refresh token. Only when no newer pair was stored meanwhile is
@@ -380,6 +389,10 @@ impl TokenService {
                 Some(&reason),
             )
             .await;
+            let data = ConnectionData::of(row).because(grant_reason(err), Some(&reason));
+            self.events
+                .emit(EventType::ConnectionNeedsReauth, data)
+                .await;
             return Err(TokenError::NeedsReauth { reason });
         }
         self.store.release_lease(row.id, &self.owner).await?;
@@ -408,6 +421,12 @@ impl TokenService {
             Some(&message),
         )
         .await;
+        let data = ConnectionData::of(row)
+            .because(err.reason(), Some(&message))
+            .retry_at(retry_at);
+        self.events
+            .emit(EventType::ConnectionRefreshFailed, data)
+            .await;
         Err(TokenError::Amo {
             host: row.domain.clone(),
             reason: err.reason(),

@@ -34,6 +34,7 @@ macro_rules! on_all_backends {
 mod backends;
 mod browser;
 mod cli;
+mod events;
 mod flow;
 mod host_app;
 mod logs;

@@ -23,6 +23,8 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 pub const ENCRYPTION_KEY: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 pub const ACCOUNT_ID: i64 = 31_337_001;
 pub const ACCOUNT_HOST: &str = "demo.amocrm.ru";
+/// The key that signs events in tests.
+pub const EVENTS_SECRET: &str = "test-events-secret-5c2e8d";
 
 /// Where a test's database lives. PostgreSQL and MariaDB run when their URLs are set in
 /// `AMOAUTH_TEST_POSTGRES_URL` / `AMOAUTH_TEST_MYSQL_URL`; each test gets its own database there.
@@ -289,6 +291,10 @@ pub struct Options {
     pub refresh_interval: Option<&'static str>,
     /// AMOAUTH_RETURN_ORIGINS
     pub return_origins: Option<&'static str>,
+    /// Send events here (signed with `EVENTS_SECRET`, polled every 100 ms).
+    pub events_url: Option<String>,
+    /// Also send connection.refreshed.
+    pub events_refreshed: bool,
 }
 
 pub struct TestApp {
@@ -301,6 +307,7 @@ pub struct TestApp {
     pub database: TestDatabase,
     pub proxy: Option<Proxy>,
     running: Option<Running>,
+    settings: Settings,
 }
 
 pub fn http_client() -> reqwest::Client {
@@ -368,6 +375,10 @@ impl TestApp {
             widget_installs: Some(if options.widget_installs { "on" } else { "off" }.into()),
             refresh_interval: options.refresh_interval.map(Into::into),
             return_origins: options.return_origins.map(Into::into),
+            events_url: options.events_url.clone(),
+            events_secret: options.events_url.as_ref().map(|_| EVENTS_SECRET.into()),
+            events_refreshed: options.events_refreshed.then(|| "on".into()),
+            events_interval: options.events_url.as_ref().map(|_| "100ms".into()),
             ..Settings::default()
         };
         let running = start_with_listener(settings.server().unwrap(), listener)
@@ -382,7 +393,21 @@ impl TestApp {
             database,
             proxy,
             running: Some(running),
+            settings,
         }
+    }
+
+    /// Stops amoauth and starts it again on the same address and database.
+    pub async fn restart(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.unwrap();
+        }
+        let addr: SocketAddr = self.base.strip_prefix("http://").unwrap().parse().unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let running = start_with_listener(self.settings.server().unwrap(), listener)
+            .await
+            .unwrap();
+        self.running = Some(running);
     }
 
     pub fn db(&self) -> &TestDb {

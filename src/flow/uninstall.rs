@@ -142,19 +142,32 @@ impl Flow {
         if !constant_time_eq(&params.signature, &expected) {
             return Err(UninstallError::BadSignature);
         }
-        Ok(if self.store.disconnect(params.account_id, now()).await? {
-            let id = params.account_id;
-            let data = match self.store.find_connection(&id.to_string()).await {
-                Ok(Some(row)) => ConnectionData::of(&row),
-                _ => ConnectionData::new(Some(id), "", ""),
-            };
-            let data = data.because("uninstalled", None);
-            self.events
-                .emit(EventType::ConnectionDisconnected, data)
-                .await;
-            Uninstalled::Disconnected
-        } else {
-            Uninstalled::NothingToDo
-        })
+        Ok(
+            if self.disconnect(params.account_id, "uninstalled").await? {
+                Uninstalled::Disconnected
+            } else {
+                Uninstalled::NothingToDo
+            },
+        )
+    }
+
+    /// Wipes the account's tokens and marks it `disconnected`; `reason` says who asked
+    /// (`uninstalled` by amoCRM, `disconnected_by_admin` from the dashboard). False when
+    /// there was nothing to do.
+    pub async fn disconnect(&self, account_id: i64, reason: &str) -> Result<bool, StoreError> {
+        if !self.store.disconnect(account_id, now()).await? {
+            return Ok(false);
+        }
+        let data = match self.store.find_connection(&account_id.to_string()).await {
+            Ok(Some(row)) => ConnectionData::of(&row),
+            _ => ConnectionData::new(Some(account_id), "", ""),
+        };
+        self.events
+            .emit(
+                EventType::ConnectionDisconnected,
+                data.because(reason, None),
+            )
+            .await;
+        Ok(true)
     }
 }

@@ -14,6 +14,9 @@ pub use problem::{AmoError, Problem, ProblemKind};
 
 use crate::config::{AmoCrmConfig, Secret};
 
+/// amoCRM refresh tokens live 3 months from issue.
+pub const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);
+
 /// Largest response body we read from amoCRM; real ones are a few kilobytes.
 const MAX_BODY: usize = 256 * 1024;
 
@@ -136,29 +139,34 @@ impl AmoClient {
     /// Exchanges an authorization code at the account's own host.
     #[tracing::instrument(skip(self, code), fields(host = %host))]
     pub async fn exchange_code(&self, host: &str, code: &str) -> Result<TokenSet, AmoError> {
-        let form = [
-            ("client_id", self.config.client_id.as_str()),
-            ("client_secret", self.config.client_secret.expose()),
-            ("grant_type", "authorization_code"),
-            ("code", code),
-            ("redirect_uri", self.config.redirect_uri.as_str()),
-        ];
-        let request = self
-            .request(reqwest::Method::POST, host, "/oauth2/access_token")
-            .header(ACCEPT, "application/json")
-            .form(&form);
-        let body = self.send(host, request).await?;
-        parse_token_set(&body)
+        self.token_grant(host, "authorization_code", ("code", code))
+            .await
     }
 
     /// Trades the refresh token for a new pair (amoCRM rotates refresh tokens).
     #[tracing::instrument(skip(self, refresh_token), fields(host = %host))]
     pub async fn refresh(&self, host: &str, refresh_token: &Secret) -> Result<TokenSet, AmoError> {
+        self.token_grant(
+            host,
+            "refresh_token",
+            ("refresh_token", refresh_token.expose()),
+        )
+        .await
+    }
+
+    /// `POST /oauth2/access_token`, form-encoded, with the registered redirect URI (amoCRM
+    /// wants it on refreshes too).
+    async fn token_grant(
+        &self,
+        host: &str,
+        grant_type: &str,
+        (field, value): (&str, &str),
+    ) -> Result<TokenSet, AmoError> {
         let form = [
             ("client_id", self.config.client_id.as_str()),
             ("client_secret", self.config.client_secret.expose()),
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh_token.expose()),
+            ("grant_type", grant_type),
+            (field, value),
             ("redirect_uri", self.config.redirect_uri.as_str()),
         ];
         let request = self

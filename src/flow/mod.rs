@@ -12,7 +12,8 @@ pub use params::CallbackParams;
 pub use uninstall::{UninstallError, Uninstalled};
 
 use crate::amocrm::{
-    Account, AccountHost, AmoClient, AmoError, ConsentMode, TokenSet, account_host, is_dns_label,
+    Account, AccountHost, AmoClient, AmoError, ConsentMode, REFRESH_TOKEN_LIFETIME, TokenSet,
+    account_host, is_dns_label,
 };
 use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
@@ -22,8 +23,6 @@ use crate::store::{
     StoreError, Timestamp, now,
 };
 
-/// amoCRM refresh tokens live 3 months from issue.
-const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);
 /// User agents are cut to this many characters before they are stored.
 const MAX_USER_AGENT: usize = 512;
 

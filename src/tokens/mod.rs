@@ -13,7 +13,10 @@ use tokio::sync::OnceCell;
 
 pub use worker::{RefreshSummary, run_worker};
 
-use crate::amocrm::{AmoClient, AmoError, ProblemKind, TokenSet, account_host, jwt_api_domain};
+use crate::amocrm::{
+    AmoClient, AmoError, ProblemKind, REFRESH_TOKEN_LIFETIME, TokenSet, account_host,
+    jwt_api_domain,
+};
 use crate::config::Secret;
 use crate::crypto::{Cipher, fill_random, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
@@ -25,8 +28,6 @@ use pacer::Pacer;
 
 /// The token API refreshes first when less than this is left of the access token.
 const MIN_VALIDITY: chrono::Duration = chrono::Duration::minutes(5);
-/// amoCRM refresh tokens live 3 months from issue.
-pub const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);
 /// How often a process waiting for another's refresh looks at the row.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Backoff after failed refreshes: 30 s, doubling, at most an hour, with jitter.

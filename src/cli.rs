@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::api_keys;
 use crate::config::{ConfigError, LogFormat, Settings, parse_duration};
+use crate::crypto;
 use crate::crypto::random_token;
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::server;
@@ -54,6 +55,8 @@ enum Command {
         /// Account id or subdomain; without it, every connection due by margin or keep-alive age
         account: Option<String>,
     },
+    /// Re-encrypt every stored token with a new key (see README, "The encryption key")
+    RotateKey,
     /// Manage API keys for the token API
     #[command(subcommand, name = "api-key")]
     ApiKey(ApiKeyCommand),
@@ -101,12 +104,15 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Events => events(&settings).await,
         Command::Refresh { account } => refresh(&settings, account.as_deref()).await,
         Command::ApiKey(command) => api_key(&settings, command).await,
+        Command::RotateKey => rotate_key(&settings).await,
         Command::Sandbox { listen } => run_sandbox(&settings, listen).await,
     }
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // sqlx logs PostgreSQL notices (e.g. on every migration check) at INFO: noise, not news.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -311,6 +317,43 @@ async fn refresh(settings: &Settings, account: Option<&str>) -> anyhow::Result<(
             }
         }
     }
+    Ok(())
+}
+
+/// With `AMOAUTH_ENCRYPTION_KEY="NEW,OLD"`: re-seals with NEW. With a SQLite key file:
+/// adds a new key in front, re-seals, then leaves only the new key in the file.
+async fn rotate_key(settings: &Settings) -> anyhow::Result<()> {
+    let config = settings.store()?;
+    let store = server::open_store(&config).await?;
+    let cipher = server::open_cipher(&config, &store).await?;
+    if config.encryption_key.is_some() {
+        let resealed = server::reseal_all(&store, &cipher).await?;
+        println!(
+            "re-encrypted {resealed} connections with key {}; every token now reads with that key alone, \
+             so the other keys can be removed from AMOAUTH_ENCRYPTION_KEY",
+            cipher.write_key_id()
+        );
+        return Ok(());
+    }
+    let path = server::key_file(&config)
+        .ok_or_else(|| anyhow::anyhow!("AMOAUTH_ENCRYPTION_KEY: is required for this database"))?;
+    let old_keys = crypto::load_or_create_keys(None, Some(&path))?;
+    let new_key = crypto::generate_key();
+    let mut keys = vec![new_key];
+    keys.extend(old_keys);
+    // The old keys stay in the file until every token is re-sealed: a crash in between
+    // leaves a file that still reads everything.
+    crypto::rewrite_key_file(&path, &keys)
+        .with_context(|| format!("cannot write key file {}", path.display()))?;
+    let cipher = crypto::Cipher::from_keys(&keys);
+    let resealed = server::reseal_all(&store, &cipher).await?;
+    crypto::rewrite_key_file(&path, &[new_key])
+        .with_context(|| format!("cannot write key file {}", path.display()))?;
+    println!(
+        "re-encrypted {resealed} connections with new key {}; {} now holds only that key (back it up)",
+        cipher.write_key_id(),
+        path.display()
+    );
     Ok(())
 }
 

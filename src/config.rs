@@ -347,9 +347,9 @@ impl Settings {
             ));
         }
         let encryption_key = non_empty(&self.encryption_key)
-            .map(|key| {
-                decode_key(key)?;
-                Ok(Secret::new(key))
+            .map(|keys| {
+                decode_keys(keys)?;
+                Ok(Secret::new(keys))
             })
             .transpose()?;
         Ok(StoreConfig {
@@ -569,8 +569,22 @@ pub fn parse_duration(raw: &str) -> Option<Duration> {
     }
 }
 
+/// Decodes comma-separated base64 32-byte keys; the first is the one that seals.
+pub fn decode_keys(raw: &str) -> Result<Vec<[u8; 32]>, ConfigError> {
+    let keys = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+        .map(decode_key)
+        .collect::<Result<Vec<_>, _>>()?;
+    if keys.is_empty() {
+        return Err(invalid("AMOAUTH_ENCRYPTION_KEY", "holds no key"));
+    }
+    Ok(keys)
+}
+
 /// Decodes a base64 32-byte key.
-pub fn decode_key(raw: &str) -> Result<[u8; 32], ConfigError> {
+fn decode_key(raw: &str) -> Result<[u8; 32], ConfigError> {
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(raw.trim())
         .map_err(|_| invalid("AMOAUTH_ENCRYPTION_KEY", "is not valid base64"))?;

@@ -10,7 +10,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Secret, decode_key};
+use crate::config::{Secret, decode_keys};
 
 const NONCE_LEN: usize = 24;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -46,12 +46,40 @@ pub struct Sealed {
 
 impl Cipher {
     pub fn new(key: &[u8; 32]) -> Self {
-        let key_id = key_id(key);
-        let aead = XChaCha20Poly1305::new_from_slice(key).expect("32-byte key");
+        Self::from_keys(std::slice::from_ref(key))
+    }
+
+    /// The first key seals; all of them open, so values sealed before a rotation still read.
+    pub fn from_keys(keys: &[[u8; 32]]) -> Self {
+        assert!(!keys.is_empty(), "at least one key");
         Self {
-            write_key_id: key_id.clone(),
-            keys: HashMap::from([(key_id, aead)]),
+            write_key_id: key_id(&keys[0]),
+            keys: keys
+                .iter()
+                .map(|key| {
+                    let aead = XChaCha20Poly1305::new_from_slice(key).expect("32-byte key");
+                    (key_id(key), aead)
+                })
+                .collect(),
         }
+    }
+
+    /// Whether a value sealed with `key_id` can be opened.
+    pub fn knows(&self, key_id: &str) -> bool {
+        self.keys.contains_key(key_id)
+    }
+
+    /// The ids of every configured key, the writing one first.
+    pub fn key_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .keys
+            .keys()
+            .filter(|id| **id != self.write_key_id)
+            .cloned()
+            .collect();
+        ids.sort();
+        ids.insert(0, self.write_key_id.clone());
+        ids
     }
 
     pub fn write_key_id(&self) -> &str {
@@ -116,41 +144,62 @@ pub fn key_id(key: &[u8; 32]) -> String {
     hex::encode(&hasher.finalize()[..4])
 }
 
-/// Loads the key from `AMOAUTH_ENCRYPTION_KEY`, or from (creating if needed) a key file
-/// with mode 0600.
-pub fn load_or_create_key(
+/// Loads the keys (the writing one first) from `AMOAUTH_ENCRYPTION_KEY`, or from (creating
+/// it if needed) a key file with mode 0600; both hold comma-separated base64 keys.
+pub fn load_or_create_keys(
     configured: Option<&Secret>,
     key_file: Option<&Path>,
-) -> anyhow::Result<[u8; 32]> {
+) -> anyhow::Result<Vec<[u8; 32]>> {
     use anyhow::Context as _;
-    if let Some(key) = configured {
-        return Ok(decode_key(key.expose())?);
+    if let Some(keys) = configured {
+        return Ok(decode_keys(keys.expose())?);
     }
     let Some(path) = key_file else {
         anyhow::bail!(
             "AMOAUTH_ENCRYPTION_KEY: is required for this database (generate one with `openssl rand -base64 32`)"
         );
     };
-    let read = |path: &Path| -> anyhow::Result<[u8; 32]> {
+    let read = |path: &Path| -> anyhow::Result<Vec<[u8; 32]>> {
         let content = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read key file {}", path.display()))?;
-        decode_key(&content)
-            .with_context(|| format!("key file {} is not a base64 32-byte key", path.display()))
+        decode_keys(&content).with_context(|| {
+            format!(
+                "key file {} does not hold base64 32-byte keys",
+                path.display()
+            )
+        })
     };
     if path.exists() {
         return read(path);
     }
-    let mut key = [0u8; 32];
-    fill_random(&mut key);
+    let key = generate_key();
     match write_private_file(path, &B64.encode(key)) {
         Ok(()) => {
             tracing::info!(path = %path.display(), "created a new encryption key file; back it up with the database");
-            Ok(key)
+            Ok(vec![key])
         }
         // Another process starting at the same time created it first: use theirs.
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => read(path),
         Err(err) => Err(err).with_context(|| format!("cannot create key file {}", path.display())),
     }
+}
+
+/// Replaces the key file's content with `keys` (the writing one first), atomically.
+pub fn rewrite_key_file(path: &Path, keys: &[[u8; 32]]) -> std::io::Result<()> {
+    let content: Vec<String> = keys.iter().map(|key| B64.encode(key)).collect();
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".rotating");
+    let temporary = std::path::PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    write_private_file(&temporary, &content.join(","))?;
+    std::fs::rename(&temporary, path)
+}
+
+/// A new random key.
+pub fn generate_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    fill_random(&mut key);
+    key
 }
 
 /// Writes the file completely under a temporary name, then links it into place, so no
@@ -253,11 +302,24 @@ mod tests {
     }
 
     #[test]
+    fn older_keys_still_open_what_they_sealed() {
+        let sealed = Cipher::new(&[1u8; 32]).seal("token", "access_token");
+        let rotated = Cipher::from_keys(&[[2u8; 32], [1u8; 32]]);
+        assert_eq!(rotated.write_key_id(), key_id(&[2u8; 32]));
+        assert!(rotated.knows(&sealed.key_id));
+        assert_eq!(
+            rotated.open(&sealed, "access_token").unwrap().expose(),
+            "token"
+        );
+        assert_eq!(rotated.seal("x", "c").key_id, key_id(&[2u8; 32]));
+    }
+
+    #[test]
     fn key_file_is_created_private_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("amoauth.db.key");
-        let first = load_or_create_key(None, Some(&path)).unwrap();
-        let second = load_or_create_key(None, Some(&path)).unwrap();
+        let first = load_or_create_keys(None, Some(&path)).unwrap();
+        let second = load_or_create_keys(None, Some(&path)).unwrap();
         assert_eq!(first, second);
         #[cfg(unix)]
         {

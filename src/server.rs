@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::amocrm::AmoClient;
 use crate::config::{Secret, ServerConfig, StoreConfig};
-use crate::crypto::{Cipher, load_or_create_key, random_token};
+use crate::crypto::{Cipher, load_or_create_keys, random_token};
 use crate::events::{Events, run_delivery};
 use crate::flow::Flow;
 use crate::http::{AppState, router};
@@ -29,26 +29,58 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-/// Loads the key that seals the tokens (creating a key file beside a new SQLite database)
-/// and refuses a key that did not seal the tokens already stored.
-pub async fn open_cipher(config: &StoreConfig, store: &Store) -> anyhow::Result<Cipher> {
-    let key_file = config.database_url.sqlite_path().map(|path| {
+/// Where the SQLite database keeps its key file: `<database file>.key`.
+pub fn key_file(config: &StoreConfig) -> Option<std::path::PathBuf> {
+    config.database_url.sqlite_path().map(|path| {
         let mut name = path.into_os_string();
         name.push(".key");
         std::path::PathBuf::from(name)
-    });
-    let key = load_or_create_key(config.encryption_key.as_ref(), key_file.as_deref())?;
-    let cipher = Cipher::new(&key);
+    })
+}
+
+/// Loads the keys that seal the tokens (creating a key file beside a new SQLite database)
+/// and refuses to start when a stored token was sealed with a key that is not configured:
+/// a wrong key is a clear error, never garbage tokens.
+pub async fn open_cipher(config: &StoreConfig, store: &Store) -> anyhow::Result<Cipher> {
+    let keys = load_or_create_keys(config.encryption_key.as_ref(), key_file(config).as_deref())?;
+    let cipher = Cipher::from_keys(&keys);
     for (key_id, rows) in store.key_ids_in_use().await? {
-        if key_id != cipher.write_key_id() {
+        if !cipher.knows(&key_id) {
             anyhow::bail!(
                 "AMOAUTH_ENCRYPTION_KEY: {rows} stored connection(s) were sealed with key id {key_id}, \
-                 but the configured key has id {}; configure the key that sealed them",
-                cipher.write_key_id()
+                 which is not among the configured keys (ids {}); configure the key that sealed them",
+                cipher.key_ids().join(", ")
             );
         }
     }
     Ok(cipher)
+}
+
+/// Re-seals every stored token with the cipher's writing key; returns how many connections
+/// were re-sealed.
+pub async fn reseal_all(store: &Store, cipher: &Cipher) -> anyhow::Result<u64> {
+    let mut resealed = 0;
+    for row in store.connections().await? {
+        let (Some(access), Some(refresh)) = (&row.access_token, &row.refresh_token) else {
+            continue;
+        };
+        if access.key_id == cipher.write_key_id() {
+            continue;
+        }
+        let access = cipher.seal(
+            cipher.open(access, "access_token")?.expose(),
+            "access_token",
+        );
+        let refresh = cipher.seal(
+            cipher.open(refresh, "refresh_token")?.expose(),
+            "refresh_token",
+        );
+        // A refresh that stored a new pair meanwhile sealed it with the new key already.
+        if store.reseal(row.id, row.version, &access, &refresh).await? {
+            resealed += 1;
+        }
+    }
+    Ok(resealed)
 }
 
 /// The token service on its own, for `amoauth refresh`.

@@ -322,6 +322,31 @@ impl Store {
         .during("marking the connection as needing a new install")
     }
 
+    /// Replaces the sealed pair with the same tokens sealed under another key, if the pair
+    /// did not change since `version` was read. The version stays: the tokens are the same.
+    pub async fn reseal(
+        &self,
+        id: i64,
+        version: i64,
+        access_token: &Sealed,
+        refresh_token: &Sealed,
+    ) -> Result<bool, StoreError> {
+        let sql = self.sql(
+            "UPDATE amocrm_tokens SET access_token = ?, refresh_token = ?, key_id = ? \
+             WHERE id = ? AND version = ?",
+        );
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(&access_token.ciphertext)
+            .bind(&refresh_token.ciphertext)
+            .bind(&access_token.key_id)
+            .bind(id)
+            .bind(version)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected() == 1))
+        .during("re-sealing the tokens")
+    }
+
     /// Points the connection at the account's new host after a subdomain rename.
     pub async fn update_host(
         &self,

@@ -202,6 +202,7 @@ pub async fn start_with_listener(
         metrics,
         admin_token: Arc::new(admin_token.clone()),
         secure_cookies,
+        login_throttle: Arc::default(),
     };
     let addr = listener.local_addr()?;
     let (shutdown, mut stopped) = watch::channel(false);

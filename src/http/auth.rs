@@ -3,7 +3,7 @@
 use axum::Form;
 use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
 use axum::http::header::{
-    ACCEPT, AUTHORIZATION, COOKIE, LOCATION, SET_COOKIE, USER_AGENT, WWW_AUTHENTICATE,
+    ACCEPT, AUTHORIZATION, COOKIE, LOCATION, RETRY_AFTER, SET_COOKIE, USER_AGENT, WWW_AUTHENTICATE,
 };
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -187,13 +187,39 @@ async fn log_in(
     next: &str,
 ) -> Response {
     let lang = Lang::from_headers(headers);
+    if let Some(wait) = state.login_throttle.wait(peer.ip()) {
+        let seconds = wait.as_secs() + 1;
+        tracing::warn!(ip = %peer.ip(), seconds, "admin login refused: too many failures");
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(RETRY_AFTER, seconds.to_string())],
+            Html(
+                pages::error(
+                    lang,
+                    "Слишком много попыток",
+                    "Too many attempts",
+                    &format!("Try again in {seconds} s."),
+                )
+                .into_string(),
+            ),
+        )
+            .into_response();
+    }
     if !constant_time_eq(token, state.admin_token.expose()) {
+        state.login_throttle.failed(peer.ip());
         tracing::warn!(ip = %peer.ip(), "admin login failed");
         return (
             StatusCode::UNAUTHORIZED,
             Html(pages::login(lang, next, true).into_string()),
         )
             .into_response();
+    }
+    state.login_throttle.succeeded(peer.ip());
+    // A new session id at every login; the one the browser had (if any) ends.
+    if let Some(old) = session_cookie(headers)
+        && let Err(err) = state.flow.store().delete_session(&sha256_hex(old)).await
+    {
+        return store_unavailable(lang, &err);
     }
     let session = random_token();
     let created = now();
@@ -227,7 +253,23 @@ async fn log_in(
     response
 }
 
-pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+/// Ends the session. Like every state-changing form of a session, it needs the CSRF token.
+pub async fn logout(
+    admin: Admin,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let csrf = url::form_urlencoded::parse(&body)
+        .find(|(name, _)| name == "csrf")
+        .map(|(_, value)| value.into_owned());
+    if !admin.csrf_ok(csrf.as_deref(), &state.admin_token) {
+        return (
+            StatusCode::FORBIDDEN,
+            "the logout form's CSRF token is missing or wrong\n",
+        )
+            .into_response();
+    }
     if let Some(session) = session_cookie(&headers)
         && let Err(err) = state
             .flow

@@ -6,6 +6,7 @@ mod dashboard;
 mod oauth;
 pub mod openapi;
 pub mod pages;
+pub mod throttle;
 mod webhook;
 
 use std::sync::Arc;
@@ -13,7 +14,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::header::{CACHE_CONTROL, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS};
+use axum::http::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, REFERRER_POLICY, STRICT_TRANSPORT_SECURITY,
+    X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
+};
 use axum::http::{HeaderValue, Request, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,11 +42,13 @@ pub struct AppState {
     pub admin_token: Arc<Secret>,
     /// Session cookies get `Secure` when the public site is https.
     pub secure_cookies: bool,
+    pub login_throttle: Arc<throttle::LoginThrottle>,
 }
 
 /// The whole application. `request_timeout` bounds every route, amoCRM calls included.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    Router::new()
+    let secure = state.secure_cookies;
+    let router = Router::new()
         .route("/", get(dashboard::home))
         .route(
             "/connections/{account_id}/refresh",
@@ -92,6 +98,11 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             X_FRAME_OPTIONS,
             HeaderValue::from_static("DENY"),
         ))
+        // No script runs but by hash; a page that needs one sets its own policy.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            CONTENT_SECURITY_POLICY,
+            HeaderValue::from_str(&pages::content_security_policy(None)).expect("ASCII policy"),
+        ))
         .layer(
             TraceLayer::new_for_http()
                 // The path only: the callback's query holds the authorization code.
@@ -119,7 +130,16 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+    if secure {
+        // Only over https: the browser then refuses plain http to this host for a year.
+        router.layer(SetResponseHeaderLayer::overriding(
+            STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        ))
+    } else {
+        router
+    }
 }
 
 /// The answer when the database fails: 503 with what happened and what to do.

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Query, RawQuery, State};
-use axum::http::header::{LOCATION, USER_AGENT};
+use axum::http::header::{CONTENT_SECURITY_POLICY, LOCATION, USER_AGENT};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
@@ -157,8 +157,13 @@ fn report_to_host_app(
                 .into_iter()
                 .map(|(key, value)| (key.to_owned(), value.into()))
                 .collect();
-            let page = pages::post_message(lang, &origin, &message.into(), url.as_str());
-            Html(page.into_string()).into_response()
+            let (page, script) = pages::post_message(lang, &origin, &message.into(), url.as_str());
+            let policy = pages::content_security_policy(Some(&script));
+            (
+                [(CONTENT_SECURITY_POLICY, policy)],
+                Html(page.into_string()),
+            )
+                .into_response()
         }
         ConsentMode::Popup => {
             url.query_pairs_mut()

@@ -66,7 +66,29 @@ h1{font-size:1.5rem}.card{border:1px solid #d8dee6;border-radius:.5rem;padding:1
 .button.secondary,button.secondary{background:#6b7785}table{border-collapse:collapse;width:100%;font-size:.9rem}\
 td,th{border-bottom:1px solid #e3e8ee;padding:.4rem;text-align:left;vertical-align:top}.low{color:#b3261e;font-weight:600}\
 code{background:#f2f4f7;padding:0 .25rem;border-radius:.2rem}input{font-size:1rem;padding:.45rem;width:100%;max-width:28rem;box-sizing:border-box}\
-.muted{color:#6b7785;font-size:.85rem}tr.suspicious{background:#fff6e5}.table-wrap{overflow-x:auto}";
+.muted{color:#6b7785;font-size:.85rem}tr.suspicious{background:#fff6e5}form.inline{display:inline}.toolbar{margin:1rem 0}.table-wrap{overflow-x:auto}";
+
+/// `'sha256-…'` of an inline element's exact text, for the CSP.
+fn csp_hash(text: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    format!(
+        "'sha256-{}'",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
+/// The pages' Content-Security-Policy: nothing loads from elsewhere, the one inline style and
+/// (when given) one inline script run by hash, no framing, forms post only here.
+pub fn content_security_policy(script: Option<&str>) -> String {
+    let script_src = script.map_or_else(|| "'none'".to_owned(), csp_hash);
+    format!(
+        "default-src 'none'; style-src {}; script-src {script_src}; img-src 'self'; \
+         form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        csp_hash(STYLE)
+    )
+}
 
 fn layout(lang: Lang, title: &str, body: Markup) -> Markup {
     html! {
@@ -263,13 +285,14 @@ pub fn error(lang: Lang, title_ru: &'static str, title_en: &'static str, detail:
 }
 
 /// The last page of a `post_message` connect link: tells the window that opened it how the
-/// connection went (only if that window is on `target_origin`) and closes itself.
+/// connection went (only if that window is on `target_origin`) and closes itself. Returns the
+/// page and its inline script, whose hash the page's CSP must allow.
 pub fn post_message(
     lang: Lang,
     target_origin: &str,
     message: &serde_json::Value,
     fallback: &str,
-) -> Markup {
+) -> (Markup, String) {
     // JSON inside <script>: `<` escaped so no value can close the element.
     let script_json = |value: &serde_json::Value| value.to_string().replace('<', "\\u003c");
     let script = format!(
@@ -278,7 +301,7 @@ pub fn post_message(
         script_json(&serde_json::Value::String(target_origin.to_owned())),
     );
     let title = lang.pick("Подключение завершено", "Connection finished");
-    layout(
+    let page = layout(
         lang,
         title,
         html! {
@@ -287,9 +310,10 @@ pub fn post_message(
                 p { (lang.pick("Это окно можно закрыть.", "You can close this window.")) }
                 p { a.button href=(fallback) { (lang.pick("Вернуться в приложение", "Back to the app")) } }
             }
-            script { (PreEscaped(script)) }
+            script { (PreEscaped(&script)) }
         },
-    )
+    );
+    (page, script)
 }
 
 pub fn login(lang: Lang, next: &str, failed: bool) -> Markup {
@@ -405,10 +429,12 @@ pub fn home(
                 @let (text, ok) = notice.text(lang);
                 div.card.ok[ok].err[!ok] { p { (text) } }
             }
-            p {
+            // A div, not a p: a form inside a p closes it in the HTML parser.
+            div.toolbar {
                 a.button href="/amocrm/install" { (lang.pick("Подключить amoCRM", "Connect amoCRM")) }
                 " "
-                form method="post" action="/logout" style="display:inline" {
+                form.inline method="post" action="/logout" {
+                    @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
                     button.secondary type="submit" { (lang.pick("Выйти", "Log out")) }
                 }
             }
@@ -435,12 +461,12 @@ pub fn home(
                             td.muted { (c.last_error.as_deref().unwrap_or("—")) }
                             td {
                                 @if c.account_id.is_some() && c.status != "disconnected" {
-                                    form method="post" action={ "/connections/" (account_id) "/refresh" } style="display:inline" {
+                                    form.inline method="post" action={ "/connections/" (account_id) "/refresh" } {
                                         @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
                                         button type="submit" { (lang.pick("Обновить", "Refresh now")) }
                                     }
                                     " "
-                                    form method="post" action={ "/connections/" (account_id) "/disconnect" } style="display:inline" {
+                                    form.inline method="post" action={ "/connections/" (account_id) "/disconnect" } {
                                         @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
                                         button.secondary type="submit" { (lang.pick("Отключить", "Disconnect")) }
                                     }

@@ -476,11 +476,26 @@ async fn browser_login_gives_a_session_cookie_that_opens_admin_pages(backend: Ba
     assert_eq!(install.status(), 303);
     let home = app.with_cookie(reqwest::Method::GET, "/", &pair).await;
     assert_eq!(home.status(), 200);
-    assert!(home.text().await.unwrap().contains("Подключить amoCRM"));
+    let page = home.text().await.unwrap();
+    assert!(page.contains("Подключить amoCRM"));
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the logout form carries a CSRF token");
 
-    let logout = app
+    let forged = app
         .with_cookie(reqwest::Method::POST, "/logout", &pair)
         .await;
+    assert_eq!(forged.status(), 403, "logout needs the CSRF token");
+    let logout = app
+        .client
+        .post(format!("{}/logout", app.base))
+        .header("cookie", &pair)
+        .form(&[("csrf", csrf)])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(logout.status(), 303);
     let after = app.with_cookie(reqwest::Method::GET, "/", &pair).await;
     assert_eq!(after.status(), 401, "the session ends at logout");

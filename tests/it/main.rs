@@ -40,4 +40,5 @@ mod host_app;
 mod keys;
 mod logs;
 mod refresh;
+mod security;
 mod support;

@@ -1,0 +1,146 @@
+//! Security headers and admin login hardening.
+
+use sha2::Digest as _;
+
+use crate::support::*;
+
+fn sha256_base64(text: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+#[tokio::test]
+async fn every_page_carries_the_security_headers() {
+    let app = TestApp::spawn(&Backend::Sqlite).await;
+    for path in [
+        "/login",
+        "/",
+        "/amocrm/callback?state=x",
+        "/amocrm/install",
+        "/healthz",
+        "/api/v1/openapi.json",
+        "/no-such-page",
+    ] {
+        let response = app
+            .client
+            .get(format!("{}{path}", app.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let headers = response.headers();
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+            "{path}: {csp}"
+        );
+        assert!(
+            csp.contains("script-src 'none'"),
+            "{path}: no script runs: {csp}"
+        );
+        assert_eq!(headers["referrer-policy"], "no-referrer", "{path}");
+        assert_eq!(headers["cache-control"], "no-store", "{path}");
+        assert_eq!(headers["x-frame-options"], "DENY", "{path}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+        assert!(
+            headers.get("strict-transport-security").is_none(),
+            "no HSTS over plain http"
+        );
+    }
+    // The one inline style is allowed by its hash, so pages keep their look under the CSP.
+    let response = app
+        .client
+        .get(format!("{}/login", app.base))
+        .send()
+        .await
+        .unwrap();
+    let csp = response.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let page = response.text().await.unwrap();
+    let style = page
+        .split("<style>")
+        .nth(1)
+        .unwrap()
+        .split("</style>")
+        .next()
+        .unwrap();
+    assert!(
+        csp.contains(&format!("style-src 'sha256-{}'", sha256_base64(style))),
+        "{csp}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_login_failures_back_off() {
+    let app = TestApp::spawn(&Backend::Sqlite).await;
+    let login = |token: &'static str| {
+        let (client, url) = (app.client.clone(), format!("{}/login", app.base));
+        async move {
+            let response = client
+                .post(url)
+                .form(&[("token", token), ("next", "/")])
+                .send()
+                .await
+                .unwrap();
+            (
+                response.status().as_u16(),
+                response.headers().get("retry-after").cloned(),
+            )
+        }
+    };
+    for _ in 0..6 {
+        assert_eq!(login("wrong-token").await.0, 401);
+    }
+
+    let (status, retry_after) = login(ADMIN_TOKEN).await;
+
+    assert_eq!(status, 429, "even the right token waits out the backoff");
+    assert!(retry_after.is_some());
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        login(ADMIN_TOKEN).await.0,
+        303,
+        "after the wait, the right token works"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn logging_in_again_ends_the_previous_session() {
+    let app = TestApp::spawn(&Backend::Sqlite).await;
+    let log_in = |cookie: Option<String>| {
+        let (client, url) = (app.client.clone(), format!("{}/login", app.base));
+        async move {
+            let mut request = client
+                .post(url)
+                .form(&[("token", ADMIN_TOKEN), ("next", "/")]);
+            if let Some(cookie) = cookie {
+                request = request.header("cookie", cookie);
+            }
+            let response = request.send().await.unwrap();
+            let set = response.headers()["set-cookie"].to_str().unwrap();
+            set.split(';').next().unwrap().to_owned()
+        }
+    };
+    let first = log_in(None).await;
+    let second = log_in(Some(first.clone())).await;
+
+    assert_ne!(first, second, "a new session id at login");
+    assert_eq!(
+        app.with_cookie(reqwest::Method::GET, "/", &first)
+            .await
+            .status(),
+        401
+    );
+    assert_eq!(
+        app.with_cookie(reqwest::Method::GET, "/", &second)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM amoauth_sessions").await, 1);
+    app.stop().await;
+}

@@ -93,6 +93,22 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub widget_installs: Option<String>,
+    /// Requests per client IP on the routes the internet reaches: 20/s, 600/m, or off
+    #[arg(
+        long,
+        env = "AMOAUTH_RATE_LIMIT",
+        global = true,
+        hide_env_values = true
+    )]
+    pub rate_limit: Option<String>,
+    /// Proxy addresses whose X-Forwarded-For is believed (comma-separated IPs)
+    #[arg(
+        long,
+        env = "AMOAUTH_TRUSTED_PROXIES",
+        global = true,
+        hide_env_values = true
+    )]
+    pub trusted_proxies: Option<String>,
     /// Origins allowed in connect-link return URLs (scheme://host[:port], comma-separated)
     #[arg(
         long,
@@ -280,6 +296,62 @@ pub struct ServerConfig {
     pub return_origins: Vec<String>,
     /// None: AMOAUTH_EVENTS_URL is unset, so no event is written or sent.
     pub events: Option<EventsConfig>,
+    /// None: no rate limit.
+    pub rate_limit: Option<RateLimit>,
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+/// At most `requests` per `per_seconds` seconds per client IP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per_seconds: u64,
+}
+
+impl RateLimit {
+    pub fn per_second(self) -> f64 {
+        f64::from(self.requests) / self.per_seconds as f64
+    }
+}
+
+fn parse_rate_limit(raw: &str) -> Result<Option<RateLimit>, ConfigError> {
+    if raw == "off" {
+        return Ok(None);
+    }
+    let parsed = raw.split_once('/').and_then(|(count, unit)| {
+        let requests: u32 = count.trim().parse().ok().filter(|n| *n > 0)?;
+        let per_seconds = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return None,
+        };
+        Some(RateLimit {
+            requests,
+            per_seconds,
+        })
+    });
+    parsed.map(Some).ok_or_else(|| {
+        invalid(
+            "AMOAUTH_RATE_LIMIT",
+            format!("expected e.g. 20/s, 600/m or off, got `{raw}`"),
+        )
+    })
+}
+
+fn parse_trusted_proxies(raw: &str) -> Result<Vec<std::net::IpAddr>, ConfigError> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            entry.parse().map_err(|_| {
+                invalid(
+                    "AMOAUTH_TRUSTED_PROXIES",
+                    format!("`{entry}` is not an IP address"),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Where and how events for the host app are delivered.
@@ -438,6 +510,10 @@ impl Settings {
             refresh,
             return_origins,
             events,
+            rate_limit: parse_rate_limit(non_empty(&self.rate_limit).unwrap_or("20/s"))?,
+            trusted_proxies: parse_trusted_proxies(
+                self.trusted_proxies.as_deref().unwrap_or_default(),
+            )?,
         })
     }
 
@@ -681,6 +757,35 @@ mod tests {
                 .problem
                 .contains("https://app.example.com")
         );
+    }
+
+    #[test]
+    fn rate_limits_and_proxies_parse() {
+        let mut s = settings();
+        assert_eq!(
+            s.server().unwrap().rate_limit,
+            Some(RateLimit {
+                requests: 20,
+                per_seconds: 1
+            })
+        );
+        s.rate_limit = Some("off".into());
+        assert_eq!(s.server().unwrap().rate_limit, None);
+        s.rate_limit = Some("600/m".into());
+        assert_eq!(
+            s.server().unwrap().rate_limit,
+            Some(RateLimit {
+                requests: 600,
+                per_seconds: 60
+            })
+        );
+        s.rate_limit = Some("fast".into());
+        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_RATE_LIMIT");
+        s.rate_limit = None;
+        s.trusted_proxies = Some("127.0.0.1, ::1".into());
+        assert_eq!(s.server().unwrap().trusted_proxies.len(), 2);
+        s.trusted_proxies = Some("10.0.0.0/8".into());
+        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_TRUSTED_PROXIES");
     }
 
     #[test]

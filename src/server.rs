@@ -13,6 +13,7 @@ use crate::config::{Secret, ServerConfig, StoreConfig};
 use crate::crypto::{Cipher, load_or_create_keys, random_token};
 use crate::events::{Events, run_delivery};
 use crate::flow::Flow;
+use crate::http::client::RateLimiter;
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
 use crate::store::{Store, now};
@@ -203,6 +204,8 @@ pub async fn start_with_listener(
         admin_token: Arc::new(admin_token.clone()),
         secure_cookies,
         login_throttle: Arc::default(),
+        rate_limiter: Arc::new(RateLimiter::new(config.rate_limit)),
+        trusted_proxies: Arc::new(config.trusted_proxies.clone()),
     };
     let addr = listener.local_addr()?;
     let (shutdown, mut stopped) = watch::channel(false);

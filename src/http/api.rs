@@ -1,10 +1,10 @@
 //! The JSON API for the host app's services: connections and fresh access tokens.
 
+use axum::Extension;
 use axum::Json;
-use std::net::SocketAddr;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::AppState;
+use super::client::ClientIp;
 use super::oauth::requester;
 use crate::amocrm::ConsentMode;
 use crate::api_keys;
@@ -165,7 +166,7 @@ pub struct ConnectLinkRequest {
 pub async fn connect_link(
     _key: ApiKey,
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientIp(peer)): Extension<ClientIp>,
     headers: HeaderMap,
     body: Result<Json<ConnectLinkRequest>, JsonRejection>,
 ) -> Response {

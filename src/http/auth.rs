@@ -1,7 +1,8 @@
 //! Admin authentication: the Bearer admin token, or a browser session made by logging in with it.
 
+use axum::Extension;
 use axum::Form;
-use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
+use axum::extract::{FromRequestParts, Query, State};
 use axum::http::header::{
     ACCEPT, AUTHORIZATION, COOKIE, LOCATION, RETRY_AFTER, SET_COOKIE, USER_AGENT, WWW_AUTHENTICATE,
 };
@@ -9,8 +10,9 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
+use super::client::ClientIp;
 use super::pages::{self, Lang};
 use super::{AppState, store_unavailable};
 use crate::config::Secret;
@@ -157,7 +159,7 @@ pub struct LoginForm {
 
 pub async fn login_page(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientIp(peer)): Extension<ClientIp>,
     Query(query): Query<LoginQuery>,
     headers: HeaderMap,
 ) -> Response {
@@ -171,7 +173,7 @@ pub async fn login_page(
 
 pub async fn login_submit(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientIp(peer)): Extension<ClientIp>,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
@@ -181,15 +183,15 @@ pub async fn login_submit(
 
 async fn log_in(
     state: &AppState,
-    peer: SocketAddr,
+    peer: IpAddr,
     headers: &HeaderMap,
     token: &str,
     next: &str,
 ) -> Response {
     let lang = Lang::from_headers(headers);
-    if let Some(wait) = state.login_throttle.wait(peer.ip()) {
+    if let Some(wait) = state.login_throttle.wait(peer) {
         let seconds = wait.as_secs() + 1;
-        tracing::warn!(ip = %peer.ip(), seconds, "admin login refused: too many failures");
+        tracing::warn!(ip = %peer, seconds, "admin login refused: too many failures");
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [(RETRY_AFTER, seconds.to_string())],
@@ -206,15 +208,15 @@ async fn log_in(
             .into_response();
     }
     if !constant_time_eq(token, state.admin_token.expose()) {
-        state.login_throttle.failed(peer.ip());
-        tracing::warn!(ip = %peer.ip(), "admin login failed");
+        state.login_throttle.failed(peer);
+        tracing::warn!(ip = %peer, "admin login failed");
         return (
             StatusCode::UNAUTHORIZED,
             Html(pages::login(lang, next, true).into_string()),
         )
             .into_response();
     }
-    state.login_throttle.succeeded(peer.ip());
+    state.login_throttle.succeeded(peer);
     // A new session id at every login; the one the browser had (if any) ends.
     if let Some(old) = session_cookie(headers)
         && let Err(err) = state.flow.store().delete_session(&sha256_hex(old)).await
@@ -224,7 +226,7 @@ async fn log_in(
     let session = random_token();
     let created = now();
     let user_agent = headers.get(USER_AGENT).and_then(|v| v.to_str().ok());
-    let ip = peer.ip().to_string();
+    let ip = peer.to_string();
     if let Err(err) = state
         .flow
         .store()
@@ -239,7 +241,7 @@ async fn log_in(
     {
         return store_unavailable(lang, &err);
     }
-    tracing::info!(ip = %peer.ip(), "admin logged in");
+    tracing::info!(ip = %peer, "admin logged in");
     let secure = if state.secure_cookies { "; Secure" } else { "" };
     let cookie = format!(
         "{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",

@@ -2,6 +2,7 @@
 
 mod api;
 mod auth;
+pub mod client;
 mod dashboard;
 mod oauth;
 pub mod openapi;
@@ -43,6 +44,8 @@ pub struct AppState {
     /// Session cookies get `Secure` when the public site is https.
     pub secure_cookies: bool,
     pub login_throttle: Arc<throttle::LoginThrottle>,
+    pub rate_limiter: Arc<client::RateLimiter>,
+    pub trusted_proxies: Arc<Vec<std::net::IpAddr>>,
 }
 
 /// The whole application. `request_timeout` bounds every route, amoCRM calls included.
@@ -70,6 +73,10 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            client::identify,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             time_request,

@@ -1,14 +1,16 @@
 //! `/amocrm/install` and `/amocrm/callback`: thin wrappers around the flow.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 
-use axum::extract::{ConnectInfo, Query, RawQuery, State};
+use axum::Extension;
+use axum::extract::{Query, RawQuery, State};
 use axum::http::header::{CONTENT_SECURITY_POLICY, LOCATION, USER_AGENT};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
 use super::auth::Admin;
+use super::client::ClientIp;
 use super::pages::{self, Lang};
 use super::{AppState, store_unavailable};
 use crate::amocrm::{AmoError, ConsentMode};
@@ -17,9 +19,9 @@ use crate::flow::{
 };
 use crate::metrics::Counter;
 
-pub(super) fn requester(peer: SocketAddr, headers: &HeaderMap) -> Requester {
+pub(super) fn requester(peer: IpAddr, headers: &HeaderMap) -> Requester {
     Requester {
-        ip: Some(peer.ip().to_string()),
+        ip: Some(peer.to_string()),
         user_agent: headers
             .get(USER_AGENT)
             .and_then(|v| v.to_str().ok())
@@ -36,7 +38,7 @@ pub struct InstallQuery {
 pub async fn install(
     _admin: Admin,
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientIp(peer)): Extension<ClientIp>,
     Query(query): Query<InstallQuery>,
     headers: HeaderMap,
 ) -> Response {
@@ -79,7 +81,7 @@ pub async fn install(
 
 pub async fn callback(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientIp(peer)): Extension<ClientIp>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {

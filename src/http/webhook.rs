@@ -1,18 +1,18 @@
 //! `GET /amocrm/webhook/uninstall`: amoCRM tells us an admin disabled the integration.
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::Extension;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use super::client::ClientIp;
 use super::oauth::requester;
 use crate::flow::{UninstallError, Uninstalled};
 
 pub async fn uninstall(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(ClientIp(peer)): Extension<ClientIp>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {

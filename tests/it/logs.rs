@@ -89,6 +89,21 @@ async fn secrets_stay_out_of_logs(log_format: &str) {
     let bad = callback.replace("referer=demo.amocrm.ru", "referer=evil.com");
     assert_eq!(client.get(&bad).send().await.unwrap().status(), 400);
     let session = cookie.split_once('=').unwrap().1.to_owned();
+    // The token API, with a key made by the CLI: a hit and a miss.
+    let created = amoauth_command(dir.path())
+        .env("DATABASE_URL", &database_url)
+        .args(["api-key", "create", "logs-test"])
+        .output()
+        .unwrap();
+    let api_key = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    let token_url = format!("{base}/api/v1/connections/{ACCOUNT_ID}/token");
+    assert_eq!(api_get(&client, &token_url, &api_key).await.0, 200);
+    assert_eq!(
+        api_get(&client, &token_url, "ak_0123456789abcdef_wrong")
+            .await
+            .0,
+        401
+    );
 
     let logs = process.stop();
 
@@ -101,7 +116,12 @@ async fn secrets_stay_out_of_logs(log_format: &str) {
             && logs.contains("bad_referer")
             && logs.contains("used_state")
     );
-    let mut secrets = vec![CLIENT_SECRET.to_owned(), ADMIN_TOKEN.to_owned(), session];
+    let mut secrets = vec![
+        CLIENT_SECRET.to_owned(),
+        ADMIN_TOKEN.to_owned(),
+        session,
+        api_key,
+    ];
     secrets.extend(sandbox.issued_secrets());
     secrets.extend(states);
     assert!(

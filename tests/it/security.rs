@@ -144,3 +144,103 @@ async fn logging_in_again_ends_the_previous_session() {
     assert_eq!(app.count("SELECT COUNT(*) FROM amoauth_sessions").await, 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn each_client_ip_is_rate_limited_on_the_public_routes() {
+    let options = Options {
+        rate_limit: Some("2/s"),
+        ..Options::default()
+    };
+    let app = TestApp::spawn_with(&Backend::Sqlite, options).await;
+    let callback = format!("{}/amocrm/callback?error=access_denied", app.base);
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let response = app.client.get(&callback).send().await.unwrap();
+        if response.status() == 429 {
+            assert!(
+                response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+                    >= 1
+            );
+        }
+        statuses.push(response.status().as_u16());
+    }
+
+    // A burst of twice the rate passes; the rest wait.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 403).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM amocrm_oauth_attempts")
+            .await,
+        4,
+        "refused requests do nothing"
+    );
+    for path in ["/healthz", "/metrics", "/readyz"] {
+        let status = app
+            .client
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200, "{path} is not limited");
+    }
+    app.stop().await;
+}
+
+async fn audit_ip(app: &TestApp) -> String {
+    app.db()
+        .string("SELECT ip FROM amocrm_oauth_attempts ORDER BY id DESC LIMIT 1")
+        .await
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_a_trusted_proxy() {
+    let url = |app: &TestApp| format!("{}/amocrm/callback?error=access_denied", app.base);
+
+    let direct = TestApp::spawn(&Backend::Sqlite).await;
+    direct
+        .client
+        .get(url(&direct))
+        .header("x-forwarded-for", "203.0.113.5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        audit_ip(&direct).await,
+        "127.0.0.1",
+        "a client cannot claim another address"
+    );
+    direct.stop().await;
+
+    let options = Options {
+        trusted_proxies: Some("127.0.0.1"),
+        rate_limit: Some("1/m"),
+        ..Options::default()
+    };
+    let behind_proxy = TestApp::spawn_with(&Backend::Sqlite, options).await;
+    for client in ["203.0.113.5", "203.0.113.6"] {
+        let forged_then_real = format!("198.51.100.1, {client}");
+        let response = behind_proxy
+            .client
+            .get(url(&behind_proxy))
+            .header("x-forwarded-for", forged_then_real)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "each client has its own budget");
+        assert_eq!(audit_ip(&behind_proxy).await, client);
+    }
+    behind_proxy.stop().await;
+}

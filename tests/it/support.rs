@@ -291,6 +291,10 @@ pub struct Options {
     pub refresh_interval: Option<&'static str>,
     /// AMOAUTH_RETURN_ORIGINS
     pub return_origins: Option<&'static str>,
+    /// AMOAUTH_RATE_LIMIT; tests run without one unless they set it.
+    pub rate_limit: Option<&'static str>,
+    /// AMOAUTH_TRUSTED_PROXIES
+    pub trusted_proxies: Option<&'static str>,
     /// Send events here (signed with `EVENTS_SECRET`, polled every 100 ms).
     pub events_url: Option<String>,
     /// Also send connection.refreshed.
@@ -375,6 +379,8 @@ impl TestApp {
             widget_installs: Some(if options.widget_installs { "on" } else { "off" }.into()),
             refresh_interval: options.refresh_interval.map(Into::into),
             return_origins: options.return_origins.map(Into::into),
+            rate_limit: Some(options.rate_limit.unwrap_or("off").into()),
+            trusted_proxies: options.trusted_proxies.map(Into::into),
             events_url: options.events_url.clone(),
             events_secret: options.events_url.as_ref().map(|_| EVENTS_SECRET.into()),
             events_refreshed: options.events_refreshed.then(|| "on".into()),
@@ -600,6 +606,7 @@ impl ServeProcess {
             .env("AMOAUTH_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("AMOAUTH_AMOCRM_URL", sandbox_origin)
             .env("AMOAUTH_LISTEN", format!("127.0.0.1:{port}"))
+            .env("AMOAUTH_RATE_LIMIT", "off")
             .envs(env.iter().copied())
             .arg("serve")
             .stdout(Stdio::from(file.try_clone().unwrap()))

@@ -57,6 +57,18 @@ mod tests {
         assert!(account_host("a.amocrm.com", &domains()).is_some());
     }
 
+    proptest::proptest! {
+        /// Whatever the input, an accepted host is exactly one DNS label on an allowed domain.
+        #[test]
+        fn accepted_hosts_are_one_label_on_an_allowed_domain(candidate in "[a-zA-Z0-9.@:/%-]{0,40}(\\.amocrm\\.ru)?") {
+            if let Some(host) = account_host(&candidate, &domains()) {
+                proptest::prop_assert_eq!(host.host, format!("{}.{}", host.subdomain, host.domain));
+                proptest::prop_assert!(is_dns_label(&host.subdomain));
+                proptest::prop_assert!(domains().contains(&host.domain));
+            }
+        }
+    }
+
     #[test]
     fn hostile_referers_are_refused() {
         for bad in [

@@ -174,6 +174,19 @@ mod tests {
         assert_eq!(client.kind(), ProblemKind::InvalidClient);
     }
 
+    proptest::proptest! {
+        /// Any body, even almost-JSON, is parsed or refused without panicking.
+        #[test]
+        fn any_error_body_is_handled(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+                                     hint in ".{0,80}") {
+            let _ = Problem::parse(&body);
+            let json = serde_json::json!({ "hint": hint, "status": 401 }).to_string();
+            let problem = Problem::parse(json.as_bytes()).expect("a problem with a hint");
+            let _ = problem.kind();
+            proptest::prop_assert!(problem.summary().chars().count() <= 300);
+        }
+    }
+
     #[test]
     fn amocrm_problem_json_parses() {
         let body = br#"{"hint":"Token has been revoked","title":"\u041d\u0435\u043a\u043e\u0440\u0440\u0435\u043a\u0442\u043d\u044b\u0439 \u0437\u0430\u043f\u0440\u043e\u0441","type":"https://developers.amocrm.ru/v3/errors/OAuthProblemJson","status":401,"detail":"x"}"#;

@@ -196,8 +196,11 @@ impl Flow {
             return Err(InstallError::BadExternalId);
         }
         if let Some(return_url) = request.return_url {
+            // The URL parser silently drops tabs and newlines; a return URL that has any
+            // control character is refused instead of being quietly rewritten.
             let allowed = Url::parse(return_url).ok().filter(|url| {
-                matches!(url.scheme(), "http" | "https")
+                !return_url.chars().any(char::is_control)
+                    && matches!(url.scheme(), "http" | "https")
                     && self
                         .return_origins
                         .contains(&url.origin().ascii_serialization())

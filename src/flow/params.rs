@@ -72,6 +72,18 @@ mod tests {
         assert!(CallbackParams::parse("state=a%00b").is_err());
     }
 
+    proptest::proptest! {
+        /// Any query parses or is refused; nothing panics, and what parses respects the limits.
+        #[test]
+        fn any_callback_query_is_parsed_or_refused(query in ".{0,600}") {
+            if let Ok(params) = CallbackParams::parse(&query) {
+                for value in [&params.code, &params.state, &params.referer].into_iter().flatten() {
+                    proptest::prop_assert!(!value.contains('\0') && value.len() <= MAX_CODE);
+                }
+            }
+        }
+    }
+
     #[test]
     fn states_must_be_256_bit_hex() {
         assert!(is_well_formed_state(&"ab".repeat(32)));

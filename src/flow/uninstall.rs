@@ -42,6 +42,12 @@ struct WebhookParams {
     signature: String,
 }
 
+/// The signature amoCRM sends: lowercase hex HMAC-SHA256 keyed with the client secret over
+/// "{client_id}|{account_id}".
+fn expected_signature(client_id: &str, client_secret: &str, account_id: i64) -> String {
+    hmac_sha256_hex(client_secret, &format!("{client_id}|{account_id}"))
+}
+
 fn parse(query: &str) -> Result<WebhookParams, UninstallError> {
     let (mut client_uuid, mut account_id, mut signature) = (None, None, None);
     for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
@@ -135,9 +141,10 @@ impl Flow {
         if !constant_time_eq(&params.client_uuid, &config.client_id) {
             return Err(UninstallError::WrongClient);
         }
-        let expected = hmac_sha256_hex(
+        let expected = expected_signature(
+            &config.client_id,
             config.client_secret.expose(),
-            &format!("{}|{}", config.client_id, params.account_id),
+            params.account_id,
         );
         if !constant_time_eq(&params.signature, &expected) {
             return Err(UninstallError::BadSignature);
@@ -169,5 +176,39 @@ impl Flow {
             )
             .await;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// Only the exact signature for this client and account is accepted.
+        #[test]
+        fn only_the_right_signature_verifies(account_id in 1i64.., other in 1i64.., forged in "[0-9a-f]{64}") {
+            let good = expected_signature("client", "secret", account_id);
+            proptest::prop_assert!(constant_time_eq(&good, &expected_signature("client", "secret", account_id)));
+            proptest::prop_assert!(!constant_time_eq(&forged, &good) || forged == good);
+            if other != account_id {
+                proptest::prop_assert!(!constant_time_eq(&expected_signature("client", "secret", other), &good));
+            }
+            proptest::prop_assert!(!constant_time_eq(&expected_signature("client", "other-secret", account_id), &good));
+        }
+
+        /// Any query is parsed or refused without panicking.
+        #[test]
+        fn any_webhook_query_is_parsed_or_refused(query in ".{0,300}") {
+            let _ = parse(&query);
+        }
+    }
+
+    #[test]
+    fn a_known_signature_matches_amocrm_php() {
+        // hash_hmac('sha256', 'client|31337001', 'secret'), as amoCRM's PHP check computes it.
+        assert_eq!(
+            expected_signature("client", "secret", 31_337_001),
+            "3180ce1136885fb3a6c33d5bedd5cb2c96160c9fa95205423062534e70e34c37"
+        );
     }
 }

@@ -34,6 +34,9 @@ use crate::store::{StoreError, now};
 use crate::tokens::TokenService;
 use pages::Lang;
 
+/// Requests handled at once, across all routes.
+const MAX_IN_FLIGHT: usize = 512;
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -83,6 +86,11 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         ))
         .with_state(state)
         .layer(DefaultBodyLimit::max(16 * 1024))
+        // Past this many requests in flight, new ones wait: memory and database connections
+        // stay bounded however many clients arrive at once.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            MAX_IN_FLIGHT,
+        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
             request_timeout,

@@ -37,6 +37,7 @@ mod cli;
 mod events;
 mod flow;
 mod host_app;
+mod hostile;
 mod keys;
 mod logs;
 mod refresh;

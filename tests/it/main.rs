@@ -35,6 +35,7 @@ mod backends;
 mod browser;
 mod cli;
 mod events;
+mod faults;
 mod flow;
 mod host_app;
 mod hostile;

@@ -295,6 +295,8 @@ pub struct Options {
     pub rate_limit: Option<&'static str>,
     /// AMOAUTH_TRUSTED_PROXIES
     pub trusted_proxies: Option<&'static str>,
+    /// Send amoCRM requests here instead of the sandbox (the sandbox still issues codes).
+    pub amocrm_url: Option<String>,
     /// Send events here (signed with `EVENTS_SECRET`, polled every 100 ms).
     pub events_url: Option<String>,
     /// Also send connection.refreshed.
@@ -373,7 +375,12 @@ impl TestApp {
             client_secret: Some(CLIENT_SECRET.into()),
             redirect_uri: Some(redirect_uri),
             admin_token: Some(ADMIN_TOKEN.into()),
-            amocrm_url: Some(sandbox_origin.clone()),
+            amocrm_url: Some(
+                options
+                    .amocrm_url
+                    .clone()
+                    .unwrap_or_else(|| sandbox_origin.clone()),
+            ),
             state_ttl: options.state_ttl.map(Into::into),
             amocrm_timeout: options.amocrm_timeout.map(Into::into),
             widget_installs: Some(if options.widget_installs { "on" } else { "off" }.into()),
@@ -630,6 +637,22 @@ impl ServeProcess {
             "amoauth serve did not start: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (up to `limit`) for the process to exit by itself; its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
     }
 
     /// Kills the process and returns everything it wrote.

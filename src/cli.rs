@@ -6,12 +6,15 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use crate::amocrm::AmoClient;
 use crate::api_keys;
-use crate::config::{ConfigError, LogFormat, Settings, parse_duration};
+use crate::config::{ConfigError, DatabaseUrl, LogFormat, Settings, parse_duration};
 use crate::crypto;
 use crate::crypto::random_token;
+use crate::import::{self, ImportOutcome};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::server;
+use crate::store::Backend;
 use crate::store::now;
 
 #[derive(Parser, Debug)]
@@ -54,6 +57,15 @@ enum Command {
     Refresh {
         /// Account id or subdomain; without it, every connection due by margin or keep-alive age
         account: Option<String>,
+    },
+    /// Take over the connections of an earlier integration's amocrm_tokens table
+    Import {
+        /// The database that holds the old amocrm_tokens (sqlite://, postgres://, mysql://)
+        #[arg(long = "from", value_name = "DATABASE_URL")]
+        source: String,
+        /// Report what would happen; refresh nothing, write nothing
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Re-encrypt every stored token with a new key (see README, "The encryption key")
     RotateKey,
@@ -105,6 +117,7 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Refresh { account } => refresh(&settings, account.as_deref()).await,
         Command::ApiKey(command) => api_key(&settings, command).await,
         Command::RotateKey => rotate_key(&settings).await,
+        Command::Import { source, dry_run } => import(&settings, &source, dry_run).await,
         Command::Sandbox { listen } => run_sandbox(&settings, listen).await,
     }
 }
@@ -317,6 +330,38 @@ async fn refresh(settings: &Settings, account: Option<&str>) -> anyhow::Result<(
             }
         }
     }
+    Ok(())
+}
+
+async fn import(settings: &Settings, source: &str, dry_run: bool) -> anyhow::Result<()> {
+    let source = DatabaseUrl::new(source);
+    if Backend::of(&source).is_none() {
+        anyhow::bail!("--from: expected a sqlite://, postgres:// or mysql:// URL");
+    }
+    let config = settings.store()?;
+    let amo = AmoClient::new(settings.amocrm()?);
+    let store = server::open_store(&config).await?;
+    let cipher = server::open_cipher(&config, &store).await?;
+    let report = import::import(&source, &store, &amo, &cipher, dry_run).await?;
+    let (mut imported, mut skipped) = (0, 0);
+    for line in &report {
+        match &line.outcome {
+            ImportOutcome::Imported { account_id } => {
+                imported += 1;
+                println!("imported {} (account {account_id})", line.domain);
+            }
+            ImportOutcome::WouldImport => {
+                imported += 1;
+                println!("would import {}", line.domain);
+            }
+            ImportOutcome::Skipped(why) => {
+                skipped += 1;
+                println!("skipped {}: {why}", line.domain);
+            }
+        }
+    }
+    let verb = if dry_run { "would import" } else { "imported" };
+    println!("{verb} {imported}, skipped {skipped} (from {source})");
     Ok(())
 }
 

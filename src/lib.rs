@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod events;
 pub mod flow;
 pub mod http;
+pub mod import;
 pub mod metrics;
 pub mod sandbox;
 pub mod server;

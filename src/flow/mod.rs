@@ -400,7 +400,15 @@ impl Flow {
                 host: host.host.clone(),
                 source,
             })?;
-        self.save(host, &tokens, &account, external_id).await?;
+        save_connection(
+            &self.store,
+            &self.cipher,
+            host,
+            &tokens,
+            &account,
+            external_id,
+        )
+        .await?;
         let mut data = ConnectionData::new(Some(account.id), &host.subdomain, &host.host);
         data.external_id = external_id.map(str::to_owned);
         self.events.emit(EventType::ConnectionCreated, data).await;
@@ -410,37 +418,6 @@ impl Flow {
             domain: host.host.clone(),
             external_id: external_id.map(str::to_owned),
         })
-    }
-
-    async fn save(
-        &self,
-        host: &AccountHost,
-        tokens: &TokenSet,
-        account: &Account,
-        external_id: Option<&str>,
-    ) -> Result<(), StoreError> {
-        let issued = now();
-        let raw = serde_json::json!({ "token": tokens.raw, "account": account.raw });
-        let raw = scrub(raw.to_string(), tokens);
-        self.store
-            .upsert_connection(&NewConnection {
-                account_id: account.id,
-                external_id,
-                account_name: &account.name,
-                domain: &host.host,
-                subdomain: &host.subdomain,
-                access_token: &self
-                    .cipher
-                    .seal(tokens.access_token.expose(), "access_token"),
-                refresh_token: &self
-                    .cipher
-                    .seal(tokens.refresh_token.expose(), "refresh_token"),
-                expires_at: issued + chrono::Duration::seconds(tokens.expires_in),
-                refresh_expires_at: issued + REFRESH_TOKEN_LIFETIME,
-                raw: &raw,
-                now: issued,
-            })
-            .await
     }
 
     /// Marketplace installs carry no state, so they are off unless configured; amoCRM waits
@@ -612,6 +589,35 @@ impl<'a> Audit<'a> {
 /// callback in the audit trail, useless for forging either.
 fn fingerprint(state_hash: &str) -> String {
     state_hash[..16].to_owned()
+}
+
+/// Seals a fresh pair and saves the account's connection (inserted, or replaced on reconnect).
+pub(crate) async fn save_connection(
+    store: &Store,
+    cipher: &Cipher,
+    host: &AccountHost,
+    tokens: &TokenSet,
+    account: &Account,
+    external_id: Option<&str>,
+) -> Result<(), StoreError> {
+    let issued = now();
+    let raw = serde_json::json!({ "token": tokens.raw, "account": account.raw });
+    let raw = scrub(raw.to_string(), tokens);
+    store
+        .upsert_connection(&NewConnection {
+            account_id: account.id,
+            external_id,
+            account_name: &account.name,
+            domain: &host.host,
+            subdomain: &host.subdomain,
+            access_token: &cipher.seal(tokens.access_token.expose(), "access_token"),
+            refresh_token: &cipher.seal(tokens.refresh_token.expose(), "refresh_token"),
+            expires_at: issued + chrono::Duration::seconds(tokens.expires_in),
+            refresh_expires_at: issued + REFRESH_TOKEN_LIFETIME,
+            raw: &raw,
+            now: issued,
+        })
+        .await
 }
 
 /// Removes any token value that survived into the raw JSON (e.g. echoed in another field).

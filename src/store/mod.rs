@@ -5,6 +5,7 @@
 mod api_keys;
 mod attempts;
 mod events;
+mod seed;
 mod sessions;
 mod states;
 mod tokens;
@@ -22,6 +23,7 @@ use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 pub use api_keys::ApiKeyRow;
 pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome};
 pub use events::EventRow;
+pub use seed::SeedToken;
 pub use states::{Consumption, NewState, StateRow};
 pub use tokens::{ConnectionRow, NewConnection, RefreshedPair};
 
@@ -38,6 +40,16 @@ pub fn now() -> Timestamp {
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
+
+/// The tables amoauth's migrations create.
+const OWN_TABLES: [&str; 6] = [
+    "amocrm_oauth_states",
+    "amocrm_tokens",
+    "amocrm_oauth_attempts",
+    "amoauth_sessions",
+    "amoauth_api_keys",
+    "amoauth_events",
+];
 
 /// How long a request waits for a pooled connection before it is told the database is down.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,6 +69,13 @@ pub enum StoreError {
     Migrate(sqlx::migrate::MigrateError),
     #[error("{0}")]
     Duplicate(String),
+    #[error(
+        "DATABASE_URL: this database already has {0}, which amoauth did not create (the tables of \
+         an earlier amoCRM integration?); amoauth changes nothing in it. Give amoauth its own \
+         database or schema, then take the old connections over with `amoauth import --from <this \
+         database's URL>`"
+    )]
+    ForeignTables(String),
 }
 
 pub(crate) trait Context<T> {
@@ -223,12 +242,40 @@ impl Store {
     /// Applies every pending migration (under the driver's lock on server databases, so
     /// replicas starting together migrate once).
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.refuse_foreign_tables().await?;
         match &self.pool {
             Pool::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await,
             Pool::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
             Pool::MySql(pool) => MYSQL_MIGRATIONS.run(pool).await,
         }
         .map_err(StoreError::Migrate)
+    }
+
+    /// Stops before touching a database that already holds tables with amoauth's names that
+    /// amoauth did not create (the seed app's `amocrm_tokens`, say): they are never altered.
+    async fn refuse_foreign_tables(&self) -> Result<(), StoreError> {
+        let sql = self.dialect(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name",
+            "SELECT CAST(table_name AS TEXT) FROM information_schema.tables \
+             WHERE table_schema = current_schema() ORDER BY 1",
+            "SELECT CAST(table_name AS CHAR) FROM information_schema.tables \
+             WHERE table_schema = DATABASE() ORDER BY 1",
+        );
+        let tables: Vec<String> =
+            on_pool!(self, pool => sqlx::query_scalar(sql).fetch_all(pool).await)
+                .during("listing the database's tables")?;
+        if tables.iter().any(|t| t == "_sqlx_migrations") {
+            return Ok(());
+        }
+        let foreign: Vec<&str> = tables
+            .iter()
+            .map(String::as_str)
+            .filter(|t| OWN_TABLES.contains(t))
+            .collect();
+        if foreign.is_empty() {
+            return Ok(());
+        }
+        Err(StoreError::ForeignTables(foreign.join(", ")))
     }
 
     /// True when every migration this build knows has been applied.

@@ -39,6 +39,7 @@ mod faults;
 mod flow;
 mod host_app;
 mod hostile;
+mod import;
 mod keys;
 mod logs;
 mod refresh;

@@ -209,6 +209,12 @@ impl TestDb {
         on_db!(self, pool => sqlx::query(sql).execute(pool).await.unwrap().rows_affected())
     }
 
+    /// Runs a statement built by the test (table layouts and values it chose itself).
+    pub async fn execute_built(&self, sql: String) -> u64 {
+        let sql = AssertSqlSafe(sql);
+        on_db!(self, pool => sqlx::query(sql).execute(pool).await.unwrap().rows_affected())
+    }
+
     pub async fn fetch_count(&self, sql: &'static str) -> usize {
         on_db!(self, pool => sqlx::query(sql).fetch_all(pool).await.unwrap().len())
     }

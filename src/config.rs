@@ -109,6 +109,9 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub trusted_proxies: Option<String>,
+    /// Prefix of the dashboard, API, health and metrics (e.g. /amocrm/); install and callback keep their paths
+    #[arg(long, env = "AMOAUTH_BASE_PATH", global = true, hide_env_values = true)]
+    pub base_path: Option<String>,
     /// Origins allowed in connect-link return URLs (scheme://host[:port], comma-separated)
     #[arg(
         long,
@@ -296,6 +299,8 @@ pub struct ServerConfig {
     pub return_origins: Vec<String>,
     /// None: AMOAUTH_EVENTS_URL is unset, so no event is written or sent.
     pub events: Option<EventsConfig>,
+    /// `AMOAUTH_BASE_PATH` without its trailing slash: "" for `/`, else e.g. "/amocrm".
+    pub base_path: String,
     /// None: no rate limit.
     pub rate_limit: Option<RateLimit>,
     pub trusted_proxies: Vec<std::net::IpAddr>,
@@ -337,6 +342,25 @@ fn parse_rate_limit(raw: &str) -> Result<Option<RateLimit>, ConfigError> {
             format!("expected e.g. 20/s, 600/m or off, got `{raw}`"),
         )
     })
+}
+
+fn parse_base_path(raw: &str) -> Result<String, ConfigError> {
+    let trimmed = raw.trim_end_matches('/');
+    let valid = raw.starts_with('/')
+        && trimmed.split('/').skip(1).all(|segment| {
+            !segment.is_empty()
+                && segment != ".."
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        });
+    if !valid {
+        return Err(invalid(
+            "AMOAUTH_BASE_PATH",
+            format!("expected a path such as / or /amocrm/, got `{raw}`"),
+        ));
+    }
+    Ok(trimmed.to_owned())
 }
 
 fn parse_trusted_proxies(raw: &str) -> Result<Vec<std::net::IpAddr>, ConfigError> {
@@ -510,6 +534,7 @@ impl Settings {
             refresh,
             return_origins,
             events,
+            base_path: parse_base_path(non_empty(&self.base_path).unwrap_or("/"))?,
             rate_limit: parse_rate_limit(non_empty(&self.rate_limit).unwrap_or("20/s"))?,
             trusted_proxies: parse_trusted_proxies(
                 self.trusted_proxies.as_deref().unwrap_or_default(),
@@ -757,6 +782,24 @@ mod tests {
                 .problem
                 .contains("https://app.example.com")
         );
+    }
+
+    #[test]
+    fn base_paths_are_plain_prefixes() {
+        let mut s = settings();
+        assert_eq!(s.server().unwrap().base_path, "");
+        s.base_path = Some("/amocrm/".into());
+        assert_eq!(s.server().unwrap().base_path, "/amocrm");
+        s.base_path = Some("/a/b".into());
+        assert_eq!(s.server().unwrap().base_path, "/a/b");
+        for bad in ["amocrm", "/amo crm/", "/../x", "//x", "/x?y"] {
+            s.base_path = Some(bad.into());
+            assert_eq!(
+                s.server().unwrap_err().variable,
+                "AMOAUTH_BASE_PATH",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -206,6 +206,7 @@ pub async fn start_with_listener(
         login_throttle: Arc::default(),
         rate_limiter: Arc::new(RateLimiter::new(config.rate_limit)),
         trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+        base_path: Arc::from(config.base_path.as_str()),
     };
     let addr = listener.local_addr()?;
     let (shutdown, mut stopped) = watch::channel(false);

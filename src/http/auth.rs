@@ -14,7 +14,7 @@ use std::net::IpAddr;
 
 use super::client::ClientIp;
 use super::pages::{self, Lang};
-use super::{AppState, store_unavailable};
+use super::{AppState, local, store_unavailable};
 use crate::config::Secret;
 use crate::crypto::{constant_time_eq, hmac_sha256_hex, random_token, sha256_hex};
 use crate::store::now;
@@ -62,7 +62,7 @@ impl IntoResponse for Unauthorized {
             )
                 .into_response(),
             Self::Browser { next } => {
-                let location = format!("/login?next={}", url::form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>());
+                let location = format!("{}?next={}", local("/login"), url::form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>());
                 (StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response()
             }
             Self::Store(err) => store_unavailable(Lang::Ru, &err),
@@ -140,7 +140,7 @@ fn safe_next(next: Option<&str>) -> String {
         Some(next) if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') => {
             next.to_owned()
         }
-        _ => "/".to_owned(),
+        _ => local("/"),
     }
 }
 
@@ -284,7 +284,7 @@ pub async fn logout(
     let clear = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0");
     (
         StatusCode::SEE_OTHER,
-        [(LOCATION, "/login".to_owned()), (SET_COOKIE, clear)],
+        [(LOCATION, local("/login")), (SET_COOKIE, clear)],
     )
         .into_response()
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::auth::Admin;
 use super::pages::{self, Lang};
-use super::{AppState, store_unavailable};
+use super::{AppState, local, store_unavailable};
 use crate::store::{AttemptRecord, StoreError, now};
 
 /// Attempts shown on the dashboard; more are read to find each callback's install.
@@ -126,7 +126,7 @@ fn csrf_field(body: &[u8]) -> Option<String> {
 fn back_to_dashboard(done: &str) -> Response {
     (
         StatusCode::SEE_OTHER,
-        [(LOCATION, format!("/?done={done}"))],
+        [(LOCATION, format!("{}?done={done}", local("/")))],
     )
         .into_response()
 }

@@ -34,6 +34,19 @@ use crate::store::{StoreError, now};
 use crate::tokens::TokenService;
 use pages::Lang;
 
+tokio::task_local! {
+    /// The base path of the request being handled, for the links and redirects it answers.
+    static BASE_PATH: Arc<str>;
+}
+
+/// `path` (starting with `/`) under the base path, e.g. `/login` → `/amocrm/login`.
+pub(crate) fn local(path: &str) -> String {
+    let base = BASE_PATH
+        .try_with(Arc::clone)
+        .unwrap_or_else(|_| Arc::from(""));
+    format!("{base}{path}")
+}
+
 /// Requests handled at once, across all routes.
 const MAX_IN_FLIGHT: usize = 512;
 
@@ -49,12 +62,17 @@ pub struct AppState {
     pub login_throttle: Arc<throttle::LoginThrottle>,
     pub rate_limiter: Arc<client::RateLimiter>,
     pub trusted_proxies: Arc<Vec<std::net::IpAddr>>,
+    /// `AMOAUTH_BASE_PATH` without its trailing slash: "" or e.g. "/amocrm".
+    pub base_path: Arc<str>,
 }
 
 /// The whole application. `request_timeout` bounds every route, amoCRM calls included.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let secure = state.secure_cookies;
-    let router = Router::new()
+    let base = Arc::clone(&state.base_path);
+    // The dashboard, API, health and metrics live under the base path; the seed's paths
+    // (/amocrm/install, /amocrm/callback and the webhook) stay where amoCRM expects them.
+    let own = Router::new()
         .route("/", get(dashboard::home))
         .route(
             "/connections/{account_id}/refresh",
@@ -66,19 +84,37 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         )
         .route("/login", get(auth::login_page).post(auth::login_submit))
         .route("/logout", post(auth::logout))
-        .route("/amocrm/install", get(oauth::install))
-        .route("/amocrm/callback", get(oauth::callback))
-        .route("/amocrm/webhook/uninstall", get(webhook::uninstall))
         .route("/api/v1/connections", get(api::connections))
         .route("/api/v1/connect-links", post(api::connect_link))
         .route("/api/v1/openapi.json", get(openapi::serve))
         .route("/api/v1/connections/{account}/token", get(api::token))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    let seed = Router::new()
+        .route("/amocrm/install", get(oauth::install))
+        .route("/amocrm/callback", get(oauth::callback))
+        .route("/amocrm/webhook/uninstall", get(webhook::uninstall));
+    let routes = if base.is_empty() {
+        own.merge(seed)
+    } else {
+        // A proxy routing `/amocrm/` sends the dashboard as `/amocrm/`: serve that too.
+        let dashboard_slash = Router::new().route(&format!("{base}/"), get(dashboard::home));
+        Router::new()
+            .nest(&base, own)
+            .merge(seed)
+            .merge(dashboard_slash)
+    };
+    let router = routes
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             client::identify,
+        ))
+        .layer(axum::middleware::from_fn(
+            move |request, next: axum::middleware::Next| {
+                let base = Arc::clone(&base);
+                BASE_PATH.scope(base, next.run(request))
+            },
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -9,6 +9,7 @@ use crate::flow::{CallbackError, Connected};
 use std::collections::HashMap;
 
 use super::dashboard::Suspicion;
+use super::local;
 use crate::store::{AttemptRecord, ConnectionRow, Timestamp};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,7 +125,7 @@ pub fn connected(lang: Lang, connected: &Connected) -> Markup {
                 p { (lang.pick("Токены сохранены в зашифрованном виде и будут обновляться автоматически.",
                                "The tokens are stored encrypted and will be kept fresh automatically.")) }
             }
-            p { a.button href="/" { (lang.pick("На главную", "Go to the dashboard")) } }
+            p { a.button href=(local("/")) { (lang.pick("На главную", "Go to the dashboard")) } }
         },
     )
 }
@@ -279,7 +280,7 @@ pub fn error(lang: Lang, title_ru: &'static str, title_en: &'static str, detail:
         title,
         html! {
             div.card.err { h1 { (title) } p { (detail) } }
-            p { a.button href="/" { (lang.pick("На главную", "Go to the dashboard")) } }
+            p { a.button href=(local("/")) { (lang.pick("На главную", "Go to the dashboard")) } }
         },
     )
 }
@@ -326,7 +327,7 @@ pub fn login(lang: Lang, next: &str, failed: bool) -> Markup {
             @if failed {
                 div.card.err { p { (lang.pick("Неверный токен администратора.", "Wrong admin token.")) } }
             }
-            form method="post" action="/login" {
+            form method="post" action=(local("/login")) {
                 input type="hidden" name="next" value=(next);
                 p {
                     label for="token" { (lang.pick("Токен администратора (AMOAUTH_ADMIN_TOKEN)", "Admin token (AMOAUTH_ADMIN_TOKEN)")) }
@@ -433,7 +434,7 @@ pub fn home(
             div.toolbar {
                 a.button href="/amocrm/install" { (lang.pick("Подключить amoCRM", "Connect amoCRM")) }
                 " "
-                form.inline method="post" action="/logout" {
+                form.inline method="post" action=(local("/logout")) {
                     @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
                     button.secondary type="submit" { (lang.pick("Выйти", "Log out")) }
                 }
@@ -461,12 +462,12 @@ pub fn home(
                             td.muted { (c.last_error.as_deref().unwrap_or("—")) }
                             td {
                                 @if c.account_id.is_some() && c.status != "disconnected" {
-                                    form.inline method="post" action={ "/connections/" (account_id) "/refresh" } {
+                                    form.inline method="post" action=(local(&format!("/connections/{account_id}/refresh"))) {
                                         @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
                                         button type="submit" { (lang.pick("Обновить", "Refresh now")) }
                                     }
                                     " "
-                                    form.inline method="post" action={ "/connections/" (account_id) "/disconnect" } {
+                                    form.inline method="post" action=(local(&format!("/connections/{account_id}/disconnect"))) {
                                         @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
                                         button.secondary type="submit" { (lang.pick("Отключить", "Disconnect")) }
                                     }

@@ -244,3 +244,95 @@ async fn forwarded_for_is_believed_only_from_a_trusted_proxy() {
     }
     behind_proxy.stop().await;
 }
+
+/// Behind a site's proxy that routes only `/amocrm/`: everything of amoauth's own lives under
+/// the prefix, and install and callback keep the seed's paths.
+#[tokio::test]
+async fn a_base_path_puts_the_dashboard_api_and_probes_under_the_prefix() {
+    let options = Options {
+        base_path: Some("/amocrm/"),
+        ..Options::default()
+    };
+    let app = TestApp::spawn_with(&Backend::Sqlite, options).await;
+    let status = |path: &'static str| {
+        let (client, url) = (app.client.clone(), format!("{}{path}", app.base));
+        async move {
+            client
+                .get(url)
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    for path in [
+        "/amocrm/",
+        "/amocrm/healthz",
+        "/amocrm/readyz",
+        "/amocrm/metrics",
+        "/amocrm/api/v1/openapi.json",
+    ] {
+        assert_eq!(status(path).await, 200, "{path}");
+    }
+    for path in ["/healthz", "/metrics", "/api/v1/openapi.json", "/login"] {
+        assert_eq!(status(path).await, 404, "{path} moved under the prefix");
+    }
+    assert_eq!(
+        status("/amocrm/install").await,
+        303,
+        "install keeps the seed's path"
+    );
+
+    let browser = app
+        .client
+        .get(format!("{}/amocrm/install", app.base))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(location(&browser), "/amocrm/login?next=%2Famocrm%2Finstall");
+    let login = app
+        .client
+        .post(format!("{}/amocrm/login", app.base))
+        .form(&[("token", ADMIN_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        location(&login),
+        "/amocrm/",
+        "after login, the dashboard under the prefix"
+    );
+    let cookie = login.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let page = app
+        .with_cookie(reqwest::Method::GET, "/amocrm/", &cookie)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(r#"action="/amocrm/logout""#),
+        "links carry the prefix: {page}"
+    );
+    assert!(page.contains(r#"href="/amocrm/install""#));
+    app.connect().await;
+    let page = app
+        .with_cookie(reqwest::Method::GET, "/amocrm/", &cookie)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(r#"action="/amocrm/connections/31337001/refresh""#),
+        "{page}"
+    );
+    app.stop().await;
+}

@@ -303,6 +303,8 @@ pub struct Options {
     pub trusted_proxies: Option<&'static str>,
     /// Send amoCRM requests here instead of the sandbox (the sandbox still issues codes).
     pub amocrm_url: Option<String>,
+    /// AMOAUTH_BASE_PATH
+    pub base_path: Option<&'static str>,
     /// Send events here (signed with `EVENTS_SECRET`, polled every 100 ms).
     pub events_url: Option<String>,
     /// Also send connection.refreshed.
@@ -394,6 +396,7 @@ impl TestApp {
             return_origins: options.return_origins.map(Into::into),
             rate_limit: Some(options.rate_limit.unwrap_or("off").into()),
             trusted_proxies: options.trusted_proxies.map(Into::into),
+            base_path: options.base_path.map(Into::into),
             events_url: options.events_url.clone(),
             events_secret: options.events_url.as_ref().map(|_| EVENTS_SECRET.into()),
             events_refreshed: options.events_refreshed.then(|| "on".into()),

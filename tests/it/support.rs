@@ -305,6 +305,8 @@ pub struct Options {
     pub amocrm_url: Option<String>,
     /// AMOAUTH_BASE_PATH
     pub base_path: Option<&'static str>,
+    /// The site's public origin in front of amoauth (a proxy); default: amoauth's own address.
+    pub public_url: Option<String>,
     /// Send events here (signed with `EVENTS_SECRET`, polled every 100 ms).
     pub events_url: Option<String>,
     /// Also send connection.refreshed.
@@ -365,7 +367,8 @@ impl TestApp {
     pub async fn spawn_with(backend: &Backend, options: Options) -> Self {
         let (listener, addr) = loopback_listener().await;
         let base = format!("http://{addr}");
-        let redirect_uri = format!("{base}/amocrm/callback");
+        let public = options.public_url.clone().unwrap_or_else(|| base.clone());
+        let redirect_uri = format!("{public}/amocrm/callback");
         let (sandbox, sandbox_origin) = spawn_sandbox(&redirect_uri).await;
         let database = backend.fresh_database().await;
         let proxy = match options.via_proxy {

@@ -20,9 +20,11 @@ pub const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);
 /// Largest response body we read from amoCRM; real ones are a few kilobytes.
 const MAX_BODY: usize = 256 * 1024;
 
-/// How the consent window hands control back (amoCRM's `mode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How the consent window hands control back (amoCRM's `mode`): `popup` or `post_message`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ConsentMode {
+    #[default]
     Popup,
     PostMessage,
 }

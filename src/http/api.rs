@@ -158,7 +158,8 @@ pub struct ConnectLinkRequest {
     external_id: String,
     return_url: String,
     /// `popup` (default: the browser is redirected to `return_url`) or `post_message`.
-    mode: Option<String>,
+    #[serde(default)]
+    mode: ConsentMode,
     subdomain: Option<String>,
 }
 
@@ -180,20 +181,9 @@ pub async fn connect_link(
             );
         }
     };
-    let mode = match body.mode.as_deref() {
-        None | Some("popup") => ConsentMode::Popup,
-        Some("post_message") => ConsentMode::PostMessage,
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "`mode` must be popup or post_message",
-            );
-        }
-    };
     let request = InstallRequest {
         subdomain: body.subdomain.as_deref(),
-        mode,
+        mode: body.mode,
         external_id: Some(&body.external_id),
         return_url: Some(&body.return_url),
     };

@@ -32,7 +32,9 @@ pub(super) fn requester(peer: IpAddr, headers: &HeaderMap) -> Requester {
 #[derive(Deserialize)]
 pub struct InstallQuery {
     subdomain: Option<String>,
-    mode: Option<String>,
+    /// A value other than `popup` or `post_message` is refused by the extractor (400).
+    #[serde(default)]
+    mode: ConsentMode,
 }
 
 pub async fn install(
@@ -43,22 +45,9 @@ pub async fn install(
     headers: HeaderMap,
 ) -> Response {
     let lang = Lang::from_headers(&headers);
-    let mode = match query.mode.as_deref() {
-        None | Some("popup") => ConsentMode::Popup,
-        Some("post_message") => ConsentMode::PostMessage,
-        Some(_) => {
-            let page = pages::error(
-                lang,
-                "Неверный запрос",
-                "Invalid request",
-                "mode: popup | post_message",
-            );
-            return (StatusCode::BAD_REQUEST, Html(page.into_string())).into_response();
-        }
-    };
     let request = InstallRequest {
         subdomain: query.subdomain.as_deref(),
-        mode,
+        mode: query.mode,
         external_id: None,
         return_url: None,
     };

@@ -675,6 +675,14 @@ impl ServeProcess {
     }
 }
 
+impl Drop for ServeProcess {
+    /// A test that fails before `stop` leaves no server running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A TCP proxy to a database server that a test can cut (every connection dropped, new ones
 /// refused) and restore, to play a database outage or restart.
 pub struct Proxy {

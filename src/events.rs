@@ -13,11 +13,11 @@ use reqwest::header::CONTENT_TYPE;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::amocrm::{AmoError, ProblemKind};
+use crate::amocrm::{AmoError, ProblemKind, error_chain};
 use crate::config::EventsConfig;
 use crate::crypto::{fill_random, hmac_sha256_hex};
 use crate::metrics::{Counter, Metrics};
-use crate::store::{ConnectionRow, EventRow, Store, StoreError, Timestamp, now};
+use crate::store::{ConnectionRow, EventRow, Store, StoreError, Timestamp, now, rfc3339};
 
 /// Each delivery: connect and total timeout.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -281,16 +281,7 @@ fn describe(err: reqwest::Error) -> String {
     if err.is_timeout() {
         return format!("timed out after {}s", DELIVERY_TIMEOUT.as_secs());
     }
-    let err = err.without_url();
-    // reqwest's own message is generic ("error sending request"); its causes say why.
-    let mut message = err.to_string();
-    let mut source = std::error::Error::source(&err);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
+    error_chain(&err.without_url())
 }
 
 /// `interval · 2^(attempt-1)`, at most 10 minutes, times a random factor in [0.8, 1.0] so
@@ -302,11 +293,6 @@ fn backoff(first: Duration, attempt: i64) -> chrono::Duration {
     fill_random(&mut byte);
     let jitter = 0.8 + 0.2 * f64::from(byte[0]) / 255.0;
     chrono::Duration::milliseconds((base * jitter * 1000.0) as i64)
-}
-
-fn rfc3339(at: Timestamp) -> String {
-    at.and_utc()
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// The delivery loop of `amoauth serve`: every interval, sends what is due. Returns when

@@ -280,7 +280,7 @@ impl AmoClient {
 }
 
 /// The error and its causes on one line (reqwest hides the useful part in `source`).
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -19,7 +19,7 @@ use crate::amocrm::ConsentMode;
 use crate::api_keys;
 use crate::flow::{InstallError, InstallRequest};
 use crate::metrics::Counter;
-use crate::store::{ConnectionRow, Timestamp};
+use crate::store::{ConnectionRow, rfc3339};
 use crate::tokens::TokenError;
 
 /// A JSON error: a stable `error` code and a sentence saying what to do.
@@ -89,12 +89,6 @@ fn database_unavailable(detail: &str) -> Response {
         .headers_mut()
         .insert(RETRY_AFTER, HeaderValue::from_static("5"));
     response
-}
-
-/// RFC 3339 in UTC.
-fn rfc3339(at: Timestamp) -> String {
-    at.and_utc()
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 #[derive(Serialize)]

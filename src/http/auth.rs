@@ -134,6 +134,13 @@ fn wants_html(headers: &HeaderMap) -> bool {
         .is_some_and(|accept| accept.contains("text/html"))
 }
 
+/// The `csrf` field of a form body; API clients may send no body at all.
+pub(super) fn csrf_field(body: &[u8]) -> Option<String> {
+    url::form_urlencoded::parse(body)
+        .find(|(name, _)| name == "csrf")
+        .map(|(_, value)| value.into_owned())
+}
+
 /// Only local paths are followed after login, never another site.
 fn safe_next(next: Option<&str>) -> String {
     match next {
@@ -262,10 +269,7 @@ pub async fn logout(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let csrf = url::form_urlencoded::parse(&body)
-        .find(|(name, _)| name == "csrf")
-        .map(|(_, value)| value.into_owned());
-    if !admin.csrf_ok(csrf.as_deref(), &state.admin_token) {
+    if !admin.csrf_ok(csrf_field(&body).as_deref(), &state.admin_token) {
         return (
             StatusCode::FORBIDDEN,
             "the logout form's CSRF token is missing or wrong\n",

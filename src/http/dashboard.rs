@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 
-use super::auth::Admin;
+use super::auth::{Admin, csrf_field};
 use super::pages::{self, Lang};
 use super::{AppState, local, store_unavailable};
 use crate::store::{AttemptRecord, StoreError, now};
@@ -114,13 +114,6 @@ pub async fn home(
         notice,
     );
     Html(page.into_string()).into_response()
-}
-
-/// The `csrf` field of a form body; API clients may send no body at all.
-fn csrf_field(body: &[u8]) -> Option<String> {
-    url::form_urlencoded::parse(body)
-        .find(|(name, _)| name == "csrf")
-        .map(|(_, value)| value.into_owned())
 }
 
 fn back_to_dashboard(done: &str) -> Response {

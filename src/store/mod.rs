@@ -37,6 +37,12 @@ pub fn now() -> Timestamp {
     chrono::Utc::now().naive_utc()
 }
 
+/// A stored time as RFC 3339 in UTC (`2026-11-27T09:00:00Z`), as the API and events show it.
+pub fn rfc3339(at: Timestamp) -> String {
+    at.and_utc()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");

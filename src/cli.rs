@@ -17,7 +17,7 @@ use crate::server;
 use crate::store::Backend;
 use crate::store::now;
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(
     name = "amoauth",
     version,
@@ -96,6 +96,11 @@ pub async fn run() -> anyhow::Result<()> {
     match dotenvy::dotenv() {
         Ok(_) => {}
         Err(err) if err.not_found() => {}
+        // dotenvy quotes the whole line, which may hold a secret: name the variable only.
+        Err(dotenvy::Error::LineParse(line, _)) => {
+            let variable = line.split('=').next().unwrap_or_default().trim();
+            anyhow::bail!(".env: the line of `{variable}` cannot be parsed (check its quotes)");
+        }
         Err(err) => anyhow::bail!(".env: {err}"),
     }
     let cli = Cli::parse();

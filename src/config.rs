@@ -12,7 +12,8 @@ use url::Url;
 
 /// Raw settings as clap reads them: a flag overrides the variable of the same meaning.
 /// Everything is a string here so that validation can name the variable in its error.
-#[derive(Args, Debug, Clone, Default)]
+/// No Debug: the raw values include the client secret and the keys.
+#[derive(Args, Clone, Default)]
 pub struct Settings {
     /// Database: sqlite://…, postgres://…, mysql://…
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]

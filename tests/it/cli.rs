@@ -168,3 +168,22 @@ on_all_backends!(
     cleanup_removes_exactly_the_states_expired_past_the_grace_period,
     tokens_lists_connections_with_a_masked_preview,
 );
+
+#[test]
+fn a_malformed_env_file_is_reported_without_its_values() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "AMOCRM_CLIENT_SECRET='topsecret-value\n",
+    )
+    .unwrap();
+
+    let (ok, _, stderr) = run(amoauth_command(dir.path()).arg("migrate"));
+
+    assert!(!ok);
+    assert_eq!(
+        stderr,
+        "error: .env: the line of `AMOCRM_CLIENT_SECRET` cannot be parsed (check its quotes)\n"
+    );
+    assert!(!stderr.contains("topsecret"));
+}

@@ -165,6 +165,10 @@ impl Flow {
         if !self.store.disconnect(account_id, now()).await? {
             return Ok(false);
         }
+        // The row is read again only for the event's subdomain and domain.
+        if !self.events.is_enabled() {
+            return Ok(true);
+        }
         let data = match self.store.find_connection(&account_id.to_string()).await {
             Ok(Some(row)) => ConnectionData::of(&row),
             _ => ConnectionData::new(Some(account_id), "", ""),

@@ -187,3 +187,35 @@ fn a_malformed_env_file_is_reported_without_its_values() {
     );
     assert!(!stderr.contains("topsecret"));
 }
+
+/// `serve` purges expired states by itself, keeping those within the 1-day grace period.
+#[tokio::test]
+async fn serve_cleans_up_expired_states_periodically() {
+    let options = Options {
+        cleanup_interval: Some("200ms"),
+        ..Options::default()
+    };
+    let app = TestApp::spawn_with(&Backend::Sqlite, options).await;
+    let now = chrono::Utc::now().naive_utc();
+    for (hash, expired_hours_ago) in [("two-days-old", 48), ("an-hour-old", 1)] {
+        let expires_at = now - chrono::Duration::hours(expired_hours_ago);
+        app.db()
+            .insert_state(hash, expires_at - chrono::Duration::minutes(15), expires_at)
+            .await;
+    }
+
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        left = app
+            .db()
+            .strings("SELECT state_hash FROM amocrm_oauth_states")
+            .await;
+        if left.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    assert_eq!(left, [Some("an-hour-old".to_owned())]);
+    app.stop().await;
+}

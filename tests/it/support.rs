@@ -305,6 +305,8 @@ pub struct Options {
     pub amocrm_url: Option<String>,
     /// AMOAUTH_BASE_PATH
     pub base_path: Option<&'static str>,
+    /// AMOAUTH_CLEANUP_INTERVAL (default: hourly, i.e. not during a test)
+    pub cleanup_interval: Option<&'static str>,
     /// The site's public origin in front of amoauth (a proxy); default: amoauth's own address.
     pub public_url: Option<String>,
     /// Send events here (signed with `EVENTS_SECRET`, polled every 100 ms).
@@ -400,6 +402,7 @@ impl TestApp {
             rate_limit: Some(options.rate_limit.unwrap_or("off").into()),
             trusted_proxies: options.trusted_proxies.map(Into::into),
             base_path: options.base_path.map(Into::into),
+            cleanup_interval: options.cleanup_interval.map(Into::into),
             events_url: options.events_url.clone(),
             events_secret: options.events_url.as_ref().map(|_| EVENTS_SECRET.into()),
             events_refreshed: options.events_refreshed.then(|| "on".into()),

@@ -237,14 +237,6 @@ impl Store {
         Ok(Self { pool })
     }
 
-    pub fn backend(&self) -> Backend {
-        match self.pool {
-            Pool::Sqlite(_) => Backend::Sqlite,
-            Pool::Postgres(_) => Backend::Postgres,
-            Pool::MySql(_) => Backend::MySql,
-        }
-    }
-
     /// Applies every pending migration (under the driver's lock on server databases, so
     /// replicas starting together migrate once).
     pub async fn migrate(&self) -> Result<(), StoreError> {

@@ -219,3 +219,46 @@ async fn serve_cleans_up_expired_states_periodically() {
     assert_eq!(left, [Some("an-hour-old".to_owned())]);
     app.stop().await;
 }
+
+/// Without AMOAUTH_ADMIN_TOKEN, `serve` makes one and prints a login URL that works.
+#[tokio::test]
+async fn serve_without_an_admin_token_prints_a_working_login_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = format!("sqlite://{}", dir.path().join("amoauth.db").display());
+    let port = free_port();
+    let redirect_uri = format!("http://127.0.0.1:{port}/amocrm/callback");
+    let (_sandbox, origin) = spawn_sandbox(&redirect_uri).await;
+    let process = ServeProcess::start(
+        port,
+        &redirect_uri,
+        &origin,
+        &database_url,
+        &[("AMOAUTH_ADMIN_TOKEN", "")],
+    )
+    .await;
+    let output = process.output();
+    let url = output
+        .lines()
+        .find_map(|line| line.strip_prefix("Log in at: "))
+        .unwrap_or_else(|| panic!("no login URL printed:\n{output}"))
+        .to_owned();
+    let token = query_param(&url, "token").unwrap();
+    assert_eq!(token.len(), 64, "a 256-bit token");
+
+    // The printed URL points at the redirect URI's origin, which is this server.
+    let login = http_client().get(&url).send().await.unwrap();
+
+    assert_eq!(login.status(), 303);
+    assert!(
+        login.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .starts_with("amoauth_session=")
+    );
+    let output = process.stop();
+    assert_eq!(
+        output.matches(token.as_str()).count(),
+        1,
+        "printed once, in no log line"
+    );
+}

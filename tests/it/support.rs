@@ -654,6 +654,11 @@ impl ServeProcess {
         );
     }
 
+    /// What it wrote so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

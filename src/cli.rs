@@ -230,7 +230,8 @@ async fn cleanup(settings: &Settings, grace: &str, dry_run: bool) -> anyhow::Res
         println!("would remove {expired} expired states (dry run; nothing was deleted)");
         return Ok(());
     }
-    const BATCH: i64 = 10_000;
+    // Small enough that one batch holds SQLite's write lock for milliseconds.
+    const BATCH: i64 = 2_000;
     // Long purges report progress on stderr, so stdout keeps the one-line result.
     let mut progress = |removed: u64| {
         if removed >= BATCH.unsigned_abs() {

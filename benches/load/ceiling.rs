@@ -52,7 +52,10 @@ pub fn serve(role: &str) -> anyhow::Result<()> {
         let router = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/fixed/redirect", get(fixed_redirect))
-            .route("/fixed/json", get(|| async { ([(CONTENT_TYPE, "application/json")], FIXED_TOKEN_BODY) }))
+            .route(
+                "/fixed/json",
+                get(|| async { ([(CONTENT_TYPE, "application/json")], FIXED_TOKEN_BODY) }),
+            )
             .route("/amocrm/install", get(install))
             .route("/amocrm/callback", get(callback))
             .with_state(ceiling);
@@ -62,7 +65,11 @@ pub fn serve(role: &str) -> anyhow::Result<()> {
 }
 
 async fn fixed_redirect(State(ceiling): State<Arc<Ceiling>>) -> Response {
-    (StatusCode::FOUND, [(LOCATION, ceiling.fixed_consent.clone())]).into_response()
+    (
+        StatusCode::FOUND,
+        [(LOCATION, ceiling.fixed_consent.clone())],
+    )
+        .into_response()
 }
 
 /// Straight to consent, with a state that is only a counter.

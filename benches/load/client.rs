@@ -22,16 +22,27 @@ impl Reply {
     /// The `Location` header of a redirect, or an error naming what came instead.
     pub fn location(&self) -> anyhow::Result<url::Url> {
         if self.status != StatusCode::FOUND && self.status != StatusCode::SEE_OTHER {
-            bail!("expected a redirect, got {}: {}", self.status, self.snippet());
+            bail!(
+                "expected a redirect, got {}: {}",
+                self.status,
+                self.snippet()
+            );
         }
-        let location = self.headers.get(LOCATION).context("redirect without Location")?;
+        let location = self
+            .headers
+            .get(LOCATION)
+            .context("redirect without Location")?;
         url::Url::parse(location.to_str()?).context("Location is not an absolute URL")
     }
 
     /// Fails unless the status is `expected`.
     pub fn expect(self, expected: StatusCode) -> anyhow::Result<Self> {
         if self.status != expected {
-            bail!("expected {expected}, got {}: {}", self.status, self.snippet());
+            bail!(
+                "expected {expected}, got {}: {}",
+                self.status,
+                self.snippet()
+            );
         }
         Ok(self)
     }
@@ -74,7 +85,11 @@ impl Conn {
         self.send(Method::POST, path, headers, Some(body)).await
     }
 
-    pub async fn post_json(&mut self, path: &str, json: &serde_json::Value) -> anyhow::Result<Reply> {
+    pub async fn post_json(
+        &mut self,
+        path: &str,
+        json: &serde_json::Value,
+    ) -> anyhow::Result<Reply> {
         let body = ("application/json", Bytes::from(json.to_string()));
         self.send(Method::POST, path, &[], Some(body)).await
     }
@@ -87,7 +102,9 @@ impl Conn {
         body: Option<(&'static str, Bytes)>,
     ) -> anyhow::Result<Reply> {
         let mut request = Request::builder().method(method).uri(path);
-        let request_headers = request.headers_mut().expect("the builder holds no error yet");
+        let request_headers = request
+            .headers_mut()
+            .expect("the builder holds no error yet");
         request_headers.insert(HOST, self.host.clone());
         for (name, value) in headers.iter().filter(|(_, value)| !value.is_empty()) {
             request_headers.append(

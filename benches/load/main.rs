@@ -119,11 +119,7 @@ impl Bench {
         ]
     }
 
-    async fn start_amoauth(
-        &self,
-        env: &[(&str, String)],
-        name: &str,
-    ) -> anyhow::Result<Server> {
+    async fn start_amoauth(&self, env: &[(&str, String)], name: &str) -> anyhow::Result<Server> {
         let log = self.logs.path().join(format!("{name}.log"));
         Server::amoauth(self.amoauth_addr, env, &log)
             .await
@@ -132,7 +128,12 @@ impl Bench {
 }
 
 /// A closed-loop measurement with where the CPU went meanwhile.
-async fn peak(bench: &Bench, env: &Arc<Env>, op: Op, app_pid: u32) -> anyhow::Result<(Outcome, CpuShare)> {
+async fn peak(
+    bench: &Bench,
+    env: &Arc<Env>,
+    op: Op,
+    app_pid: u32,
+) -> anyhow::Result<(Outcome, CpuShare)> {
     let before = CpuTicks::now(app_pid);
     let started = Instant::now();
     let outcome = closed_loop(env, op, PEAK_CLIENTS, WARMUP, bench.seconds).await;
@@ -170,7 +171,9 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
         seconds: Duration::from_secs(seconds),
         sandbox_runtime,
         amoauth_addr: free_addr()?,
-        logs: tempfile::Builder::new().prefix("amoauth-bench-").tempdir()?,
+        logs: tempfile::Builder::new()
+            .prefix("amoauth-bench-")
+            .tempdir()?,
     };
     let mut report = String::new();
     let flow_accounts: Vec<i64> = FLOW_ACCOUNTS.collect();
@@ -193,11 +196,20 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
         accounts: flow_accounts.clone(),
     });
     let mut ceilings = Vec::new();
-    writeln!(report, "\n## Ceilings: the do-nothing app on the same stack\n")?;
-    writeln!(report, "| ceiling | req/s | p50 ms | p99 ms | CPU % app/sandbox/loadgen/db |")?;
+    writeln!(
+        report,
+        "\n## Ceilings: the do-nothing app on the same stack\n"
+    )?;
+    writeln!(
+        report,
+        "| ceiling | req/s | p50 ms | p99 ms | CPU % app/sandbox/loadgen/db |"
+    )?;
     writeln!(report, "|---|---:|---:|---:|---|")?;
     for (op, name) in [
-        (Op::Flow, "do-nothing flow (install, consent page, Allow, callback)"),
+        (
+            Op::Flow,
+            "do-nothing flow (install, consent page, Allow, callback)",
+        ),
         (Op::Install, "fixed redirect"),
         (Op::Token, "fixed JSON"),
     ] {
@@ -215,7 +227,10 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
     )?;
 
     writeln!(report, "\n## The sandbox alone\n")?;
-    writeln!(report, "| sandbox endpoint | req/s | p50 ms | p99 ms | CPU % app/sandbox/loadgen/db |")?;
+    writeln!(
+        report,
+        "| sandbox endpoint | req/s | p50 ms | p99 ms | CPU % app/sandbox/loadgen/db |"
+    )?;
     writeln!(report, "|---|---:|---:|---:|---|")?;
     let mut seconds_per_flow = 0.0;
     for (op, name) in [
@@ -253,7 +268,13 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
         let database = Database::fresh(backend, &server_url).await?;
         let section = run_backend(&bench, &database, &flow_accounts, &ceilings)
             .await
-            .with_context(|| format!("{}: logs in {}", backend.name(), bench.logs.path().display()))?;
+            .with_context(|| {
+                format!(
+                    "{}: logs in {}",
+                    backend.name(),
+                    bench.logs.path().display()
+                )
+            })?;
         eprintln!("{section}");
         report.push_str(&section);
     }
@@ -274,7 +295,9 @@ async fn run_backend(
         .sandbox(flow_accounts.iter().copied(), &bench.redirect_uri())
         .await?;
     let vars = bench.amoauth_env(database, sandbox_addr);
-    let server = bench.start_amoauth(&vars, &format!("{backend}-serve")).await?;
+    let server = bench
+        .start_amoauth(&vars, &format!("{backend}-serve"))
+        .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (idle_rss, _) = server.memory()?;
 
@@ -290,7 +313,10 @@ async fn run_backend(
         accounts: flow_accounts.to_vec(),
     });
 
-    writeln!(out, "| at the peak ({PEAK_CLIENTS} clients) | req/s | of ceiling | p50 ms | p99 ms | CPU % amoauth/sandbox/loadgen/db |")?;
+    writeln!(
+        out,
+        "| at the peak ({PEAK_CLIENTS} clients) | req/s | of ceiling | p50 ms | p99 ms | CPU % amoauth/sandbox/loadgen/db |"
+    )?;
     writeln!(out, "|---|---:|---:|---:|---:|---|")?;
     let mut peaks = Vec::new();
     let requests_before = sandbox.stats().requests;
@@ -319,7 +345,10 @@ async fn run_backend(
         peaks.push((op, name, outcome.rate()));
     }
 
-    writeln!(out, "\n| at half the peak ({SCHEDULED_CLIENTS} clients, fixed schedule) | req/s | p50 ms | p99 ms | max ms |")?;
+    writeln!(
+        out,
+        "\n| at half the peak ({SCHEDULED_CLIENTS} clients, fixed schedule) | req/s | p50 ms | p99 ms | max ms |"
+    )?;
     writeln!(out, "|---|---:|---:|---:|---:|")?;
     for (op, name, rate) in &peaks {
         let outcome = scheduled(bench, &env, *op, rate / 2.0).await?;
@@ -333,7 +362,12 @@ async fn run_backend(
         )?;
     }
     let (_, load_hwm) = server.memory()?;
-    writeln!(out, "\nRSS: {} idle after start, {} at the peak under load.", mib(idle_rss), mib(load_hwm))?;
+    writeln!(
+        out,
+        "\nRSS: {} idle after start, {} at the peak under load.",
+        mib(idle_rss),
+        mib(load_hwm)
+    )?;
 
     cleanup(bench, database, &env, &vars, &mut out).await?;
     server.stop().await?;
@@ -353,14 +387,25 @@ async fn cleanup(
     database.insert_expired_states(EXPIRED_STATES).await?;
     let inserted = started.elapsed();
     let expired = database.expired_states().await?;
-    ensure!(expired >= EXPIRED_STATES, "only {expired} expired states were inserted");
+    ensure!(
+        expired >= EXPIRED_STATES,
+        "only {expired} expired states were inserted"
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = {
         let (env, stop) = (Arc::clone(env), Arc::clone(&stop));
         tokio::spawn(async move {
             let forever = Duration::from_secs(3600);
-            open_loop(&env, Op::Install, INSTALLS_DURING_CLEANUP, 16, forever, stop).await
+            open_loop(
+                &env,
+                Op::Install,
+                INSTALLS_DURING_CLEANUP,
+                16,
+                forever,
+                stop,
+            )
+            .await
         })
     };
     // Installs alone for a second first, so the cleanup starts under steady load.
@@ -372,7 +417,10 @@ async fn cleanup(
     let installs = load.await?;
     check(&installs, Op::Install)?;
     let left = database.expired_states().await?;
-    ensure!(left == 0, "{left} expired states are left after cleanup ({printed})");
+    ensure!(
+        left == 0,
+        "{left} expired states are left after cleanup ({printed})"
+    );
     writeln!(
         out,
         "\n`amoauth cleanup` of {expired} expired states: {:.2} s (`{}`; inserting them took {:.1} s). \
@@ -393,22 +441,33 @@ async fn refresh(bench: &Bench, database: &Database, out: &mut String) -> anyhow
     let backend = database.backend.name();
     let (first, last) = (*REFRESH_ACCOUNTS.start(), *REFRESH_ACCOUNTS.end());
     let count = last - first + 1;
-    let (sandbox, sandbox_addr) = bench.sandbox(REFRESH_ACCOUNTS, &bench.redirect_uri()).await?;
+    let (sandbox, sandbox_addr) = bench
+        .sandbox(REFRESH_ACCOUNTS, &bench.redirect_uri())
+        .await?;
     let vars = bench.amoauth_env(database, sandbox_addr);
 
-    let server = bench.start_amoauth(&vars, &format!("{backend}-connect")).await?;
+    let server = bench
+        .start_amoauth(&vars, &format!("{backend}-connect"))
+        .await?;
     let started = Instant::now();
     let accounts: Vec<i64> = REFRESH_ACCOUNTS.collect();
     scenario::connect_directly(bench.amoauth_addr, &sandbox, &accounts, PEAK_CLIENTS).await?;
     let connecting = started.elapsed();
     server.stop().await?;
     ensure!(database.connections_at_version(first, last, 1).await? == count);
-    let due = database.make_due(first, last, Duration::from_secs(600)).await?;
-    ensure!(due == count.unsigned_abs(), "{due} connections made due, not {count}");
+    let due = database
+        .make_due(first, last, Duration::from_secs(600))
+        .await?;
+    ensure!(
+        due == count.unsigned_abs(),
+        "{due} connections made due, not {count}"
+    );
 
     let before = sandbox.stats();
     let started = Instant::now();
-    let server = bench.start_amoauth(&vars, &format!("{backend}-refresh")).await?;
+    let server = bench
+        .start_amoauth(&vars, &format!("{backend}-refresh"))
+        .await?;
     let ticks = CpuTicks::now(server.pid());
     let measured = Instant::now();
     loop {
@@ -454,8 +513,14 @@ async fn refresh(bench: &Bench, database: &Database, out: &mut String) -> anyhow
 /// Logs in as the admin and returns the session cookie, `amoauth_session=…`.
 async fn log_in(app: SocketAddr) -> anyhow::Result<String> {
     let mut conn = client::Conn::new(app);
-    let reply = conn.post_form("/login", &[], &[("token", ADMIN_TOKEN)]).await?;
-    ensure!(reply.status == StatusCode::SEE_OTHER, "login answered {}", reply.status);
+    let reply = conn
+        .post_form("/login", &[], &[("token", ADMIN_TOKEN)])
+        .await?;
+    ensure!(
+        reply.status == StatusCode::SEE_OTHER,
+        "login answered {}",
+        reply.status
+    );
     reply
         .headers
         .get_all(hyper::header::SET_COOKIE)
@@ -484,8 +549,10 @@ fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());

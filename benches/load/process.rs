@@ -21,7 +21,11 @@ pub struct Server {
 
 impl Server {
     /// `amoauth serve` on `addr` with `env`, its output in `log`; returns once /healthz answers.
-    pub async fn amoauth(addr: SocketAddr, env: &[(&str, String)], log: &Path) -> anyhow::Result<Self> {
+    pub async fn amoauth(
+        addr: SocketAddr,
+        env: &[(&str, String)],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log)?;
         let mut command = Command::new(AMOAUTH);
         command
@@ -189,7 +193,13 @@ fn entries(dir: &str) -> Vec<(String, u64)> {
         return Vec::new();
     };
     read.flatten()
-        .filter(|entry| entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .filter_map(|entry| stat(&format!("{}/stat", entry.path().display())))
         .collect()
 }

@@ -83,14 +83,20 @@ impl Worker {
             Op::Flow => self.flow().await,
             Op::Token => self.token().await,
             Op::SandboxConsent => {
-                let path = format!("/oauth?client_id={CLIENT_ID}&state=s{}&mode=popup", self.turn);
+                let path = format!(
+                    "/oauth?client_id={CLIENT_ID}&state=s{}&mode=popup",
+                    self.turn
+                );
                 self.sandbox.get(&path, &[]).await?.expect(StatusCode::OK)?;
                 Ok(())
             }
             Op::SandboxDecide => {
                 let (state, account) = (format!("s{}", self.turn), self.account().to_string());
                 let form = decision_form(&state, &account);
-                self.sandbox.post_form("/oauth/decide", &[], &form).await?.location()?;
+                self.sandbox
+                    .post_form("/oauth/decide", &[], &form)
+                    .await?
+                    .location()?;
                 Ok(())
             }
             Op::SandboxExchange => self.sandbox_exchange().await.map(drop),
@@ -147,24 +153,48 @@ impl Worker {
             jar.set(app, session);
         }
 
-        let install = self.app.get("/amocrm/install", &[("cookie", &jar.header(app))]).await?;
+        let install = self
+            .app
+            .get("/amocrm/install", &[("cookie", &jar.header(app))])
+            .await?;
         jar.store(app, &install);
         let consent = install.location().context("install")?;
-        ensure!(consent.port() == Some(sandbox.port()), "install redirected to {consent}");
+        ensure!(
+            consent.port() == Some(sandbox.port()),
+            "install redirected to {consent}"
+        );
         let state = query_value(&consent, "state").context("the consent URL has no state")?;
 
-        let page = self.sandbox.get(&path_and_query(&consent), &[("cookie", &jar.header(sandbox))]).await?;
-        jar.store(sandbox, &page.expect(StatusCode::OK).context("consent page")?);
+        let page = self
+            .sandbox
+            .get(
+                &path_and_query(&consent),
+                &[("cookie", &jar.header(sandbox))],
+            )
+            .await?;
+        jar.store(
+            sandbox,
+            &page.expect(StatusCode::OK).context("consent page")?,
+        );
         let account = self.account().to_string();
         let form = decision_form(&state, &account);
         let cookies = jar.header(sandbox);
         let headers = [("cookie", cookies.as_str())];
-        let decision = self.sandbox.post_form("/oauth/decide", &headers, &form).await?;
+        let decision = self
+            .sandbox
+            .post_form("/oauth/decide", &headers, &form)
+            .await?;
         jar.store(sandbox, &decision);
         let callback = decision.location().context("consent decision")?;
-        ensure!(callback.port() == Some(app.port()), "amoCRM redirected to {callback}");
+        ensure!(
+            callback.port() == Some(app.port()),
+            "amoCRM redirected to {callback}"
+        );
 
-        let done = self.app.get(&path_and_query(&callback), &[("cookie", &jar.header(app))]).await?;
+        let done = self
+            .app
+            .get(&path_and_query(&callback), &[("cookie", &jar.header(app))])
+            .await?;
         done.expect(StatusCode::OK).context("callback")?;
         Ok(())
     }
@@ -179,7 +209,10 @@ impl Worker {
             "code": code,
             "redirect_uri": self.env.redirect_uri,
         });
-        let reply = self.sandbox.post_json("/oauth2/access_token", &request).await?;
+        let reply = self
+            .sandbox
+            .post_json("/oauth2/access_token", &request)
+            .await?;
         let reply = reply.expect(StatusCode::OK).context("code exchange")?;
         let grant: serde_json::Value = serde_json::from_slice(&reply.body)?;
         grant["access_token"]
@@ -232,7 +265,9 @@ pub async fn connect_directly(
                 let Some(&account) = accounts.get(index) else {
                     return anyhow::Ok(());
                 };
-                let install = conn.get("/amocrm/install", &[("authorization", &bearer)]).await?;
+                let install = conn
+                    .get("/amocrm/install", &[("authorization", &bearer)])
+                    .await?;
                 let consent = install.location().context("install")?;
                 let state = query_value(&consent, "state").context("no state")?;
                 let code = sandbox.authorize(account);
@@ -241,7 +276,9 @@ pub async fn connect_directly(
                     account_host(account)
                 );
                 let reply = conn.get(&callback, &[]).await?;
-                reply.expect(StatusCode::OK).with_context(|| format!("connecting {account}"))?;
+                reply
+                    .expect(StatusCode::OK)
+                    .with_context(|| format!("connecting {account}"))?;
             }
         });
     }

@@ -48,9 +48,13 @@ impl CallbackParams {
     }
 }
 
-/// A well-formed state is 64 lowercase hex characters (256 bits).
+/// A state's length: 16 hex digits of creation time and 64 of randomness (256 bits).
+pub const STATE_LEN: usize = 80;
+
+/// A well-formed state is `STATE_LEN` lowercase hex characters, or 64 for a state issued
+/// before the time prefix.
 pub fn is_well_formed_state(state: &str) -> bool {
-    state.len() == 64
+    (state.len() == STATE_LEN || state.len() == 64)
         && state
             .bytes()
             .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -85,8 +89,11 @@ mod tests {
     }
 
     #[test]
-    fn states_must_be_256_bit_hex() {
+    fn states_must_be_lowercase_hex_of_the_right_length() {
+        assert!(is_well_formed_state(&"ab".repeat(40)));
         assert!(is_well_formed_state(&"ab".repeat(32)));
+        assert!(!is_well_formed_state(&"ab".repeat(36)));
+        assert!(!is_well_formed_state(&"ab".repeat(41)));
         assert!(!is_well_formed_state(&"AB".repeat(32)));
         assert!(!is_well_formed_state("' OR 1=1 --"));
     }

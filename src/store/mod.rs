@@ -201,6 +201,9 @@ impl Store {
                 // One writer at a time anyway; a few connections serve concurrent readers.
                 let pool = SqlitePoolOptions::new()
                     .max_connections(8)
+                    // A ping per checkout doubled the round trips to SQLite's worker threads
+                    // (BENCHMARKS.md); a broken connection still fails its query and is dropped.
+                    .test_before_acquire(false)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
                     .connect_lazy_with(options);
                 Pool::Sqlite(pool)
@@ -213,6 +216,7 @@ impl Store {
                 // Several replicas share the server's max_connections (100 by default).
                 let pool = PgPoolOptions::new()
                     .max_connections(16)
+                    .test_before_acquire(false)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
                     .connect_lazy_with(options);
                 Pool::Postgres(pool)
@@ -224,6 +228,7 @@ impl Store {
                     .map_err(connect_error)?;
                 let pool = MySqlPoolOptions::new()
                     .max_connections(16)
+                    .test_before_acquire(false)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
                     .connect_lazy_with(options);
                 Pool::MySql(pool)

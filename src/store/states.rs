@@ -154,6 +154,9 @@ impl Store {
     /// Deletes states that expired before `cutoff`, in batches so a large purge never holds
     /// a lock for long; `progress` hears the running total after each batch. Returns how
     /// many rows were removed.
+    ///
+    /// After each batch it waits as long as the batch took: SQLite's waiting writers only
+    /// poll for the lock, so back-to-back batches starved installs for seconds (BENCHMARKS.md).
     pub async fn delete_expired_states(
         &self,
         cutoff: Timestamp,
@@ -165,6 +168,7 @@ impl Store {
              (SELECT state_hash FROM amocrm_oauth_states WHERE expires_at < ? LIMIT ?)";
         let mut removed = 0;
         loop {
+            let started = std::time::Instant::now();
             let sql = self.dialect(
                 in_subquery,
                 in_subquery,
@@ -182,6 +186,7 @@ impl Store {
             if deleted < batch.unsigned_abs() {
                 return Ok(removed);
             }
+            tokio::time::sleep(started.elapsed()).await;
         }
     }
 }

@@ -236,7 +236,7 @@ async fn serve_without_an_admin_token_prints_a_working_login_url() {
         &[("AMOAUTH_ADMIN_TOKEN", "")],
     )
     .await;
-    let output = process.output();
+    let output = process.output_with("Log in at: ").await;
     let url = output
         .lines()
         .find_map(|line| line.strip_prefix("Log in at: "))

@@ -403,8 +403,15 @@ async fn install_requires_the_admin_and_redirects_with_a_256_bit_state(backend: 
         Some(CLIENT_ID)
     );
     let state = query_param(&consent, "state").unwrap();
-    assert_eq!(state.len(), 64);
+    // 16 hex digits of creation time, then 256 random bits.
+    assert_eq!(state.len(), 80);
     assert!(state.bytes().all(|b| b.is_ascii_hexdigit()));
+    let micros = i64::from_str_radix(&state[..16], 16).unwrap();
+    let age = chrono::Utc::now().timestamp_micros() - micros;
+    assert!(
+        (0..60_000_000).contains(&age),
+        "the prefix is the creation time: {age} µs ago"
+    );
     let db = app.db();
     let hash = db
         .string("SELECT state_hash FROM amocrm_oauth_states")
@@ -417,6 +424,11 @@ async fn install_requires_the_admin_and_redirects_with_a_256_bit_state(backend: 
             .await;
     let minutes = ttl.num_milliseconds() as f64 / 60_000.0;
     assert_ne!(hash, state, "only the hash of the state is stored");
+    assert_eq!(
+        hash,
+        format!("{}{}", &state[..16], amoauth::crypto::sha256_hex(&state)),
+        "the key is the time prefix and the SHA-256 of the state"
+    );
     assert_eq!(subdomain, "demo");
     assert!(
         (14.9..15.1).contains(&minutes),

@@ -659,6 +659,19 @@ impl ServeProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The output once it holds `needle`: a line printed after the server began answering
+    /// may reach the log a moment after /healthz did. All of it after 10 s without.
+    pub async fn output_with(&self, needle: &str) -> String {
+        for _ in 0..200 {
+            let output = self.output();
+            if output.contains(needle) {
+                return output;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.output()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -319,7 +319,6 @@ async fn run_backend(
     )?;
     writeln!(out, "|---|---:|---:|---:|---:|---|")?;
     let mut peaks = Vec::new();
-    let requests_before = sandbox.stats().requests;
     for ((op, name), ceiling) in [
         (Op::Flow, "complete flows"),
         (Op::Install, "install"),
@@ -337,11 +336,6 @@ async fn run_backend(
             outcome.ms(0.5),
             outcome.ms(0.99),
         )?;
-        if op == Op::Flow {
-            let flows = outcome.done + outcome.errors;
-            let per_flow = (sandbox.stats().requests - requests_before) as f64 / flows as f64;
-            eprintln!("sandbox requests per flow (warm-up included): {per_flow:.2}");
-        }
         peaks.push((op, name, outcome.rate()));
     }
 

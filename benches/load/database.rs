@@ -196,8 +196,8 @@ impl Database {
         })
     }
 
-    /// How many connections of accounts `first..=last` have had their pair written exactly
-    /// `writes` times (`version` starts at 1 and every refresh adds one).
+    /// How many connections of accounts `first..=last` are at `version` (1 when connected;
+    /// every refresh adds one).
     pub async fn connections_at_version(
         &self,
         first: i64,

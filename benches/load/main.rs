@@ -363,7 +363,7 @@ async fn run_backend(
         mib(load_hwm)
     )?;
 
-    cleanup(bench, database, &env, &vars, &mut out).await?;
+    cleanup(database, &env, &vars, &mut out).await?;
     server.stop().await?;
     refresh(bench, database, &mut out).await?;
     Ok(out)
@@ -371,7 +371,6 @@ async fn run_backend(
 
 /// `amoauth cleanup` of a million expired states while installs keep coming.
 async fn cleanup(
-    bench: &Bench,
     database: &Database,
     env: &Arc<Env>,
     vars: &[(&str, String)],
@@ -426,7 +425,6 @@ async fn cleanup(
         installs.ms(0.99),
         installs.ms(1.0),
     )?;
-    let _ = bench;
     Ok(())
 }
 

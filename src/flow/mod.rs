@@ -605,7 +605,7 @@ fn new_state(created_at: Timestamp) -> String {
 fn state_key(state: &str) -> String {
     let hash = sha256_hex(state);
     if state.len() == params::STATE_LEN {
-        format!("{}{hash}", &state[..params::STATE_LEN - 64])
+        format!("{}{hash}", &state[..params::TIME_PREFIX_LEN])
     } else {
         hash
     }
@@ -648,4 +648,35 @@ fn scrub(mut raw: String, tokens: &TokenSet) -> String {
         }
     }
     raw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_keys_ascend_with_age_and_never_hold_the_state() {
+        let earlier = now();
+        let later = earlier + chrono::Duration::milliseconds(1);
+        let (first, second) = (new_state(earlier), new_state(later));
+        assert_eq!(first.len(), params::STATE_LEN);
+        assert!(params::is_well_formed_state(&first));
+        let key = state_key(&first);
+        assert_eq!(key, format!("{}{}", &first[..16], sha256_hex(&first)));
+        assert!(
+            !key.contains(&first[16..]),
+            "the random part is never stored"
+        );
+        assert!(
+            state_key(&first) < state_key(&second),
+            "keys sort by creation time"
+        );
+    }
+
+    #[test]
+    fn a_state_from_before_the_time_prefix_is_keyed_by_its_hash() {
+        let legacy = random_token();
+        assert!(params::is_well_formed_state(&legacy));
+        assert_eq!(state_key(&legacy), sha256_hex(&legacy));
+    }
 }

@@ -48,8 +48,10 @@ impl CallbackParams {
     }
 }
 
-/// A state's length: 16 hex digits of creation time and 64 of randomness (256 bits).
-pub const STATE_LEN: usize = 80;
+/// The hex digits of creation time that begin a state.
+pub const TIME_PREFIX_LEN: usize = 16;
+/// A state's length: the time prefix and 64 hex digits of randomness (256 bits).
+pub const STATE_LEN: usize = TIME_PREFIX_LEN + 64;
 
 /// A well-formed state is `STATE_LEN` lowercase hex characters, or 64 for a state issued
 /// before the time prefix.

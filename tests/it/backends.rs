@@ -185,17 +185,15 @@ async fn database_outage_answers_503_and_recovers(backend: Backend) {
 }
 
 #[tokio::test]
+#[cfg_attr(amoauth_lacks_postgres, ignore = "set AMOAUTH_TEST_POSTGRES_URL")]
 async fn postgres_outage_answers_503_and_recovers() {
-    if let Some(backend) = Backend::postgres() {
-        database_outage_answers_503_and_recovers(backend).await;
-    }
+    database_outage_answers_503_and_recovers(Backend::postgres()).await;
 }
 
 #[tokio::test]
+#[cfg_attr(amoauth_lacks_mysql, ignore = "set AMOAUTH_TEST_MYSQL_URL")]
 async fn mysql_outage_answers_503_and_recovers() {
-    if let Some(backend) = Backend::mysql() {
-        database_outage_answers_503_and_recovers(backend).await;
-    }
+    database_outage_answers_503_and_recovers(Backend::mysql()).await;
 }
 
 fn run_serve(env: &[(&str, &str)]) -> (bool, String) {

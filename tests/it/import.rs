@@ -265,8 +265,7 @@ async fn import_from_a_sqlite_seed_database() {
 }
 
 #[tokio::test]
+#[cfg_attr(amoauth_lacks_mysql, ignore = "set AMOAUTH_TEST_MYSQL_URL")]
 async fn import_from_a_mariadb_seed_database() {
-    if let Some(backend) = Backend::mysql() {
-        import_takes_over_the_seed_apps_connections(backend).await;
-    }
+    import_takes_over_the_seed_apps_connections(Backend::mysql()).await;
 }

@@ -1,5 +1,5 @@
 //! amoauth behind a real nginx with TLS, routed only `/amocrm/`, using the shipped
-//! `deploy/nginx-amocrm.conf`. Needs Debian's `nginx` and `openssl`; skipped without them,
+//! `deploy/nginx-amocrm.conf`. Needs Debian's `nginx` and `openssl`; ignored without them,
 //! except in CI, where `.ci/run` installs them.
 
 use std::path::Path;
@@ -9,21 +9,6 @@ use std::time::Duration;
 use crate::support::*;
 
 const NGINX: &str = "/usr/sbin/nginx";
-
-fn nginx_installed() -> bool {
-    if Path::new(NGINX).exists() && Path::new("/usr/bin/openssl").exists() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-        panic!(
-            "nginx or openssl not found: CI must run the proxy test (apt-get install -y nginx openssl)"
-        );
-    }
-    eprintln!(
-        "skipped: install nginx and openssl (apt-get install -y nginx openssl) to run the proxy test"
-    );
-    false
-}
 
 /// nginx in the foreground with its own prefix directory; killed when dropped.
 struct Nginx(Child);
@@ -92,10 +77,12 @@ fn start_nginx(dir: &Path, port: u16, upstream_port: u16) -> Nginx {
 }
 
 #[tokio::test]
+#[cfg_attr(amoauth_lacks_nginx, ignore = "apt-get install -y nginx openssl")]
 async fn the_flow_works_through_nginx_with_tls_under_a_prefix() {
-    if !nginx_installed() {
-        return;
-    }
+    require_programs(
+        &[NGINX, "/usr/bin/openssl"],
+        "apt-get install -y nginx openssl",
+    );
     let nginx_port = free_port();
     let public = format!("https://127.0.0.1:{nginx_port}");
     let options = Options {

@@ -24,6 +24,7 @@ const NEEDS: &[(&str, Need)] = &[
         "nginx",
         Need::Programs(&["/usr/sbin/nginx", "/usr/bin/openssl"]),
     ),
+    ("php", Need::Programs(&["/usr/bin/php"])),
 ];
 
 /// Folders whose changes (a program installed or removed) re-run this script.

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::amocrm::{AmoError, ProblemKind, error_chain};
 use crate::config::EventsConfig;
 use crate::crypto::{fill_random, hmac_sha256_hex};
-use crate::metrics::{Counter, Metrics};
+use crate::metrics::{Count, DeliveryOutcome, Metrics};
 use crate::store::{ConnectionRow, EventRow, Store, StoreError, Timestamp, now, rfc3339};
 
 /// Each delivery: connect and total timeout.
@@ -210,17 +210,15 @@ impl Events {
         let error = match sender.send(event).await {
             Ok(()) => {
                 self.metrics
-                    .count(Counter::EventDeliveries, Some(("outcome", "delivered")));
+                    .count(Count::EventDelivery(DeliveryOutcome::Delivered));
                 self.store.mark_event_delivered(event.id, now()).await?;
                 tracing::info!(event = %event.event_type, event_id = event.id, attempt, "event delivered");
                 return Ok(true);
             }
             Err(error) => error,
         };
-        self.metrics.count(
-            Counter::EventDeliveries,
-            Some(("outcome", "failed_attempt")),
-        );
+        self.metrics
+            .count(Count::EventDelivery(DeliveryOutcome::FailedAttempt));
         if attempt >= MAX_ATTEMPTS {
             self.store.mark_event_failed(event.id, &error).await?;
             tracing::error!(event = %event.event_type, event_id = event.id, attempt, %error, "event delivery failed for good; see `amoauth events`");

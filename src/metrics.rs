@@ -1,39 +1,99 @@
 //! Prometheus metrics: counters and one latency histogram kept in memory and rendered in the
 //! text exposition format. Small enough that a metrics library would cost more than it saves.
+//!
+//! Every counter exists from the first scrape, at 0 for each label value it can take: label
+//! values are closed enums (`named_values!`), and a new process pre-registers all of them, so
+//! `rate()` sees the first increment and absence alerts mean "not scraped", not "not yet used".
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::flow::CallbackReason;
+use crate::store::ConnectionStatus;
+
+/// Declares an enum of stable snake_case names with `as_str` and `ALL` made from one list, so no
+/// value can exist that `ALL` lacks (metrics pre-register label values from `ALL`).
+macro_rules! named_values {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident { $($variant:ident => $value:literal),+ $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        $vis enum $name { $($variant),+ }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $value),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use named_values;
+
 /// Upper bounds of the request-duration buckets, in seconds.
 const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
-/// Every counter amoauth keeps, with its help text.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Counter {
-    FlowsStarted,
-    FlowsCompleted,
-    FlowsFailed,
-    Refreshes,
-    TokenApiRequests,
-    EventDeliveries,
+const DURATION: &str = "amoauth_http_request_duration_seconds";
+const CONNECTIONS: &str = "amoauth_connections";
+const UNTIL_EXPIRY: &str = "amoauth_seconds_until_earliest_expiry";
+
+named_values! {
+    /// Every counter amoauth keeps.
+    pub enum Counter {
+        FlowsStarted => "amoauth_flows_started_total",
+        FlowsCompleted => "amoauth_flows_completed_total",
+        FlowsFailed => "amoauth_flows_failed_total",
+        Refreshes => "amoauth_refreshes_total",
+        TokenApiRequests => "amoauth_token_api_requests_total",
+        EventDeliveries => "amoauth_event_deliveries_total",
+    }
+}
+
+named_values! {
+    /// How a token refresh ended (`amoauth_refreshes_total{outcome}`).
+    pub enum RefreshOutcome {
+        Success => "success",
+        NeedsReauth => "needs_reauth",
+        Failure => "failure",
+    }
+}
+
+named_values! {
+    /// How a token API request ended (`amoauth_token_api_requests_total{outcome}`).
+    pub enum TokenApiOutcome {
+        Ok => "ok",
+        NotFound => "not_found",
+        NeedsReauth => "needs_reauth",
+        Error => "error",
+        Unauthorized => "unauthorized",
+    }
+}
+
+named_values! {
+    /// How one event delivery attempt ended (`amoauth_event_deliveries_total{outcome}`).
+    pub enum DeliveryOutcome {
+        Delivered => "delivered",
+        FailedAttempt => "failed_attempt",
+    }
 }
 
 impl Counter {
-    fn name(self) -> &'static str {
-        match self {
-            Self::FlowsStarted => "amoauth_flows_started_total",
-            Self::FlowsCompleted => "amoauth_flows_completed_total",
-            Self::FlowsFailed => "amoauth_flows_failed_total",
-            Self::Refreshes => "amoauth_refreshes_total",
-            Self::TokenApiRequests => "amoauth_token_api_requests_total",
-            Self::EventDeliveries => "amoauth_event_deliveries_total",
-        }
-    }
-
     fn help(self) -> &'static str {
         match self {
             Self::FlowsStarted => "Installs that redirected to amoCRM's consent page.",
@@ -44,7 +104,61 @@ impl Counter {
             Self::EventDeliveries => "Event delivery attempts, by outcome.",
         }
     }
+
+    /// The counter's label name with every value it can take; None when it has no label.
+    fn label(self) -> Option<(&'static str, Vec<&'static str>)> {
+        fn names<T: Copy>(all: &[T], as_str: fn(T) -> &'static str) -> Vec<&'static str> {
+            all.iter().map(|value| as_str(*value)).collect()
+        }
+        match self {
+            Self::FlowsStarted | Self::FlowsCompleted => None,
+            Self::FlowsFailed => {
+                Some(("reason", names(CallbackReason::ALL, CallbackReason::as_str)))
+            }
+            Self::Refreshes => Some((
+                "outcome",
+                names(RefreshOutcome::ALL, RefreshOutcome::as_str),
+            )),
+            Self::TokenApiRequests => Some((
+                "outcome",
+                names(TokenApiOutcome::ALL, TokenApiOutcome::as_str),
+            )),
+            Self::EventDeliveries => Some((
+                "outcome",
+                names(DeliveryOutcome::ALL, DeliveryOutcome::as_str),
+            )),
+        }
+    }
 }
+
+/// One thing to count. The labelled ones carry their label as an enum, so only values that
+/// were pre-registered can be counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    FlowStarted,
+    FlowCompleted,
+    FlowFailed(CallbackReason),
+    Refresh(RefreshOutcome),
+    TokenApiRequest(TokenApiOutcome),
+    EventDelivery(DeliveryOutcome),
+}
+
+impl Count {
+    /// The counter and label value this adds to.
+    fn series(self) -> Series {
+        match self {
+            Self::FlowStarted => (Counter::FlowsStarted, None),
+            Self::FlowCompleted => (Counter::FlowsCompleted, None),
+            Self::FlowFailed(reason) => (Counter::FlowsFailed, Some(reason.as_str())),
+            Self::Refresh(outcome) => (Counter::Refreshes, Some(outcome.as_str())),
+            Self::TokenApiRequest(outcome) => (Counter::TokenApiRequests, Some(outcome.as_str())),
+            Self::EventDelivery(outcome) => (Counter::EventDeliveries, Some(outcome.as_str())),
+        }
+    }
+}
+
+/// A counter and its label value, if it has a label.
+type Series = (Counter, Option<&'static str>);
 
 #[derive(Default, Debug)]
 struct Histogram {
@@ -55,31 +169,57 @@ struct Histogram {
 }
 
 /// The process's metrics; one per running server, so tests in one process do not mix.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct Metrics {
-    counters: Mutex<BTreeMap<(Counter, String), u64>>,
+    counters: Mutex<BTreeMap<Series, u64>>,
+    /// By route template; a route appears once it was first requested.
     durations: Mutex<BTreeMap<String, Histogram>>,
 }
 
-/// A gauge computed at scrape time (from the database).
-pub struct Gauge<'a> {
-    pub name: &'a str,
-    pub help: &'a str,
-    /// (labels in `key="value"` form, possibly empty; value)
-    pub samples: Vec<(String, f64)>,
+impl Default for Metrics {
+    /// Every counter series at 0.
+    fn default() -> Self {
+        let mut counters = BTreeMap::new();
+        for counter in Counter::ALL {
+            match counter.label() {
+                None => {
+                    counters.insert((*counter, None), 0);
+                }
+                Some((_, values)) => {
+                    for value in values {
+                        counters.insert((*counter, Some(value)), 0);
+                    }
+                }
+            }
+        }
+        Self {
+            counters: Mutex::new(counters),
+            durations: Mutex::default(),
+        }
+    }
+}
+
+/// What the database says at scrape time.
+pub struct StoredGauges {
+    /// Connections per `amocrm_tokens.status`, as counted (statuses without rows may be absent).
+    pub connections: Vec<(String, i64)>,
+    /// None when no connection is active.
+    pub seconds_until_earliest_expiry: Option<f64>,
 }
 
 impl Metrics {
-    /// Adds one to `counter`, labelled with `label` (`("reason", "used_state")`) if any.
-    pub fn count(&self, counter: Counter, label: Option<(&str, &str)>) {
-        let labels = label
-            .map(|(key, value)| format!("{key}=\"{}\"", escape(value)))
-            .unwrap_or_default();
+    /// Adds one to the series of `count`.
+    pub fn count(&self, count: Count) {
+        let series = count.series();
         let mut counters = self
             .counters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *counters.entry((counter, labels)).or_default() += 1;
+        debug_assert!(
+            counters.contains_key(&series),
+            "{series:?} was not pre-registered: add it to its enum's list"
+        );
+        *counters.entry(series).or_default() += 1;
     }
 
     /// Records how long a request to `route` took.
@@ -99,81 +239,122 @@ impl Metrics {
         histogram.count += 1;
     }
 
-    /// The text exposition format, with `gauges` appended.
-    pub fn render(&self, gauges: &[Gauge<'_>]) -> String {
+    /// The text exposition format: counters, the duration histogram, then `gauges`.
+    pub fn render(&self, gauges: &StoredGauges) -> String {
         let mut out = String::new();
+        self.render_counters(&mut out);
+        self.render_durations(&mut out);
+        render_gauges(&mut out, gauges);
+        out
+    }
+
+    fn render_counters(&self, out: &mut String) {
         let counters = self
             .counters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let mut last = None;
-        for ((counter, labels), value) in &counters {
-            if last != Some(*counter) {
-                let _ = writeln!(
-                    out,
-                    "# HELP {} {}\n# TYPE {} counter",
-                    counter.name(),
-                    counter.help(),
-                    counter.name()
-                );
-                last = Some(*counter);
+        for counter in Counter::ALL {
+            let name = counter.as_str();
+            header(out, name, counter.help(), "counter");
+            let label = counter.label().map(|(key, _)| key);
+            for ((_, value), n) in counters.iter().filter(|((of, _), _)| of == counter) {
+                match (label, value) {
+                    (Some(key), Some(value)) => {
+                        let _ = writeln!(out, "{name}{{{key}=\"{}\"}} {n}", escape(value));
+                    }
+                    _ => {
+                        let _ = writeln!(out, "{name} {n}");
+                    }
+                }
             }
-            let _ = writeln!(out, "{}{} {value}", counter.name(), braces(labels));
         }
+    }
+
+    fn render_durations(&self, out: &mut String) {
+        header(
+            out,
+            DURATION,
+            "Time to answer HTTP requests, by route template.",
+            "histogram",
+        );
         let durations = self
             .durations
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !durations.is_empty() {
-            let name = "amoauth_http_request_duration_seconds";
-            let _ = writeln!(
-                out,
-                "# HELP {name} Time to answer HTTP requests, by route.\n# TYPE {name} histogram"
-            );
-            for (route, histogram) in durations.iter() {
-                let route = escape(route);
-                let mut cumulative = 0;
-                for (bound, count) in BUCKETS.iter().zip(histogram.buckets.iter()) {
-                    cumulative += count;
-                    let _ = writeln!(
-                        out,
-                        "{name}_bucket{{route=\"{route}\",le=\"{bound}\"}} {cumulative}"
-                    );
-                }
+        for (route, histogram) in durations.iter() {
+            let route = escape(route);
+            let mut cumulative = 0;
+            for (bound, count) in BUCKETS.iter().zip(histogram.buckets.iter()) {
+                cumulative += count;
                 let _ = writeln!(
                     out,
-                    "{name}_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
-                    histogram.count
+                    "{DURATION}_bucket{{route=\"{route}\",le=\"{bound}\"}} {cumulative}"
                 );
-                let _ = writeln!(out, "{name}_sum{{route=\"{route}\"}} {}", histogram.sum);
-                let _ = writeln!(out, "{name}_count{{route=\"{route}\"}} {}", histogram.count);
             }
-        }
-        for gauge in gauges {
             let _ = writeln!(
                 out,
-                "# HELP {} {}\n# TYPE {} gauge",
-                gauge.name, gauge.help, gauge.name
+                "{DURATION}_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                histogram.count
             );
-            for (labels, value) in &gauge.samples {
-                let _ = writeln!(out, "{}{} {value}", gauge.name, braces(labels));
-            }
+            let _ = writeln!(
+                out,
+                "{DURATION}_sum{{route=\"{route}\"}} {}",
+                sample_value(histogram.sum)
+            );
+            let _ = writeln!(
+                out,
+                "{DURATION}_count{{route=\"{route}\"}} {}",
+                histogram.count
+            );
         }
-        out
     }
 }
 
-fn braces(labels: &str) -> String {
-    if labels.is_empty() {
-        String::new()
+fn render_gauges(out: &mut String, gauges: &StoredGauges) {
+    header(out, CONNECTIONS, "Connections by status.", "gauge");
+    let mut counts: BTreeMap<&str, i64> = ConnectionStatus::ALL
+        .iter()
+        .map(|status| (status.as_str(), 0))
+        .collect();
+    // A status the code does not know (written by hand) is still shown rather than hidden.
+    for (status, n) in &gauges.connections {
+        *counts.entry(status.as_str()).or_default() += n;
+    }
+    for (status, n) in counts {
+        let _ = writeln!(out, "{CONNECTIONS}{{status=\"{}\"}} {n}", escape(status));
+    }
+    header(
+        out,
+        UNTIL_EXPIRY,
+        "Seconds until the first active access token expires (negative: already expired; +Inf: no active connection).",
+        "gauge",
+    );
+    // The minimum over no tokens is +Inf: "expires within an hour" alerts stay quiet, and
+    // `min` across replicas still picks a real expiry.
+    let seconds = gauges
+        .seconds_until_earliest_expiry
+        .unwrap_or(f64::INFINITY);
+    let _ = writeln!(out, "{UNTIL_EXPIRY} {}", sample_value(seconds));
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A float as the exposition format spells it (`+Inf`, `-Inf`, `NaN`; Rust writes `inf`).
+fn sample_value(value: f64) -> String {
+    if value.is_nan() {
+        "NaN".to_owned()
+    } else if value.is_infinite() {
+        if value > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
     } else {
-        format!("{{{labels}}}")
+        value.to_string()
     }
 }
 
 /// Label values escape backslash, quote and newline.
-pub fn escape(value: &str) -> String {
+fn escape(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -183,36 +364,163 @@ pub fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::amocrm::AmoFailure;
+
+    fn no_connections() -> StoredGauges {
+        StoredGauges {
+            connections: Vec::new(),
+            seconds_until_earliest_expiry: None,
+        }
+    }
+
+    /// The sample lines (`series value`) of a rendering.
+    fn samples(text: &str) -> BTreeMap<String, String> {
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .map(|line| {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                (series.to_owned(), value.to_owned())
+            })
+            .collect()
+    }
 
     #[test]
-    fn renders_counters_histograms_and_gauges() {
+    fn a_new_process_exports_every_counter_and_label_value_at_zero() {
+        let text = Metrics::default().render(&no_connections());
+        let samples = samples(&text);
+        for series in
+            [
+                "amoauth_flows_started_total".to_owned(),
+                "amoauth_flows_completed_total".to_owned(),
+                "amoauth_connections{status=\"active\"}".to_owned(),
+                "amoauth_connections{status=\"needs_reauth\"}".to_owned(),
+                "amoauth_connections{status=\"disconnected\"}".to_owned(),
+            ]
+            .into_iter()
+            .chain(
+                CallbackReason::ALL
+                    .iter()
+                    .map(|reason| format!("amoauth_flows_failed_total{{reason=\"{reason}\"}}")),
+            )
+            .chain(
+                RefreshOutcome::ALL
+                    .iter()
+                    .map(|outcome| format!("amoauth_refreshes_total{{outcome=\"{outcome}\"}}")),
+            )
+            .chain(TokenApiOutcome::ALL.iter().map(|outcome| {
+                format!("amoauth_token_api_requests_total{{outcome=\"{outcome}\"}}")
+            }))
+            .chain(
+                DeliveryOutcome::ALL.iter().map(|outcome| {
+                    format!("amoauth_event_deliveries_total{{outcome=\"{outcome}\"}}")
+                }),
+            )
+        {
+            assert_eq!(
+                samples.get(&series).map(String::as_str),
+                Some("0"),
+                "{series} in {text}"
+            );
+        }
+        assert_eq!(samples["amoauth_seconds_until_earliest_expiry"], "+Inf");
+        for name in [DURATION, CONNECTIONS, UNTIL_EXPIRY]
+            .into_iter()
+            .chain(Counter::ALL.iter().map(|counter| counter.as_str()))
+        {
+            assert_eq!(
+                text.matches(&format!("# TYPE {name} ")).count(),
+                1,
+                "{name}"
+            );
+            assert_eq!(
+                text.matches(&format!("# HELP {name} ")).count(),
+                1,
+                "{name}"
+            );
+        }
+    }
+
+    /// Counting any value of any label adds to a pre-registered series, never a new one:
+    /// `count` asserts it, and the set of series stays the same.
+    #[test]
+    fn every_countable_value_is_pre_registered() {
         let metrics = Metrics::default();
-        metrics.count(Counter::FlowsFailed, Some(("reason", "used_state")));
-        metrics.count(Counter::FlowsFailed, Some(("reason", "used_state")));
-        metrics.count(Counter::FlowsStarted, None);
+        let fresh: Vec<String> = samples(&metrics.render(&no_connections()))
+            .into_keys()
+            .collect();
+        let every_count = [Count::FlowStarted, Count::FlowCompleted]
+            .into_iter()
+            .chain(CallbackReason::ALL.iter().copied().map(Count::FlowFailed))
+            .chain(RefreshOutcome::ALL.iter().copied().map(Count::Refresh))
+            .chain(
+                TokenApiOutcome::ALL
+                    .iter()
+                    .copied()
+                    .map(Count::TokenApiRequest),
+            )
+            .chain(
+                DeliveryOutcome::ALL
+                    .iter()
+                    .copied()
+                    .map(Count::EventDelivery),
+            );
+        for count in every_count {
+            metrics.count(count);
+        }
+        let after = samples(&metrics.render(&no_connections()));
+        assert_eq!(after.keys().cloned().collect::<Vec<_>>(), fresh);
+        assert!(
+            after
+                .iter()
+                .filter(|(series, _)| series.contains("_total"))
+                .all(|(_, value)| value == "1"),
+            "{after:?}"
+        );
+    }
+
+    #[test]
+    fn counters_histograms_and_gauges_render_their_values() {
+        let metrics = Metrics::default();
+        metrics.count(Count::FlowFailed(CallbackReason::UsedState));
+        metrics.count(Count::FlowFailed(CallbackReason::UsedState));
+        metrics.count(Count::FlowStarted);
         metrics.observe_request("/amocrm/install", Duration::from_millis(3));
-        let text = metrics.render(&[Gauge {
-            name: "amoauth_connections",
-            help: "Connections by status.",
-            samples: vec![("status=\"active\"".into(), 2.0)],
-        }]);
+        let text = metrics.render(&StoredGauges {
+            connections: vec![("active".into(), 2)],
+            seconds_until_earliest_expiry: Some(-1.5),
+        });
         assert!(
             text.contains("amoauth_flows_failed_total{reason=\"used_state\"} 2\n"),
             "{text}"
         );
+        assert!(text.contains("amoauth_flows_failed_total{reason=\"unknown_state\"} 0\n"));
         assert!(text.contains("amoauth_flows_started_total 1\n"));
         assert!(text.contains("amoauth_http_request_duration_seconds_bucket{route=\"/amocrm/install\",le=\"0.0025\"} 0\n"));
         assert!(text.contains("amoauth_http_request_duration_seconds_bucket{route=\"/amocrm/install\",le=\"0.005\"} 1\n"));
+        assert!(text.contains("amoauth_http_request_duration_seconds_bucket{route=\"/amocrm/install\",le=\"+Inf\"} 1\n"));
         assert!(text.contains(
             "amoauth_http_request_duration_seconds_count{route=\"/amocrm/install\"} 1\n"
         ));
         assert!(text.contains(
             "# TYPE amoauth_connections gauge\namoauth_connections{status=\"active\"} 2\n"
         ));
+        assert!(text.contains("amoauth_connections{status=\"needs_reauth\"} 0\n"));
+        assert!(text.contains("amoauth_seconds_until_earliest_expiry -1.5\n"));
     }
 
     #[test]
-    fn label_values_are_escaped() {
+    fn callback_reasons_name_amocrm_failures_as_amocrm_errors_do() {
+        for failure in AmoFailure::ALL {
+            assert_eq!(CallbackReason::from(*failure).as_str(), failure.as_str());
+        }
+    }
+
+    #[test]
+    fn label_values_and_special_floats_are_spelled_as_the_format_wants() {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(sample_value(f64::INFINITY), "+Inf");
+        assert_eq!(sample_value(f64::NEG_INFINITY), "-Inf");
+        assert_eq!(sample_value(f64::NAN), "NaN");
+        assert_eq!(sample_value(86_400.25), "86400.25");
     }
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use url::Url;
 
 pub use host::{AccountHost, account_host, is_dns_label};
-pub use problem::{AmoError, Problem, ProblemKind};
+pub use problem::{AmoError, AmoFailure, Problem, ProblemKind};
 
 use crate::config::{AmoCrmConfig, Secret};
 

@@ -110,16 +110,31 @@ pub enum AmoError {
     BadResponse(String),
 }
 
+crate::metrics::named_values! {
+    /// Why a call to amoCRM failed, as audit rows, events, logs and metrics name it.
+    pub enum AmoFailure {
+        Rejected => "amocrm_rejected",
+        Error => "amocrm_error",
+        Timeout => "amocrm_timeout",
+        Unreachable => "amocrm_unreachable",
+        BadResponse => "amocrm_bad_response",
+    }
+}
+
 impl AmoError {
-    /// A stable snake_case name for audit rows and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub fn failure(&self) -> AmoFailure {
         match self {
-            Self::Rejected { .. } => "amocrm_rejected",
-            Self::Http { .. } | Self::Redirect { .. } => "amocrm_error",
-            Self::Timeout(_) => "amocrm_timeout",
-            Self::Unreachable { .. } => "amocrm_unreachable",
-            Self::BadResponse(_) => "amocrm_bad_response",
+            Self::Rejected { .. } => AmoFailure::Rejected,
+            Self::Http { .. } | Self::Redirect { .. } => AmoFailure::Error,
+            Self::Timeout(_) => AmoFailure::Timeout,
+            Self::Unreachable { .. } => AmoFailure::Unreachable,
+            Self::BadResponse(_) => AmoFailure::BadResponse,
         }
+    }
+
+    /// A stable snake_case name for audit rows, events and logs.
+    pub fn reason(&self) -> &'static str {
+        self.failure().as_str()
     }
 
     pub fn problem_kind(&self) -> Option<ProblemKind> {

@@ -12,8 +12,8 @@ pub use params::CallbackParams;
 pub use uninstall::{UninstallError, Uninstalled};
 
 use crate::amocrm::{
-    Account, AccountHost, AmoClient, AmoError, ConsentMode, REFRESH_TOKEN_LIFETIME, TokenSet,
-    account_host, is_dns_label,
+    Account, AccountHost, AmoClient, AmoError, AmoFailure, ConsentMode, REFRESH_TOKEN_LIFETIME,
+    TokenSet, account_host, is_dns_label,
 };
 use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
@@ -116,20 +116,54 @@ pub enum CallbackError {
     Store(#[from] StoreError),
 }
 
+crate::metrics::named_values! {
+    /// Why a callback failed: the audit row's `reason`, the page's reason code and the
+    /// `reason` label of `amoauth_flows_failed_total`.
+    pub enum CallbackReason {
+        AccessDenied => "access_denied",
+        AmoCrmCallbackError => "amocrm_callback_error",
+        InvalidRequest => "invalid_request",
+        BadReferer => "bad_referer",
+        UnknownState => "unknown_state",
+        UsedState => "used_state",
+        ExpiredState => "expired_state",
+        WidgetInstallsOff => "widget_installs_off",
+        AmoCrmRejected => "amocrm_rejected",
+        AmoCrmError => "amocrm_error",
+        AmoCrmTimeout => "amocrm_timeout",
+        AmoCrmUnreachable => "amocrm_unreachable",
+        AmoCrmBadResponse => "amocrm_bad_response",
+        DatabaseError => "database_error",
+    }
+}
+
+impl From<AmoFailure> for CallbackReason {
+    fn from(failure: AmoFailure) -> Self {
+        match failure {
+            AmoFailure::Rejected => Self::AmoCrmRejected,
+            AmoFailure::Error => Self::AmoCrmError,
+            AmoFailure::Timeout => Self::AmoCrmTimeout,
+            AmoFailure::Unreachable => Self::AmoCrmUnreachable,
+            AmoFailure::BadResponse => Self::AmoCrmBadResponse,
+        }
+    }
+}
+
 impl CallbackError {
-    /// The stable reason stored in the audit row.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> CallbackReason {
         match self {
-            Self::AccessDenied => "access_denied",
-            Self::AmoCrmReportedError(_) => "amocrm_callback_error",
-            Self::InvalidRequest(_) => "invalid_request",
-            Self::BadReferer => "bad_referer",
-            Self::UnknownState => "unknown_state",
-            Self::UsedState => "used_state",
-            Self::ExpiredState => "expired_state",
-            Self::WidgetInstallsOff => "widget_installs_off",
-            Self::Exchange { source, .. } | Self::AccountLookup { source, .. } => source.reason(),
-            Self::Store(_) => "database_error",
+            Self::AccessDenied => CallbackReason::AccessDenied,
+            Self::AmoCrmReportedError(_) => CallbackReason::AmoCrmCallbackError,
+            Self::InvalidRequest(_) => CallbackReason::InvalidRequest,
+            Self::BadReferer => CallbackReason::BadReferer,
+            Self::UnknownState => CallbackReason::UnknownState,
+            Self::UsedState => CallbackReason::UsedState,
+            Self::ExpiredState => CallbackReason::ExpiredState,
+            Self::WidgetInstallsOff => CallbackReason::WidgetInstallsOff,
+            Self::Exchange { source, .. } | Self::AccountLookup { source, .. } => {
+                source.failure().into()
+            }
+            Self::Store(_) => CallbackReason::DatabaseError,
         }
     }
 }
@@ -516,7 +550,7 @@ impl<'a> Audit<'a> {
         self.log(Err(&err));
         let attempt = self.attempt(
             Outcome::Failure,
-            Some(err.reason()),
+            Some(err.reason().as_str()),
             Some(&detail),
             None,
             now(),
@@ -534,7 +568,7 @@ impl<'a> Audit<'a> {
             Ok(connected) => (Outcome::Success, None, None, Some(connected.account_id)),
             Err(err) => (
                 Outcome::Failure,
-                Some(err.reason()),
+                Some(err.reason().as_str()),
                 Some(err.to_string()),
                 None,
             ),
@@ -573,7 +607,7 @@ impl<'a> Audit<'a> {
             Err(err) => tracing::warn!(
                 kind,
                 outcome = "failure",
-                reason = err.reason(),
+                reason = err.reason().as_str(),
                 error = %err,
                 subdomain = self.subdomain,
                 ip,

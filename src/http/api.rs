@@ -18,7 +18,7 @@ use super::oauth::requester;
 use crate::amocrm::ConsentMode;
 use crate::api_keys;
 use crate::flow::{InstallError, InstallRequest};
-use crate::metrics::Counter;
+use crate::metrics::{Count, TokenApiOutcome};
 use crate::store::{ConnectionRow, rfc3339};
 use crate::tokens::TokenError;
 
@@ -62,7 +62,7 @@ impl FromRequestParts<AppState> for ApiKey {
         let Some(presented) = presented else {
             state
                 .metrics
-                .count(Counter::TokenApiRequests, Some(("outcome", "unauthorized")));
+                .count(Count::TokenApiRequest(TokenApiOutcome::Unauthorized));
             return Err(unauthorized());
         };
         match api_keys::verify(state.flow.store(), presented).await {
@@ -70,7 +70,7 @@ impl FromRequestParts<AppState> for ApiKey {
             Ok(false) => {
                 state
                     .metrics
-                    .count(Counter::TokenApiRequests, Some(("outcome", "unauthorized")));
+                    .count(Count::TokenApiRequest(TokenApiOutcome::Unauthorized));
                 Err(unauthorized())
             }
             Err(err) => Err(database_unavailable(&err.to_string())),
@@ -187,7 +187,7 @@ pub async fn connect_link(
         .await
     {
         Ok((url, expires_at)) => {
-            state.metrics.count(Counter::FlowsStarted, None);
+            state.metrics.count(Count::FlowStarted);
             (
                 StatusCode::CREATED,
                 Json(json!({ "url": url.as_str(), "expires_at": rfc3339(expires_at) })),
@@ -213,14 +213,14 @@ pub async fn token(
     tracing::Span::current().record("account", account.as_str());
     let result = state.tokens.access_token(&account).await;
     let outcome = match &result {
-        Ok(_) => "ok",
-        Err(TokenError::NotFound(_)) => "not_found",
-        Err(TokenError::NeedsReauth { .. } | TokenError::Disconnected) => "needs_reauth",
-        Err(_) => "error",
+        Ok(_) => TokenApiOutcome::Ok,
+        Err(TokenError::NotFound(_)) => TokenApiOutcome::NotFound,
+        Err(TokenError::NeedsReauth { .. } | TokenError::Disconnected) => {
+            TokenApiOutcome::NeedsReauth
+        }
+        Err(_) => TokenApiOutcome::Error,
     };
-    state
-        .metrics
-        .count(Counter::TokenApiRequests, Some(("outcome", outcome)));
+    state.metrics.count(Count::TokenApiRequest(outcome));
     match result {
         Ok(token) => Json(json!({
             "account_id": token.account_id,

@@ -29,7 +29,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use crate::config::Secret;
 use crate::flow::Flow;
-use crate::metrics::{Gauge, Metrics};
+use crate::metrics::{Metrics, StoredGauges};
 use crate::store::{StoreError, now};
 use crate::tokens::TokenService;
 use pages::Lang;
@@ -237,38 +237,17 @@ async fn metrics(State(state): State<AppState>) -> Response {
             return (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response();
         }
     };
-    let connections = Gauge {
-        name: "amoauth_connections",
-        help: "Connections by status.",
-        samples: counts
-            .into_iter()
-            .map(|(status, n)| {
-                (
-                    format!("status=\"{}\"", crate::metrics::escape(&status)),
-                    n as f64,
-                )
-            })
-            .collect(),
-    };
-    let until_expiry = Gauge {
-        name: "amoauth_seconds_until_earliest_expiry",
-        help: "Seconds until the first active access token expires (negative: already expired).",
-        samples: earliest
-            .map(|at| {
-                (
-                    String::new(),
-                    (at - now()).num_milliseconds() as f64 / 1000.0,
-                )
-            })
-            .into_iter()
-            .collect(),
+    let gauges = StoredGauges {
+        connections: counts,
+        seconds_until_earliest_expiry: earliest
+            .map(|at| (at - now()).num_milliseconds() as f64 / 1000.0),
     };
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(&[connections, until_expiry]),
+        state.metrics.render(&gauges),
     )
         .into_response()
 }

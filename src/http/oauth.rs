@@ -17,7 +17,7 @@ use crate::amocrm::{AmoError, ConsentMode};
 use crate::flow::{
     CallbackError, CallbackOutcome, InstallError, InstallRequest, Requester, ReturnTo,
 };
-use crate::metrics::Counter;
+use crate::metrics::Count;
 
 pub(super) fn requester(peer: IpAddr, headers: &HeaderMap) -> Requester {
     Requester {
@@ -57,7 +57,7 @@ pub async fn install(
         .await
     {
         Ok((consent, _)) => {
-            state.metrics.count(Counter::FlowsStarted, None);
+            state.metrics.count(Count::FlowStarted);
             (StatusCode::SEE_OTHER, [(LOCATION, consent.to_string())]).into_response()
         }
         Err(InstallError::Store(err)) => store_unavailable(lang, &err),
@@ -83,16 +83,14 @@ pub async fn callback(
     match &callback.result {
         Ok(CallbackOutcome::Connected(connected)) => {
             tracing::Span::current().record("account", connected.account_id);
-            state.metrics.count(Counter::FlowsCompleted, None);
+            state.metrics.count(Count::FlowCompleted);
         }
         Ok(CallbackOutcome::WidgetAccepted) => {}
         Err(err) => {
             if let CallbackError::Store(store_err) = err {
                 tracing::error!(error = %store_err, "callback failed on the database");
             }
-            state
-                .metrics
-                .count(Counter::FlowsFailed, Some(("reason", err.reason())));
+            state.metrics.count(Count::FlowFailed(err.reason()));
         }
     }
     if let Some(return_to) = &callback.return_to {
@@ -128,7 +126,7 @@ fn report_to_host_app(
         Ok(CallbackOutcome::WidgetAccepted) => vec![("amoauth_status", "connected".into())],
         Err(err) => vec![
             ("amoauth_status", "error".into()),
-            ("reason", err.reason().into()),
+            ("reason", err.reason().as_str().into()),
         ],
     };
     if let Some(external_id) = &return_to.external_id {

@@ -265,7 +265,7 @@ pub fn callback_error(lang: Lang, err: &CallbackError) -> Markup {
                 h1 { (title) }
                 p { (detail) }
                 p { (advice) }
-                p.muted { (lang.pick("Код причины", "Reason code")) ": " code { (err.reason()) } }
+                p.muted { (lang.pick("Код причины", "Reason code")) ": " code { (err.reason().as_str()) } }
             }
             p { a.button href="/amocrm/install" { (lang.pick("Попробовать снова", "Try again")) } }
         },

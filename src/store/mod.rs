@@ -25,7 +25,7 @@ pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome};
 pub use events::EventRow;
 pub use seed::SeedToken;
 pub use states::{Consumption, NewState, StateRow};
-pub use tokens::{ConnectionRow, NewConnection, RefreshedPair};
+pub use tokens::{ConnectionRow, ConnectionStatus, NewConnection, RefreshedPair};
 
 use crate::config::DatabaseUrl;
 

@@ -20,6 +20,15 @@ pub struct NewConnection<'a> {
     pub now: Timestamp,
 }
 
+crate::metrics::named_values! {
+    /// The values of `amocrm_tokens.status` (`ConnectionRow::status`).
+    pub enum ConnectionStatus {
+        Active => "active",
+        NeedsReauth => "needs_reauth",
+        Disconnected => "disconnected",
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ConnectionRow {
     pub id: i64,

@@ -20,7 +20,7 @@ use crate::amocrm::{
 use crate::config::Secret;
 use crate::crypto::{Cipher, fill_random, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
-use crate::metrics::{Counter, Metrics};
+use crate::metrics::{Count, Metrics, RefreshOutcome};
 use crate::store::{
     Attempt, AttemptKind, ConnectionRow, Outcome, RefreshedPair, Store, StoreError, Timestamp, now,
 };
@@ -444,13 +444,12 @@ impl TokenService {
         reason: Option<&str>,
         detail: Option<&str>,
     ) {
-        let label = match (outcome, reason) {
-            (Outcome::Success, _) => "success",
-            (_, Some("needs_reauth")) => "needs_reauth",
-            _ => "failure",
+        let counted = match (outcome, reason) {
+            (Outcome::Success, _) => RefreshOutcome::Success,
+            (_, Some("needs_reauth")) => RefreshOutcome::NeedsReauth,
+            _ => RefreshOutcome::Failure,
         };
-        self.metrics
-            .count(Counter::Refreshes, Some(("outcome", label)));
+        self.metrics.count(Count::Refresh(counted));
         if outcome == Outcome::Success {
             tracing::info!(
                 kind = "refresh",

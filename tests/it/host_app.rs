@@ -1,4 +1,4 @@
-//! What the host app and the operator's tools see: connect links, metrics, the OpenAPI document.
+//! What the host app and the operator's tools see: connect links, the OpenAPI document.
 
 use std::collections::BTreeSet;
 
@@ -219,120 +219,10 @@ async fn post_message_mode_reports_to_the_opener_of_that_origin_only(backend: Ba
     app.stop().await;
 }
 
-/// One Prometheus sample line: `name{labels} value`.
-fn parse_sample(line: &str) -> (String, f64) {
-    let (series, value) = line
-        .rsplit_once(' ')
-        .unwrap_or_else(|| panic!("no value: {line}"));
-    let name_end = series.find('{').unwrap_or(series.len());
-    let name = &series[..name_end];
-    assert!(
-        !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-        "bad metric name in {line}"
-    );
-    if name_end < series.len() {
-        assert!(series.ends_with('}'), "unclosed labels in {line}");
-        for pair in series[name_end + 1..series.len() - 1].split("\",") {
-            let (label, quoted) = pair
-                .split_once('=')
-                .unwrap_or_else(|| panic!("bad label in {line}"));
-            assert!(
-                label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                "{line}"
-            );
-            assert!(quoted.starts_with('"'), "{line}");
-        }
-    }
-    let value: f64 = match value {
-        "+Inf" => f64::INFINITY,
-        other => other
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value in {line}")),
-    };
-    (series.to_owned(), value)
-}
-
-/// Scrapes /metrics and checks every line is valid exposition format.
-async fn scrape(app: &TestApp) -> std::collections::BTreeMap<String, f64> {
-    let response = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain; version=0.0.4")
-    );
-    let text = response.text().await.unwrap();
-    let mut samples = std::collections::BTreeMap::new();
-    let mut typed = BTreeSet::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap();
-            assert!(matches!(kind, "counter" | "gauge" | "histogram"), "{line}");
-            assert!(typed.insert(name.to_owned()), "TYPE twice: {line}");
-        } else if !line.starts_with("# HELP ") {
-            let (series, value) = parse_sample(line);
-            samples.insert(series, value);
-        }
-    }
-    samples
-}
-
-async fn metrics_parse_as_prometheus_text_and_move_with_the_flows(backend: Backend) {
-    let app = TestApp::spawn(&backend).await;
-    let before = scrape(&app).await;
-    assert_eq!(before.get("amoauth_flows_started_total"), None);
-
-    let callback = app.allowed_callback_url().await;
-    assert_eq!(app.get(&callback).await.0, 200);
-    assert_eq!(app.get(&callback).await.0, 409);
-    let key = app.api_key().await;
-    assert_eq!(
-        app.api("/api/v1/connections/31337001/token", &key).await.0,
-        200
-    );
-    let after = scrape(&app).await;
-
-    assert_eq!(after["amoauth_flows_started_total"], 1.0);
-    assert_eq!(after["amoauth_flows_completed_total"], 1.0);
-    assert_eq!(
-        after["amoauth_flows_failed_total{reason=\"used_state\"}"],
-        1.0
-    );
-    assert_eq!(
-        after["amoauth_token_api_requests_total{outcome=\"ok\"}"],
-        1.0
-    );
-    assert_eq!(after["amoauth_connections{status=\"active\"}"], 1.0);
-    let until_expiry = after["amoauth_seconds_until_earliest_expiry"];
-    assert!(
-        (86_000.0..86_401.0).contains(&until_expiry),
-        "{until_expiry}"
-    );
-    assert_eq!(
-        after["amoauth_http_request_duration_seconds_count{route=\"/amocrm/callback\"}"],
-        2.0
-    );
-    assert_eq!(
-        after["amoauth_http_request_duration_seconds_bucket{route=\"/amocrm/callback\",le=\"+Inf\"}"],
-        2.0
-    );
-    app.stop().await;
-}
-
 on_all_backends!(
     a_connect_link_returns_to_the_host_app_with_its_tenant,
     return_urls_outside_the_allow_list_are_refused,
     post_message_mode_reports_to_the_opener_of_that_origin_only,
-    metrics_parse_as_prometheus_text_and_move_with_the_flows,
 );
 
 /// Every `/api/` route in the router's source is in the OpenAPI document, and nothing else.

@@ -42,6 +42,7 @@ mod hostile;
 mod import;
 mod keys;
 mod logs;
+mod metrics;
 mod php;
 mod proxy;
 mod refresh;

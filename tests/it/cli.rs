@@ -294,13 +294,13 @@ async fn serve_without_an_admin_token_prints_a_working_login_url() {
 }
 
 /// A long-running command (`demo`, `sandbox`) as a real process, stdout and stderr each in a file.
-struct Running {
+struct LongRunning {
     child: std::process::Child,
     stdout: std::path::PathBuf,
     stderr: std::path::PathBuf,
 }
 
-impl Running {
+impl LongRunning {
     fn start(command: &mut std::process::Command, dir: &std::path::Path) -> Self {
         let stdout = dir.join("stdout.log");
         let stderr = dir.join("stderr.log");
@@ -356,7 +356,7 @@ impl Running {
     }
 }
 
-impl Drop for Running {
+impl Drop for LongRunning {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -369,7 +369,7 @@ impl Drop for Running {
 async fn demo_prints_a_url_that_connects_the_demo_account() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut demo = Running::start(
+    let mut demo = LongRunning::start(
         amoauth_command(dir.path()).env("HOME", dir.path()).args([
             "demo",
             "--listen",
@@ -437,7 +437,7 @@ async fn sandbox_serves_its_consent_page() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let redirect_uri = "http://127.0.0.1:1/amocrm/callback";
-    let mut sandbox = Running::start(
+    let mut sandbox = LongRunning::start(
         amoauth_command(dir.path())
             .env("AMOCRM_CLIENT_SECRET", CLIENT_SECRET)
             .env("AMOCRM_REDIRECT_URI", redirect_uri)

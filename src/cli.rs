@@ -1,9 +1,12 @@
 //! The `amoauth` command line: one struct per command, each a thin call into the library.
 
+mod flags;
+
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::amocrm::AmoClient;
@@ -16,6 +19,10 @@ use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::server;
 use crate::store::Backend;
 use crate::store::now;
+use flags::{
+    AmoCrmFlags, DatabaseFlags, EventsFlags, IntegrationFlags, KeyFlags, LogFlags, RefreshFlags,
+    ServerFlags,
+};
 
 #[derive(Parser)]
 #[command(
@@ -24,70 +31,200 @@ use crate::store::now;
     about = "Connects web applications to amoCRM and Kommo through OAuth 2.0 and keeps the connections alive"
 )]
 pub struct Cli {
-    #[command(flatten)]
-    settings: Settings,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 enum Command {
     /// Run the HTTP server and periodic cleanup; migrates the database on start
-    Serve,
+    Serve(ServeArgs),
     /// Run amoauth and the built-in amoCRM sandbox on SQLite, preconfigured, and print the URL to open
-    Demo,
+    Demo(DemoArgs),
     /// Apply the database schema and exit
-    Migrate,
+    Migrate(StoreArgs),
     /// Delete expired OAuth states and print how many were removed
-    Cleanup {
-        /// Keep states that expired less than this long ago, so late callbacks are told "expired"
-        #[arg(long, default_value = "1d")]
-        grace: String,
-        /// Only count what would be removed
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Cleanup(CleanupArgs),
     /// List connections: status, expiry, hours left, last refresh, last error, masked token
-    Tokens,
+    Tokens(SealedStoreArgs),
     /// List active OAuth states (never the states themselves)
-    States,
+    States(StoreArgs),
     /// List events for the host app still pending or failed, and count the delivered ones
-    Events,
+    Events(StoreArgs),
     /// Refresh one connection now (by account id or subdomain), or every connection that is due
-    Refresh {
-        /// Account id or subdomain; without it, every connection due by margin or keep-alive age
-        account: Option<String>,
-    },
+    Refresh(RefreshArgs),
     /// Take over the connections of an earlier integration's amocrm_tokens table
-    Import {
-        /// The database that holds the old amocrm_tokens (sqlite://, postgres://, mysql://)
-        #[arg(long = "from", value_name = "DATABASE_URL")]
-        source: String,
-        /// Report what would happen; refresh nothing, write nothing
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Import(ImportArgs),
     /// Re-encrypt every stored token with a new key (see README, "The encryption key")
-    RotateKey,
+    RotateKey(SealedStoreArgs),
     /// Manage API keys for the token API
     #[command(subcommand, name = "api-key")]
     ApiKey(ApiKeyCommand),
     /// Run only the amoCRM sandbox, for testing an integration offline
-    Sandbox {
-        /// Address to listen on
-        #[arg(long, default_value = "127.0.0.1:8081")]
-        listen: SocketAddr,
+    Sandbox(SandboxArgs),
+    /// Print a shell completion script (e.g. `amoauth completions bash > /etc/bash_completion.d/amoauth`)
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page in roff (e.g. `amoauth man > amoauth.1`)
+    Man,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    database: DatabaseFlags,
+    #[command(flatten)]
+    key: KeyFlags,
+    #[command(flatten)]
+    integration: IntegrationFlags,
+    #[command(flatten)]
+    amocrm: AmoCrmFlags,
+    #[command(flatten)]
+    server: ServerFlags,
+    #[command(flatten)]
+    refresh: RefreshFlags,
+    #[command(flatten)]
+    events: EventsFlags,
+    #[command(flatten)]
+    log: LogFlags,
+}
+
+/// `serve`'s flags without the amoCRM ones: the demo is its own integration and amoCRM.
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    database: DatabaseFlags,
+    #[command(flatten)]
+    key: KeyFlags,
+    #[command(flatten)]
+    server: ServerFlags,
+    #[command(flatten)]
+    refresh: RefreshFlags,
+    #[command(flatten)]
+    events: EventsFlags,
+    #[command(flatten)]
+    log: LogFlags,
+}
+
+/// For commands that read or write rows but never a token.
+#[derive(Args)]
+struct StoreArgs {
+    #[command(flatten)]
+    database: DatabaseFlags,
+    #[command(flatten)]
+    log: LogFlags,
+}
+
+/// For commands that open or seal tokens.
+#[derive(Args)]
+struct SealedStoreArgs {
+    #[command(flatten)]
+    database: DatabaseFlags,
+    #[command(flatten)]
+    key: KeyFlags,
+    #[command(flatten)]
+    log: LogFlags,
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    /// Keep states that expired less than this long ago, so late callbacks are told "expired"
+    #[arg(long, default_value = "1d")]
+    grace: String,
+    /// Only count what would be removed
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Args)]
+struct RefreshArgs {
+    /// Account id or subdomain; without it, every connection due by margin or keep-alive age
+    account: Option<String>,
+    #[command(flatten)]
+    database: DatabaseFlags,
+    #[command(flatten)]
+    key: KeyFlags,
+    #[command(flatten)]
+    integration: IntegrationFlags,
+    #[command(flatten)]
+    amocrm: AmoCrmFlags,
+    #[command(flatten)]
+    refresh: RefreshFlags,
+    #[command(flatten)]
+    events: EventsFlags,
+    #[command(flatten)]
+    log: LogFlags,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// The database that holds the old amocrm_tokens (sqlite://, postgres://, mysql://); opened read-only
+    #[arg(long = "from", value_name = "DATABASE_URL")]
+    source: String,
+    /// Report what would happen; refresh nothing, write nothing
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    database: DatabaseFlags,
+    #[command(flatten)]
+    key: KeyFlags,
+    #[command(flatten)]
+    integration: IntegrationFlags,
+    #[command(flatten)]
+    amocrm: AmoCrmFlags,
+    #[command(flatten)]
+    log: LogFlags,
+}
+
+#[derive(Args)]
+struct SandboxArgs {
+    /// Address the sandbox listens on
+    // Its own id: `listen` is serve's AMOAUTH_LISTEN, a different setting with a different default.
+    #[arg(
+        long = "listen",
+        id = "sandbox_listen",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
+    listen: SocketAddr,
+    #[command(flatten)]
+    integration: IntegrationFlags,
+    #[command(flatten)]
+    log: LogFlags,
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Create a key and print it once (only its hash is stored)
+    Create {
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List keys: name, id, created, revoked
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a key at once
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
-#[derive(Subcommand, Debug)]
-enum ApiKeyCommand {
-    /// Create a key and print it once (only its hash is stored)
-    Create { name: String },
-    /// List keys: name, id, created, revoked
-    List,
-    /// Revoke a key at once
-    Revoke { name: String },
+impl StoreArgs {
+    fn settings(&self) -> Settings {
+        flags::settings(&[&self.database, &self.log])
+    }
+}
+
+impl SealedStoreArgs {
+    fn settings(&self) -> Settings {
+        flags::settings(&[&self.database, &self.key, &self.log])
+    }
 }
 
 /// Parses the command line (after `.env`) and runs the command.
@@ -103,36 +240,108 @@ pub async fn run() -> anyhow::Result<()> {
         }
         Err(err) => anyhow::bail!(".env: {err}"),
     }
-    let cli = Cli::parse();
-    init_logging(cli.settings.log_format()?);
-    let settings = cli.settings;
-    match cli.command {
-        Command::Serve => serve(&settings).await,
-        Command::Demo => demo(&settings).await,
-        Command::Migrate => {
-            let config = settings.store()?;
+    match Cli::parse().command {
+        Command::Serve(args) => {
+            let settings = flags::settings(&[
+                &args.database,
+                &args.key,
+                &args.integration,
+                &args.amocrm,
+                &args.server,
+                &args.refresh,
+                &args.events,
+                &args.log,
+            ]);
+            serve(&with_logging(settings)?).await
+        }
+        Command::Demo(args) => {
+            let settings = flags::settings(&[
+                &args.database,
+                &args.key,
+                &args.server,
+                &args.refresh,
+                &args.events,
+                &args.log,
+            ]);
+            demo(&with_logging(settings)?).await
+        }
+        Command::Migrate(args) => {
+            let config = with_logging(args.settings())?.store()?;
             server::open_store(&config).await?.close().await;
             println!("database {} is up to date", config.database_url);
             Ok(())
         }
-        Command::Cleanup { grace, dry_run } => cleanup(&settings, &grace, dry_run).await,
-        Command::Tokens => tokens(&settings).await,
-        Command::States => states(&settings).await,
-        Command::Events => events(&settings).await,
-        Command::Refresh { account } => refresh(&settings, account.as_deref()).await,
-        Command::ApiKey(command) => api_key(&settings, command).await,
-        Command::RotateKey => rotate_key(&settings).await,
-        Command::Import { source, dry_run } => import(&settings, &source, dry_run).await,
-        Command::Sandbox { listen } => run_sandbox(&settings, listen).await,
+        Command::Cleanup(args) => {
+            cleanup(
+                &with_logging(args.store.settings())?,
+                &args.grace,
+                args.dry_run,
+            )
+            .await
+        }
+        Command::Tokens(args) => tokens(&with_logging(args.settings())?).await,
+        Command::States(args) => states(&with_logging(args.settings())?).await,
+        Command::Events(args) => events(&with_logging(args.settings())?).await,
+        Command::Refresh(args) => {
+            let settings = flags::settings(&[
+                &args.database,
+                &args.key,
+                &args.integration,
+                &args.amocrm,
+                &args.refresh,
+                &args.events,
+                &args.log,
+            ]);
+            refresh(&with_logging(settings)?, args.account.as_deref()).await
+        }
+        Command::ApiKey(command) => api_key(command).await,
+        Command::RotateKey(args) => rotate_key(&with_logging(args.settings())?).await,
+        Command::Import(args) => {
+            let settings = flags::settings(&[
+                &args.database,
+                &args.key,
+                &args.integration,
+                &args.amocrm,
+                &args.log,
+            ]);
+            import(&with_logging(settings)?, &args.source, args.dry_run).await
+        }
+        Command::Sandbox(args) => {
+            let settings = flags::settings(&[&args.integration, &args.log]);
+            run_sandbox(&with_logging(settings)?, args.listen).await
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "amoauth",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
     }
+}
+
+/// Starts logging as the settings say, and hands them on.
+fn with_logging(settings: Settings) -> anyhow::Result<Settings> {
+    init_logging(settings.log_format()?);
+    Ok(settings)
 }
 
 fn init_logging(format: LogFormat) {
     // sqlx logs PostgreSQL notices (e.g. on every migration check) at INFO: noise, not news.
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    // Colour codes are for a person at a terminal; in a file or a pipe they are noise.
+    let colours = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -408,10 +617,13 @@ async fn rotate_key(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn api_key(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<()> {
-    let store = server::open_store(&settings.store()?).await?;
+async fn api_key(command: ApiKeyCommand) -> anyhow::Result<()> {
+    let (ApiKeyCommand::Create { store, .. }
+    | ApiKeyCommand::List { store }
+    | ApiKeyCommand::Revoke { store, .. }) = &command;
+    let store = server::open_store(&with_logging(store.settings())?.store()?).await?;
     match command {
-        ApiKeyCommand::Create { name } => {
+        ApiKeyCommand::Create { name, .. } => {
             let key = api_keys::create(&store, &name).await?;
             println!("{}", key.full);
             eprintln!(
@@ -419,7 +631,7 @@ async fn api_key(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<
                 key.key_id
             );
         }
-        ApiKeyCommand::List => {
+        ApiKeyCommand::List { .. } => {
             for key in store.api_keys().await? {
                 let revoked = key
                     .revoked_at
@@ -433,7 +645,7 @@ async fn api_key(settings: &Settings, command: ApiKeyCommand) -> anyhow::Result<
                 );
             }
         }
-        ApiKeyCommand::Revoke { name } => {
+        ApiKeyCommand::Revoke { name, .. } => {
             if !store.revoke_api_key(&name, now()).await? {
                 anyhow::bail!("no active API key named `{name}`; see `amoauth api-key list`");
             }

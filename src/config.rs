@@ -7,184 +7,38 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use base64::Engine as _;
-use clap::Args;
 use url::Url;
 
-/// Raw settings as clap reads them: a flag overrides the variable of the same meaning.
-/// Everything is a string here so that validation can name the variable in its error.
+/// Raw settings, from the flags of a command (each of which falls back to its variable).
+/// Everything is a string here so that validation can name the variable in its error;
+/// a command leaves unset what it does not read, and defaults apply.
 /// No Debug: the raw values include the client secret and the keys.
-#[derive(Args, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Settings {
-    /// Database: sqlite://…, postgres://…, mysql://…
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
-    /// amoCRM integration id
-    #[arg(long, env = "AMOCRM_CLIENT_ID", global = true, hide_env_values = true)]
     pub client_id: Option<String>,
-    /// amoCRM integration secret
-    #[arg(
-        long,
-        env = "AMOCRM_CLIENT_SECRET",
-        global = true,
-        hide_env_values = true
-    )]
     pub client_secret: Option<String>,
-    /// Redirect URI exactly as registered in amoCRM
-    #[arg(
-        long,
-        env = "AMOCRM_REDIRECT_URI",
-        global = true,
-        hide_env_values = true
-    )]
     pub redirect_uri: Option<String>,
-    /// Allowed account domains for the callback's `referer`
-    #[arg(long, env = "AMOCRM_DOMAINS", global = true, hide_env_values = true)]
     pub domains: Option<String>,
-    /// HTTP listen address
-    #[arg(long, env = "AMOAUTH_LISTEN", global = true, hide_env_values = true)]
     pub listen: Option<String>,
-    /// Lifetime of an OAuth state (e.g. 15m)
-    #[arg(long, env = "AMOAUTH_STATE_TTL", global = true, hide_env_values = true)]
     pub state_ttl: Option<String>,
-    /// Admin token for the dashboard and install; generated at start when unset
-    #[arg(
-        long,
-        env = "AMOAUTH_ADMIN_TOKEN",
-        global = true,
-        hide_env_values = true
-    )]
     pub admin_token: Option<String>,
-    /// Base64 of 32 bytes; defaults to a key file beside a SQLite database
-    #[arg(
-        long,
-        env = "AMOAUTH_ENCRYPTION_KEY",
-        global = true,
-        hide_env_values = true
-    )]
     pub encryption_key: Option<String>,
-    /// Development only: send every amoCRM request to this origin
-    #[arg(
-        long,
-        env = "AMOAUTH_AMOCRM_URL",
-        global = true,
-        hide_env_values = true
-    )]
     pub amocrm_url: Option<String>,
-    /// Connect and total timeout for each request to amoCRM (e.g. 10s)
-    #[arg(
-        long,
-        env = "AMOAUTH_AMOCRM_TIMEOUT",
-        global = true,
-        hide_env_values = true
-    )]
     pub amocrm_timeout: Option<String>,
-    /// Log format: text or json
-    #[arg(
-        long,
-        env = "AMOAUTH_LOG_FORMAT",
-        global = true,
-        hide_env_values = true
-    )]
     pub log_format: Option<String>,
-    /// Accept marketplace widget installs (on/off)
-    #[arg(
-        long,
-        env = "AMOAUTH_WIDGET_INSTALLS",
-        global = true,
-        hide_env_values = true
-    )]
     pub widget_installs: Option<String>,
-    /// Requests per client IP on the routes the internet reaches: 20/s, 600/m, or off
-    #[arg(
-        long,
-        env = "AMOAUTH_RATE_LIMIT",
-        global = true,
-        hide_env_values = true
-    )]
     pub rate_limit: Option<String>,
-    /// Proxy addresses whose X-Forwarded-For is believed (comma-separated IPs)
-    #[arg(
-        long,
-        env = "AMOAUTH_TRUSTED_PROXIES",
-        global = true,
-        hide_env_values = true
-    )]
     pub trusted_proxies: Option<String>,
-    /// Prefix of the dashboard, API, health and metrics (e.g. /amocrm/); install and callback keep their paths
-    #[arg(long, env = "AMOAUTH_BASE_PATH", global = true, hide_env_values = true)]
     pub base_path: Option<String>,
-    /// Origins allowed in connect-link return URLs (scheme://host[:port], comma-separated)
-    #[arg(
-        long,
-        env = "AMOAUTH_RETURN_ORIGINS",
-        global = true,
-        hide_env_values = true
-    )]
     pub return_origins: Option<String>,
-    /// Refresh access tokens this long before they expire (e.g. 1h)
-    #[arg(
-        long,
-        env = "AMOAUTH_REFRESH_MARGIN",
-        global = true,
-        hide_env_values = true
-    )]
     pub refresh_margin: Option<String>,
-    /// Refresh any refresh token older than this, used or not (e.g. 30d)
-    #[arg(
-        long,
-        env = "AMOAUTH_KEEPALIVE_AGE",
-        global = true,
-        hide_env_values = true
-    )]
     pub keepalive_age: Option<String>,
-    /// How often the refresh worker looks for due connections (e.g. 1m)
-    #[arg(
-        long,
-        env = "AMOAUTH_REFRESH_INTERVAL",
-        global = true,
-        hide_env_values = true
-    )]
     pub refresh_interval: Option<String>,
-    /// How often `serve` deletes expired states and sessions (e.g. 1h)
-    #[arg(
-        long,
-        env = "AMOAUTH_CLEANUP_INTERVAL",
-        global = true,
-        hide_env_values = true
-    )]
     pub cleanup_interval: Option<String>,
-    /// Where events for the host app are POSTed; unset: no events
-    #[arg(
-        long,
-        env = "AMOAUTH_EVENTS_URL",
-        global = true,
-        hide_env_values = true
-    )]
     pub events_url: Option<String>,
-    /// HMAC-SHA256 key of the events' signatures; required with AMOAUTH_EVENTS_URL
-    #[arg(
-        long,
-        env = "AMOAUTH_EVENTS_SECRET",
-        global = true,
-        hide_env_values = true
-    )]
     pub events_secret: Option<String>,
-    /// Also send connection.refreshed after every refresh (on/off)
-    #[arg(
-        long,
-        env = "AMOAUTH_EVENTS_REFRESHED",
-        global = true,
-        hide_env_values = true
-    )]
     pub events_refreshed: Option<String>,
-    /// How often `serve` looks for events to deliver (e.g. 1s)
-    #[arg(
-        long,
-        env = "AMOAUTH_EVENTS_INTERVAL",
-        global = true,
-        hide_env_values = true,
-        hide = true
-    )]
     pub events_interval: Option<String>,
 }
 
@@ -201,6 +55,47 @@ fn invalid(variable: &'static str, problem: impl Into<String>) -> ConfigError {
         variable,
         problem: problem.into(),
     }
+}
+
+/// Every problem found in a configuration, one line each, so one run shows them all.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(error: ConfigError) -> Self {
+        Self(vec![error])
+    }
+}
+
+/// The values of several checks when all passed; otherwise returns every problem they found.
+/// Each argument is a `Result` whose error is a `ConfigError` or `ConfigErrors`.
+macro_rules! all_valid {
+    ($($check:ident),+ $(,)?) => {
+        match ($($check,)+) {
+            ($(Ok($check),)+) => ($($check,)+),
+            ($($check,)+) => {
+                let mut problems = Vec::new();
+                $(if let Err(error) = $check {
+                    problems.extend(ConfigErrors::from(error).0);
+                })+
+                return Err(ConfigErrors(problems));
+            }
+        }
+    };
 }
 
 /// A secret string: its Debug and Display never show the value.
@@ -431,42 +326,48 @@ impl Settings {
         }
     }
 
-    pub fn store(&self) -> Result<StoreConfig, ConfigError> {
+    pub fn store(&self) -> Result<StoreConfig, ConfigErrors> {
         let raw = non_empty(&self.database_url).unwrap_or(DEFAULT_DATABASE_URL);
         let scheme = raw.split(':').next().unwrap_or_default();
-        if !matches!(
+        let database_url = if matches!(
             scheme,
             "sqlite" | "postgres" | "postgresql" | "mysql" | "mariadb"
         ) {
-            return Err(invalid(
+            Ok(DatabaseUrl(raw.to_owned()))
+        } else {
+            Err(invalid(
                 "DATABASE_URL",
                 "expected a sqlite://, postgres:// or mysql:// URL",
-            ));
-        }
+            ))
+        };
         let encryption_key = non_empty(&self.encryption_key)
-            .map(|keys| {
-                decode_keys(keys)?;
-                Ok(Secret::new(keys))
-            })
-            .transpose()?;
+            .map(|keys| decode_keys(keys).map(|_| Secret::new(keys)))
+            .transpose();
+        let (database_url, encryption_key) = all_valid!(database_url, encryption_key);
         Ok(StoreConfig {
-            database_url: DatabaseUrl(raw.to_owned()),
+            database_url,
             encryption_key,
         })
     }
 
-    pub fn amocrm(&self) -> Result<AmoCrmConfig, ConfigError> {
-        let client_id = required(&self.client_id, "AMOCRM_CLIENT_ID")?.to_owned();
-        let client_secret = Secret::new(required(&self.client_secret, "AMOCRM_CLIENT_SECRET")?);
-        let redirect_uri = parse_http_url(
-            required(&self.redirect_uri, "AMOCRM_REDIRECT_URI")?,
-            "AMOCRM_REDIRECT_URI",
-        )?;
-        let domains = parse_domains(non_empty(&self.domains).unwrap_or(DEFAULT_DOMAINS))?;
+    pub fn amocrm(&self) -> Result<AmoCrmConfig, ConfigErrors> {
+        let client_id = required(&self.client_id, "AMOCRM_CLIENT_ID").map(str::to_owned);
+        let client_secret = required(&self.client_secret, "AMOCRM_CLIENT_SECRET").map(Secret::new);
+        let redirect_uri = required(&self.redirect_uri, "AMOCRM_REDIRECT_URI")
+            .and_then(|raw| parse_http_url(raw, "AMOCRM_REDIRECT_URI"));
+        let domains = parse_domains(non_empty(&self.domains).unwrap_or(DEFAULT_DOMAINS));
         let override_origin = non_empty(&self.amocrm_url)
             .map(|raw| parse_http_url(raw, "AMOAUTH_AMOCRM_URL"))
-            .transpose()?;
-        let timeout = parse_duration_var(&self.amocrm_timeout, "AMOAUTH_AMOCRM_TIMEOUT", "10s")?;
+            .transpose();
+        let timeout = parse_duration_var(&self.amocrm_timeout, "AMOAUTH_AMOCRM_TIMEOUT", "10s");
+        let (client_id, client_secret, redirect_uri, domains, override_origin, timeout) = all_valid!(
+            client_id,
+            client_secret,
+            redirect_uri,
+            domains,
+            override_origin,
+            timeout
+        );
         Ok(AmoCrmConfig {
             client_id,
             client_secret,
@@ -477,53 +378,92 @@ impl Settings {
         })
     }
 
-    pub fn server(&self) -> Result<ServerConfig, ConfigError> {
-        let store = self.store()?;
-        if store.encryption_key.is_none() && store.database_url.sqlite_path().is_none() {
-            return Err(invalid(
-                "AMOAUTH_ENCRYPTION_KEY",
-                "is required with a PostgreSQL or MySQL database: generate one with \
-                 `openssl rand -base64 32` and give every replica the same key",
-            ));
-        }
-        let amocrm = self.amocrm()?;
+    /// Everything `serve` needs; every problem is reported, not only the first.
+    pub fn server(&self) -> Result<ServerConfig, ConfigErrors> {
+        let store = self.store();
+        let key_present = match &store {
+            Ok(store)
+                if store.encryption_key.is_none() && store.database_url.sqlite_path().is_none() =>
+            {
+                Err(invalid(
+                    "AMOAUTH_ENCRYPTION_KEY",
+                    "is required with a PostgreSQL or MySQL database: generate one with \
+                     `openssl rand -base64 32` and give every replica the same key",
+                ))
+            }
+            _ => Ok(()),
+        };
+        let amocrm = self.amocrm();
         let listen_raw = non_empty(&self.listen).unwrap_or(DEFAULT_LISTEN);
         let listen = SocketAddr::from_str(listen_raw).map_err(|_| {
             invalid(
                 "AMOAUTH_LISTEN",
                 format!("expected host:port such as 127.0.0.1:8080, got `{listen_raw}`"),
             )
-        })?;
-        let state_ttl = parse_duration_var(&self.state_ttl, "AMOAUTH_STATE_TTL", "15m")?;
+        });
+        let state_ttl = parse_duration_var(&self.state_ttl, "AMOAUTH_STATE_TTL", "15m");
         let admin_token = match non_empty(&self.admin_token) {
-            Some(token) if token.len() < 16 => {
-                return Err(invalid(
-                    "AMOAUTH_ADMIN_TOKEN",
-                    "must be at least 16 characters long",
-                ));
-            }
-            other => other.map(Secret::new),
+            Some(token) if token.len() < 16 => Err(invalid(
+                "AMOAUTH_ADMIN_TOKEN",
+                "must be at least 16 characters long",
+            )),
+            other => Ok(other.map(Secret::new)),
         };
-        let widget_installs = match non_empty(&self.widget_installs) {
-            None | Some("off") | Some("false") | Some("0") => false,
-            Some("on") | Some("true") | Some("1") => true,
-            Some(other) => {
-                return Err(invalid(
-                    "AMOAUTH_WIDGET_INSTALLS",
-                    format!("expected `on` or `off`, got `{other}`"),
-                ));
-            }
-        };
+        let widget_installs = parse_switch(&self.widget_installs, "AMOAUTH_WIDGET_INSTALLS");
         let cleanup_interval =
-            parse_duration_var(&self.cleanup_interval, "AMOAUTH_CLEANUP_INTERVAL", "1h")?;
+            parse_duration_var(&self.cleanup_interval, "AMOAUTH_CLEANUP_INTERVAL", "1h");
+        let refresh_margin =
+            parse_duration_var(&self.refresh_margin, "AMOAUTH_REFRESH_MARGIN", "1h");
+        let keepalive_age = parse_duration_var(&self.keepalive_age, "AMOAUTH_KEEPALIVE_AGE", "30d");
+        let refresh_interval =
+            parse_duration_var(&self.refresh_interval, "AMOAUTH_REFRESH_INTERVAL", "1m");
+        let return_origins = parse_origins(self.return_origins.as_deref().unwrap_or_default());
+        let events = self.events();
+        let base_path = parse_base_path(non_empty(&self.base_path).unwrap_or("/"));
+        let rate_limit = parse_rate_limit(non_empty(&self.rate_limit).unwrap_or("20/s"));
+        let trusted_proxies =
+            parse_trusted_proxies(self.trusted_proxies.as_deref().unwrap_or_default());
+        let (
+            store,
+            (),
+            amocrm,
+            listen,
+            state_ttl,
+            admin_token,
+            widget_installs,
+            cleanup_interval,
+            refresh_margin,
+            keepalive_age,
+            refresh_interval,
+            return_origins,
+            events,
+            base_path,
+            rate_limit,
+            trusted_proxies,
+        ) = all_valid!(
+            store,
+            key_present,
+            amocrm,
+            listen,
+            state_ttl,
+            admin_token,
+            widget_installs,
+            cleanup_interval,
+            refresh_margin,
+            keepalive_age,
+            refresh_interval,
+            return_origins,
+            events,
+            base_path,
+            rate_limit,
+            trusted_proxies
+        );
         let refresh = RefreshConfig {
-            margin: parse_duration_var(&self.refresh_margin, "AMOAUTH_REFRESH_MARGIN", "1h")?,
-            keepalive_age: parse_duration_var(&self.keepalive_age, "AMOAUTH_KEEPALIVE_AGE", "30d")?,
-            interval: parse_duration_var(&self.refresh_interval, "AMOAUTH_REFRESH_INTERVAL", "1m")?,
+            margin: refresh_margin,
+            keepalive_age,
+            interval: refresh_interval,
             lease: amocrm.timeout * 3 + Duration::from_secs(1),
         };
-        let return_origins = parse_origins(self.return_origins.as_deref().unwrap_or_default())?;
-        let events = self.events()?;
         Ok(ServerConfig {
             store,
             amocrm,
@@ -535,30 +475,33 @@ impl Settings {
             refresh,
             return_origins,
             events,
-            base_path: parse_base_path(non_empty(&self.base_path).unwrap_or("/"))?,
-            rate_limit: parse_rate_limit(non_empty(&self.rate_limit).unwrap_or("20/s"))?,
-            trusted_proxies: parse_trusted_proxies(
-                self.trusted_proxies.as_deref().unwrap_or_default(),
-            )?,
+            base_path,
+            rate_limit,
+            trusted_proxies,
         })
     }
 
-    pub fn events(&self) -> Result<Option<EventsConfig>, ConfigError> {
+    pub fn events(&self) -> Result<Option<EventsConfig>, ConfigErrors> {
         let Some(raw) = non_empty(&self.events_url) else {
             return Ok(None);
         };
-        let url = parse_http_url(raw, "AMOAUTH_EVENTS_URL")?;
-        let secret = non_empty(&self.events_secret).ok_or_else(|| {
-            invalid(
-                "AMOAUTH_EVENTS_SECRET",
-                "is required when AMOAUTH_EVENTS_URL is set (the key that signs the events)",
-            )
-        })?;
+        let url = parse_http_url(raw, "AMOAUTH_EVENTS_URL");
+        let secret = non_empty(&self.events_secret)
+            .map(Secret::new)
+            .ok_or_else(|| {
+                invalid(
+                    "AMOAUTH_EVENTS_SECRET",
+                    "is required when AMOAUTH_EVENTS_URL is set (the key that signs the events)",
+                )
+            });
+        let refreshed = parse_switch(&self.events_refreshed, "AMOAUTH_EVENTS_REFRESHED");
+        let interval = parse_duration_var(&self.events_interval, "AMOAUTH_EVENTS_INTERVAL", "1s");
+        let (url, secret, refreshed, interval) = all_valid!(url, secret, refreshed, interval);
         Ok(Some(EventsConfig {
             url,
-            secret: Secret::new(secret),
-            refreshed: parse_switch(&self.events_refreshed, "AMOAUTH_EVENTS_REFRESHED")?,
-            interval: parse_duration_var(&self.events_interval, "AMOAUTH_EVENTS_INTERVAL", "1s")?,
+            secret,
+            refreshed,
+            interval,
         }))
     }
 }
@@ -711,6 +654,38 @@ mod tests {
         }
     }
 
+    /// The single problem a configuration has (fails when there are several or none).
+    fn the_only_problem<T>(result: Result<T, ConfigErrors>) -> ConfigError {
+        let Err(ConfigErrors(mut problems)) = result else {
+            panic!("the configuration was accepted");
+        };
+        assert_eq!(problems.len(), 1, "{}", ConfigErrors(problems));
+        problems.remove(0)
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let s = Settings {
+            redirect_uri: Some("example.ru/callback".into()),
+            state_ttl: Some("soon".into()),
+            events_url: Some("https://app.example/events".into()),
+            ..Settings::default()
+        };
+        let problems = s.server().err().unwrap();
+        let variables: Vec<_> = problems.0.iter().map(|p| p.variable).collect();
+        assert_eq!(
+            variables,
+            [
+                "AMOCRM_CLIENT_ID",
+                "AMOCRM_CLIENT_SECRET",
+                "AMOCRM_REDIRECT_URI",
+                "AMOAUTH_STATE_TTL",
+                "AMOAUTH_EVENTS_SECRET"
+            ]
+        );
+        assert_eq!(problems.to_string().lines().count(), 5);
+    }
+
     #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
@@ -728,7 +703,7 @@ mod tests {
     fn missing_secret_names_the_variable() {
         let mut s = settings();
         s.client_secret = None;
-        let err = s.server().unwrap_err();
+        let err = the_only_problem(s.server());
         assert_eq!(
             err.to_string(),
             "AMOCRM_CLIENT_SECRET: is required but not set"
@@ -739,18 +714,18 @@ mod tests {
     fn invalid_values_name_the_variable() {
         let mut s = settings();
         s.state_ttl = Some("soon".into());
-        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_STATE_TTL");
+        assert_eq!(the_only_problem(s.server()).variable, "AMOAUTH_STATE_TTL");
         let mut s = settings();
         s.redirect_uri = Some("example.ru/callback".into());
-        assert_eq!(s.server().unwrap_err().variable, "AMOCRM_REDIRECT_URI");
+        assert_eq!(the_only_problem(s.server()).variable, "AMOCRM_REDIRECT_URI");
         let mut s = settings();
         s.encryption_key = Some("c2hvcnQ=".into());
-        let err = s.server().unwrap_err();
+        let err = the_only_problem(s.server());
         assert_eq!(err.variable, "AMOAUTH_ENCRYPTION_KEY");
         assert!(err.problem.contains("32 bytes"), "{err}");
         let mut s = settings();
         s.domains = Some("amocrm.ru,evil..com".into());
-        assert_eq!(s.server().unwrap_err().variable, "AMOCRM_DOMAINS");
+        assert_eq!(the_only_problem(s.server()).variable, "AMOCRM_DOMAINS");
     }
 
     #[test]
@@ -775,11 +750,13 @@ mod tests {
             ["https://app.example.com", "http://localhost:3000"]
         );
         s.return_origins = Some("https://app.example.com/callback".into());
-        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_RETURN_ORIGINS");
+        assert_eq!(
+            the_only_problem(s.server()).variable,
+            "AMOAUTH_RETURN_ORIGINS"
+        );
         s.return_origins = Some("https://App.Example.com".into());
         assert!(
-            s.server()
-                .unwrap_err()
+            the_only_problem(s.server())
                 .problem
                 .contains("https://app.example.com")
         );
@@ -796,7 +773,7 @@ mod tests {
         for bad in ["amocrm", "/amo crm/", "/../x", "//x", "/x?y"] {
             s.base_path = Some(bad.into());
             assert_eq!(
-                s.server().unwrap_err().variable,
+                the_only_problem(s.server()).variable,
                 "AMOAUTH_BASE_PATH",
                 "{bad}"
             );
@@ -824,19 +801,25 @@ mod tests {
             })
         );
         s.rate_limit = Some("fast".into());
-        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_RATE_LIMIT");
+        assert_eq!(the_only_problem(s.server()).variable, "AMOAUTH_RATE_LIMIT");
         s.rate_limit = None;
         s.trusted_proxies = Some("127.0.0.1, ::1".into());
         assert_eq!(s.server().unwrap().trusted_proxies.len(), 2);
         s.trusted_proxies = Some("10.0.0.0/8".into());
-        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_TRUSTED_PROXIES");
+        assert_eq!(
+            the_only_problem(s.server()).variable,
+            "AMOAUTH_TRUSTED_PROXIES"
+        );
     }
 
     #[test]
     fn server_databases_need_the_encryption_key() {
         let mut s = settings();
         s.database_url = Some("postgres://postgres@127.0.0.1/test".into());
-        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_ENCRYPTION_KEY");
+        assert_eq!(
+            the_only_problem(s.server()).variable,
+            "AMOAUTH_ENCRYPTION_KEY"
+        );
         s.encryption_key = Some("BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=".into());
         assert!(s.server().is_ok());
     }
@@ -849,7 +832,7 @@ mod tests {
         s.events_secret = None;
         s.events_url = Some("https://app.example/amoauth/events".into());
         assert_eq!(
-            s.server().unwrap_err().to_string(),
+            the_only_problem(s.server()).to_string(),
             "AMOAUTH_EVENTS_SECRET: is required when AMOAUTH_EVENTS_URL is set (the key that signs the events)"
         );
         s.events_secret = Some("hook-secret".into());
@@ -858,11 +841,14 @@ mod tests {
         assert_eq!(events.interval, Duration::from_secs(1));
         assert!(!format!("{events:?}").contains("hook-secret"));
         s.events_refreshed = Some("maybe".into());
-        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_EVENTS_REFRESHED");
+        assert_eq!(
+            the_only_problem(s.server()).variable,
+            "AMOAUTH_EVENTS_REFRESHED"
+        );
         s.events_refreshed = Some("on".into());
         assert!(s.server().unwrap().events.unwrap().refreshed);
         s.events_url = Some("app.example/events".into());
-        assert_eq!(s.server().unwrap_err().variable, "AMOAUTH_EVENTS_URL");
+        assert_eq!(the_only_problem(s.server()).variable, "AMOAUTH_EVENTS_URL");
     }
 
     #[test]

@@ -5,8 +5,10 @@ async fn main() -> std::process::ExitCode {
     match amoauth::cli::run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            // One line: the variable or step, and what is wrong.
-            eprintln!("error: {err:#}");
+            // One line per problem: the variable or step, and what is wrong.
+            for line in format!("{err:#}").lines() {
+                eprintln!("error: {line}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

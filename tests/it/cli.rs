@@ -83,33 +83,63 @@ async fn cleanup_removes_exactly_the_states_expired_past_the_grace_period(backen
     database.drop_database().await;
 }
 
+/// A first `serve` with nothing configured names every missing variable at once.
 #[test]
-fn configuration_errors_are_one_line_naming_the_variable() {
+fn a_fresh_serve_reports_every_missing_variable_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let (ok, stdout, stderr) = run(amoauth_command(dir.path())
+        .env("HOME", dir.path())
+        .arg("serve"));
+
+    assert!(!ok);
+    assert_eq!(stdout, "");
+    assert_eq!(
+        stderr,
+        "error: AMOCRM_CLIENT_ID: is required but not set\n\
+         error: AMOCRM_CLIENT_SECRET: is required but not set\n\
+         error: AMOCRM_REDIRECT_URI: is required but not set\n"
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "nothing is created before the configuration is valid"
+    );
+}
+
+#[test]
+fn configuration_errors_are_one_line_each_naming_the_variable() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("a.db").display());
 
     let (ok, _, stderr) = run(amoauth_command(dir.path())
         .env("DATABASE_URL", &url)
-        .arg("serve"));
-
-    assert!(!ok);
-    assert_eq!(stderr, "error: AMOCRM_CLIENT_ID: is required but not set\n");
-
-    let (ok, _, stderr) = run(amoauth_command(dir.path())
-        .env("DATABASE_URL", &url)
         .env("AMOCRM_CLIENT_ID", "id")
         .env("AMOCRM_CLIENT_SECRET", "shh-secret-value")
-        .env("AMOCRM_REDIRECT_URI", "https://example.ru/amocrm/callback")
+        .env("AMOCRM_REDIRECT_URI", "example.ru/amocrm/callback")
         .env("AMOAUTH_STATE_TTL", "soon")
+        .env("AMOAUTH_LISTEN", "everywhere")
         .arg("serve"));
+
     assert!(!ok);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("error: AMOAUTH_STATE_TTL: "), "{stderr}");
+    let variables: Vec<&str> = stderr
+        .lines()
+        .map(|line| {
+            let line = line.strip_prefix("error: ").expect(&stderr);
+            line.split(':').next().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        variables,
+        ["AMOCRM_REDIRECT_URI", "AMOAUTH_LISTEN", "AMOAUTH_STATE_TTL"],
+        "{stderr}"
+    );
+    assert!(!stderr.contains("shh-secret-value"));
 
     let (ok, _, stderr) = run(amoauth_command(dir.path())
         .env("DATABASE_URL", "mongodb://user:pw@host/db")
         .arg("migrate"));
     assert!(!ok);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("error: DATABASE_URL: "), "{stderr}");
     assert!(
         !stderr.contains("pw@"),
@@ -262,3 +292,250 @@ async fn serve_without_an_admin_token_prints_a_working_login_url() {
         "printed once, in no log line"
     );
 }
+
+/// A long-running command (`demo`, `sandbox`) as a real process, stdout and stderr each in a file.
+struct LongRunning {
+    child: std::process::Child,
+    stdout: std::path::PathBuf,
+    stderr: std::path::PathBuf,
+}
+
+impl LongRunning {
+    fn start(command: &mut std::process::Command, dir: &std::path::Path) -> Self {
+        let stdout = dir.join("stdout.log");
+        let stderr = dir.join("stderr.log");
+        let child = command
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The stdout line that starts with `prefix`, without it, once printed (10 s at most).
+    async fn printed(&mut self, prefix: &str) -> String {
+        for _ in 0..200 {
+            let stdout = std::fs::read_to_string(&self.stdout).unwrap();
+            if let Some(rest) = stdout.lines().find_map(|l| l.trim().strip_prefix(prefix)) {
+                return rest.to_owned();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("exited with {status}: {}", self.stderr());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!(
+            "`{prefix}` was never printed:\n{stdout}\n{}",
+            self.stderr(),
+            stdout = std::fs::read_to_string(&self.stdout).unwrap()
+        );
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap()
+    }
+
+    /// Sends SIGTERM to its PID, as an operator or a service manager would; its exit code.
+    async fn terminate(&mut self) -> Option<i32> {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("did not stop within 10 s of SIGTERM");
+    }
+}
+
+impl Drop for LongRunning {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `amoauth demo` as a user runs it: the printed URL logs in, and the whole connect flow
+/// works against its own sandbox; `tokens` then lists the account.
+#[tokio::test]
+async fn demo_prints_a_url_that_connects_the_demo_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut demo = LongRunning::start(
+        amoauth_command(dir.path()).env("HOME", dir.path()).args([
+            "demo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]),
+        dir.path(),
+    );
+    let login_url = demo.printed("1. Open ").await;
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(
+        login_url.starts_with(&format!("{base}/login?token=")),
+        "{login_url}"
+    );
+    let client = http_client();
+
+    let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let login = client.get(&login_url).send().await.unwrap();
+    assert_eq!(login.status(), 303);
+    let cookie = login.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let install = client
+        .get(format!("{base}/amocrm/install"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(install.status(), 303);
+    let consent_url = location(&install);
+    let sandbox_origin = url::Url::parse(&consent_url)
+        .unwrap()
+        .origin()
+        .ascii_serialization();
+    let callback = consent(&client, &sandbox_origin, &consent_url, "allow").await;
+    let done = client.get(&callback).send().await.unwrap();
+    assert_eq!(done.status(), 200);
+    assert!(
+        done.text()
+            .await
+            .unwrap()
+            .contains("amoCRM успешно подключена!")
+    );
+
+    let (ok, listing, stderr) = run(amoauth_command(dir.path()).arg("tokens"));
+    assert!(ok, "{stderr}");
+    assert!(
+        listing.contains(ACCOUNT_HOST) && listing.contains("active"),
+        "{listing}"
+    );
+    assert_eq!(demo.terminate().await, Some(0), "{}", demo.stderr());
+    let logs = demo.stderr();
+    assert!(logs.contains("INFO"), "it logged: {logs}");
+    assert!(!logs.contains("\x1b["), "no colour codes in a file: {logs}");
+}
+
+/// `amoauth sandbox --listen`: the sandbox alone serves its consent page for the integration
+/// it was given (by flag and by variable) and hands out codes to the redirect URI.
+#[tokio::test]
+async fn sandbox_serves_its_consent_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let redirect_uri = "http://127.0.0.1:1/amocrm/callback";
+    let mut sandbox = LongRunning::start(
+        amoauth_command(dir.path())
+            .env("AMOCRM_CLIENT_SECRET", CLIENT_SECRET)
+            .env("AMOCRM_REDIRECT_URI", redirect_uri)
+            .args([
+                "sandbox",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--client-id",
+                "sandbox-cli-client",
+            ]),
+        dir.path(),
+    );
+    let consent_page = sandbox.printed("amoCRM sandbox on ").await;
+    let consent_page = consent_page
+        .split_once("consent page: ")
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .unwrap()
+        .to_owned();
+    assert_eq!(consent_page, format!("http://127.0.0.1:{port}/oauth"));
+    let client = http_client();
+
+    let page = client
+        .get(format!(
+            "{consent_page}?client_id=sandbox-cli-client&state=st-42"
+        ))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Предоставить доступ"), "{html}");
+    assert!(html.contains("<code>sandbox-cli-client</code>"), "{html}");
+    assert!(html.contains(r#"name="state" value="st-42""#), "{html}");
+    let unknown = client
+        .get(format!("{consent_page}?client_id=someone-else"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 400);
+    let decided = client
+        .post(format!("http://127.0.0.1:{port}/oauth/decide"))
+        .form(&[
+            ("client_id", "sandbox-cli-client"),
+            ("state", "st-42"),
+            ("account_id", &ACCOUNT_ID.to_string()),
+            ("decision", "allow"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decided.status(), 302);
+    let callback = location(&decided);
+    assert!(callback.starts_with(redirect_uri), "{callback}");
+    assert!(query_param(&callback, "code").is_some(), "{callback}");
+    assert_eq!(query_param(&callback, "state").as_deref(), Some("st-42"));
+    assert_eq!(sandbox.terminate().await, Some(0), "{}", sandbox.stderr());
+    assert!(!sandbox.stderr().contains("\x1b["));
+}
+
+/// `api-key create`, `list` and `revoke` on one database, as an operator runs them.
+async fn api_key_commands_create_list_and_revoke(backend: Backend) {
+    let database = backend.fresh_database().await;
+    let dir = database.dir.path().to_owned();
+    let api_key = |args: &[&str]| {
+        run(amoauth_command(&dir)
+            .env("DATABASE_URL", &database.url)
+            .arg("api-key")
+            .args(args))
+    };
+    let (ok, _, stderr) = run(amoauth_command(&dir)
+        .env("DATABASE_URL", &database.url)
+        .arg("migrate"));
+    assert!(ok, "{stderr}");
+
+    let (ok, key, stderr) = api_key(&["create", "crm-sync"]);
+    assert!(ok, "{stderr}");
+    assert!(key.starts_with("ak_"), "{key}");
+    let (ok, listing, _) = api_key(&["list"]);
+    assert!(ok);
+    let line = listing
+        .lines()
+        .find(|l| l.starts_with("crm-sync"))
+        .expect(&listing);
+    assert!(line.ends_with("active"), "{line}");
+    assert!(!listing.contains(key.trim()), "the key is shown only once");
+    let (ok, stdout, _) = api_key(&["revoke", "crm-sync"]);
+    assert!(ok);
+    assert_eq!(stdout.trim(), "revoked API key `crm-sync`");
+    let (_, listing, _) = api_key(&["list"]);
+    assert!(listing.contains(" revoked "), "{listing}");
+    let (ok, _, stderr) = api_key(&["revoke", "crm-sync"]);
+    assert!(!ok, "a revoked key cannot be revoked again");
+    assert!(
+        stderr.contains("no active API key named `crm-sync`"),
+        "{stderr}"
+    );
+    database.drop_database().await;
+}
+
+on_all_backends!(api_key_commands_create_list_and_revoke);

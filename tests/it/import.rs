@@ -190,8 +190,17 @@ async fn import_takes_over_the_seed_apps_connections(source_backend: Backend) {
     sandbox.revoke_tokens(GAMMA);
     let target = Backend::Sqlite.fresh_database().await;
     let refreshes_before = sandbox.stats().refreshes;
+    let source_file = source_file(&source);
+    let source_before = source_file.as_ref().map(|file| file_state(file));
 
     let dry = run_import(&target.url, &origin, &source.url, true).await;
+    if let Some(file) = &source_file {
+        assert_eq!(
+            Some(file_state(file)),
+            source_before,
+            "a dry run opens the source read-only"
+        );
+    }
     assert!(
         dry.contains("would import alpha") && dry.contains("would import beta.amocrm.ru"),
         "{dry}"
@@ -203,6 +212,13 @@ async fn import_takes_over_the_seed_apps_connections(source_backend: Backend) {
     );
 
     let report = run_import(&target.url, &origin, &source.url, false).await;
+    if let Some(file) = &source_file {
+        assert_eq!(
+            Some(file_state(file)),
+            source_before,
+            "an import opens the source read-only"
+        );
+    }
 
     assert!(
         report.contains(&format!("imported alpha (account {ALPHA})")),
@@ -257,6 +273,66 @@ async fn import_takes_over_the_seed_apps_connections(source_backend: Backend) {
     );
     target.drop_database().await;
     source.drop_database().await;
+}
+
+/// The source's SQLite file, when it is one.
+fn source_file(source: &TestDatabase) -> Option<std::path::PathBuf> {
+    let path = source.url.strip_prefix("sqlite://")?;
+    Some(std::path::PathBuf::from(path))
+}
+
+/// The SHA-256 of a SQLite file's bytes, and which of its `-wal`, `-shm` and `-journal`
+/// companions exist: all unchanged means the database was only read.
+fn file_state(file: &std::path::Path) -> (String, Vec<String>) {
+    use sha2::Digest as _;
+    let hash = hex::encode(sha2::Sha256::digest(std::fs::read(file).unwrap()));
+    let companions = ["-wal", "-shm", "-journal"]
+        .into_iter()
+        .filter(|suffix| {
+            let mut name = file.as_os_str().to_owned();
+            name.push(suffix);
+            std::path::Path::new(&name).exists()
+        })
+        .map(str::to_owned)
+        .collect();
+    (hash, companions)
+}
+
+/// The old table read through a view that reports the transaction's read-only setting as
+/// its `domain`: PostgreSQL itself shows that the import's session cannot write.
+#[tokio::test]
+async fn the_import_reads_postgresql_in_a_read_only_transaction() {
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let source = backend.fresh_database().await;
+    source
+        .db
+        .execute(
+            "CREATE VIEW amocrm_tokens AS SELECT 1 AS id, \
+             'read-only-' || current_setting('transaction_read_only') AS domain, \
+             'a' AS access_token, 'r' AS refresh_token",
+        )
+        .await;
+    let target = Backend::Sqlite.fresh_database().await;
+
+    for dry_run in [true, false] {
+        let report = run_import(&target.url, "http://127.0.0.1:1", &source.url, dry_run).await;
+        let first = report.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("would import read-only-on")
+                || first.starts_with("skipped read-only-on: amoCRM did not refresh"),
+            "{report}"
+        );
+    }
+    source.drop_database().await;
+}
+
+#[tokio::test]
+async fn import_from_a_postgresql_seed_database() {
+    if let Some(backend) = Backend::postgres() {
+        import_takes_over_the_seed_apps_connections(backend).await;
+    }
 }
 
 #[tokio::test]

@@ -108,6 +108,11 @@ async fn secrets_stay_out_of_logs(log_format: &str) {
     let logs = process.stop();
 
     assert!(
+        !logs.contains("\x1b["),
+        "no colour codes in logs written to a file:\n{logs}"
+    );
+
+    assert!(
         logs.contains("amoCRM connected"),
         "the success is logged:\n{logs}"
     );

@@ -539,16 +539,9 @@ async fn the_uninstall_webhook_wipes_tokens_once_and_refuses_forgeries(backend: 
     app.stop().await;
 }
 
-async fn the_refresh_command_refreshes_one_account_now(backend: Backend) {
-    let app = TestApp::spawn(&backend).await;
-    app.connect().await;
+/// `amoauth refresh ARGS` as a process against the app's database and sandbox; its stdout.
+async fn run_refresh(app: &TestApp, key_env: &str, args: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let key_env = if backend.is_server() {
-        ENCRYPTION_KEY
-    } else {
-        ""
-    };
-
     let mut command = amoauth_command(dir.path());
     command
         .env("DATABASE_URL", &app.database_url)
@@ -560,25 +553,48 @@ async fn the_refresh_command_refreshes_one_account_now(backend: Backend) {
             format!("{}/amocrm/callback", app.base),
         )
         .env("AMOAUTH_AMOCRM_URL", &app.sandbox_origin)
-        .args(["refresh", "demo"]);
+        .arg("refresh")
+        .args(args);
     // Awaited, not blocking: the sandbox it talks to runs on this test's runtime.
     let output = tokio::process::Command::from(command)
         .output()
         .await
         .unwrap();
-
-    let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+async fn the_refresh_command_refreshes_one_account_now(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    app.connect().await;
+    let key_env = if backend.is_server() {
+        ENCRYPTION_KEY
+    } else {
+        ""
+    };
+
+    let stdout = run_refresh(&app, key_env, &["demo"]).await;
+
     assert!(
         stdout.starts_with("refreshed demo.amocrm.ru (account 31337001)"),
         "{stdout}"
     );
     assert_eq!(app.sandbox.stats().successful_refreshes, 1);
     assert_eq!(app.count("SELECT version FROM amocrm_tokens").await, 2);
+
+    // Without an account: every connection that is due, and only those.
+    let stdout = run_refresh(&app, key_env, &[]).await;
+    assert_eq!(stdout.trim(), "refreshed 0 connections, 0 failed");
+    let soon = chrono::Utc::now().naive_utc() + chrono::Duration::minutes(5);
+    app.db().set_token_time("expires_at", soon).await;
+    let stdout = run_refresh(&app, key_env, &[]).await;
+    assert_eq!(stdout.trim(), "refreshed 1 connections, 0 failed");
+    assert_eq!(app.sandbox.stats().successful_refreshes, 2);
+    assert_eq!(app.count("SELECT version FROM amocrm_tokens").await, 3);
     app.stop().await;
 }
 

@@ -301,10 +301,9 @@ fn file_state(file: &std::path::Path) -> (String, Vec<String>) {
 /// The old table read through a view that reports the transaction's read-only setting as
 /// its `domain`: PostgreSQL itself shows that the import's session cannot write.
 #[tokio::test]
+#[cfg_attr(amoauth_lacks_postgres, ignore = "set AMOAUTH_TEST_POSTGRES_URL")]
 async fn the_import_reads_postgresql_in_a_read_only_transaction() {
-    let Some(backend) = Backend::postgres() else {
-        return;
-    };
+    let backend = Backend::postgres();
     let source = backend.fresh_database().await;
     source
         .db
@@ -329,10 +328,9 @@ async fn the_import_reads_postgresql_in_a_read_only_transaction() {
 }
 
 #[tokio::test]
+#[cfg_attr(amoauth_lacks_postgres, ignore = "set AMOAUTH_TEST_POSTGRES_URL")]
 async fn import_from_a_postgresql_seed_database() {
-    if let Some(backend) = Backend::postgres() {
-        import_takes_over_the_seed_apps_connections(backend).await;
-    }
+    import_takes_over_the_seed_apps_connections(Backend::postgres()).await;
 }
 
 #[tokio::test]

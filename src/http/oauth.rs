@@ -258,12 +258,10 @@ fn status_of(failure: &Failure) -> StatusCode {
         | Failure::UnknownState => StatusCode::BAD_REQUEST,
         Failure::UsedState => StatusCode::CONFLICT,
         Failure::ExpiredState => StatusCode::GONE,
-        Failure::Exchange { source, .. } | Failure::AccountLookup { source, .. } => {
-            match source {
-                AmoError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-                _ => StatusCode::BAD_GATEWAY,
-            }
-        }
+        Failure::Exchange { source, .. } | Failure::AccountLookup { source, .. } => match source {
+            AmoError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        },
         Failure::Database => StatusCode::SERVICE_UNAVAILABLE,
     }
 }

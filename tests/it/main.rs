@@ -44,5 +44,6 @@ mod keys;
 mod logs;
 mod proxy;
 mod refresh;
+mod result_page;
 mod security;
 mod support;

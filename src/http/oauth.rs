@@ -99,17 +99,15 @@ pub async fn callback(
     if let Some(return_to) = &callback.return_to {
         return report_to_host_app(&state, return_to, &callback.result);
     }
-    let settled = match &callback.result {
-        Err(err) => is_settled(err, callback.state_consumed),
-        Ok(_) => true,
-    };
     match callback.result {
         // amoCRM ignores the answer to a widget install; a short text helps whoever debugs it.
         Ok(CallbackOutcome::WidgetAccepted) => (StatusCode::OK, "accepted\n").into_response(),
         Ok(CallbackOutcome::Connected(connected)) => {
             redirect_to_result(&state, Settled::Connected(connected))
         }
-        Err(err) if settled => redirect_to_result(&state, Settled::Failed(Failure::from(&err))),
+        Err(err) if is_settled(&err, callback.state_consumed) => {
+            redirect_to_result(&state, Settled::Failed(Failure::from(&err)))
+        }
         Err(err) => failure_page(lang, &Failure::from(&err)),
     }
 }
@@ -130,16 +128,17 @@ fn is_settled(err: &CallbackError, state_consumed: bool) -> bool {
     }
 }
 
-/// Post/Redirect/Get: 303 to the result address, which holds neither the code nor the state.
-/// The path stays under /amocrm/ whatever the base path, beside the callback, so a site proxy
-/// that routes the callback routes it too; relative, so the browser stays on the public origin.
+/// Where a finished callback's page lives: under /amocrm/ whatever the base path, beside the
+/// callback, so a site proxy that routes the callback routes it too.
+pub const RESULT_PATH: &str = "/amocrm/callback/result";
+
+/// Post/Redirect/Get: 303 to the result address, which holds neither the code nor the state;
+/// relative, so the browser stays on the public origin behind a proxy.
 fn redirect_to_result(state: &AppState, settled: Settled) -> Response {
     let token = state.flow.seal_result(settled);
     let location = format!("{RESULT_PATH}?r={token}");
     (StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response()
 }
-
-pub const RESULT_PATH: &str = "/amocrm/callback/result";
 
 /// `GET /amocrm/callback/result?r=…`: the page of a finished callback, as often as the browser
 /// asks while the token lives. Nothing is run, audited or counted again.

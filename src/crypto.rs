@@ -14,6 +14,7 @@ use crate::config::{Secret, decode_keys};
 
 const NONCE_LEN: usize = 24;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+const B64_URL: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 /// Seals token values. One key writes; every known key reads, so keys can be rotated
 /// by adding the new one and re-encrypting.
@@ -89,6 +90,37 @@ impl Cipher {
     /// Encrypts `plaintext`, binding it to `context` (e.g. the column name) so a value
     /// copied into another column does not decrypt.
     pub fn seal(&self, plaintext: &str, context: &str) -> Sealed {
+        Sealed {
+            key_id: self.write_key_id.clone(),
+            ciphertext: B64.encode(self.seal_blob(plaintext, context)),
+        }
+    }
+
+    pub fn open(&self, sealed: &Sealed, context: &str) -> Result<Secret, CryptoError> {
+        let corrupt = || CryptoError::Corrupt(sealed.key_id.clone());
+        let blob = B64.decode(&sealed.ciphertext).map_err(|_| corrupt())?;
+        self.open_blob(&sealed.key_id, &blob, context)
+    }
+
+    /// `seal` for a URL: `<key id>.<base64url(nonce || ciphertext+tag)>`, nothing to escape.
+    pub fn seal_for_url(&self, plaintext: &str, context: &str) -> String {
+        let blob = self.seal_blob(plaintext, context);
+        format!("{}.{}", self.write_key_id, B64_URL.encode(blob))
+    }
+
+    /// Opens what `seal_for_url` made, with any configured key.
+    pub fn open_from_url(&self, token: &str, context: &str) -> Result<Secret, CryptoError> {
+        let (key_id, blob) = token
+            .split_once('.')
+            .ok_or_else(|| CryptoError::Corrupt(String::new()))?;
+        let blob = B64_URL
+            .decode(blob)
+            .map_err(|_| CryptoError::Corrupt(key_id.to_owned()))?;
+        self.open_blob(key_id, &blob, context)
+    }
+
+    /// nonce || ciphertext+tag, with a fresh random nonce.
+    fn seal_blob(&self, plaintext: &str, context: &str) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         fill_random(&mut nonce);
         let aead = &self.keys[&self.write_key_id];
@@ -103,19 +135,15 @@ impl Cipher {
             .expect("encryption into a Vec cannot fail");
         let mut blob = nonce.to_vec();
         blob.extend_from_slice(&ciphertext);
-        Sealed {
-            key_id: self.write_key_id.clone(),
-            ciphertext: B64.encode(blob),
-        }
+        blob
     }
 
-    pub fn open(&self, sealed: &Sealed, context: &str) -> Result<Secret, CryptoError> {
+    fn open_blob(&self, key_id: &str, blob: &[u8], context: &str) -> Result<Secret, CryptoError> {
         let aead = self
             .keys
-            .get(&sealed.key_id)
-            .ok_or_else(|| CryptoError::UnknownKey(sealed.key_id.clone()))?;
-        let corrupt = || CryptoError::Corrupt(sealed.key_id.clone());
-        let blob = B64.decode(&sealed.ciphertext).map_err(|_| corrupt())?;
+            .get(key_id)
+            .ok_or_else(|| CryptoError::UnknownKey(key_id.to_owned()))?;
+        let corrupt = || CryptoError::Corrupt(key_id.to_owned());
         if blob.len() < NONCE_LEN {
             return Err(corrupt());
         }
@@ -312,6 +340,26 @@ mod tests {
             "token"
         );
         assert_eq!(rotated.seal("x", "c").key_id, key_id(&[2u8; 32]));
+    }
+
+    #[test]
+    fn url_tokens_round_trip_without_characters_to_escape() {
+        let cipher = Cipher::from_keys(&[[2u8; 32], [1u8; 32]]);
+        let token = cipher.seal_for_url("outcome", "callback_result");
+        assert!(
+            token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+            "{token}"
+        );
+        let opened = cipher.open_from_url(&token, "callback_result").unwrap();
+        assert_eq!(opened.expose(), "outcome");
+        assert!(cipher.open_from_url(&token, "access_token").is_err());
+        let older = Cipher::new(&[1u8; 32]).seal_for_url("old", "c");
+        assert_eq!(cipher.open_from_url(&older, "c").unwrap().expose(), "old");
+        for broken in ["", "no-dot", "abcd.!!!", "abcd.AAAA"] {
+            assert!(cipher.open_from_url(broken, "c").is_err(), "{broken}");
+        }
     }
 
     #[test]

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// An amoCRM problem+json body (`title`, `type`, `status`, `detail`, plus `hint`).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Problem {
     #[serde(default)]
     pub title: Option<String>,
@@ -93,8 +93,8 @@ impl Problem {
     }
 }
 
-/// Why a call to amoCRM failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a call to amoCRM failed. Plain data, so a callback's result page can carry it.
+#[derive(Clone, Debug, thiserror::Error, Serialize, Deserialize)]
 pub enum AmoError {
     #[error("amoCRM rejected the request with HTTP {status}: {}", problem.summary())]
     Rejected { status: u16, problem: Problem },

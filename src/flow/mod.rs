@@ -1,6 +1,7 @@
 //! Install and callback: the seed's flow with the state in the database, independent of HTTP.
 
 mod params;
+mod result;
 mod uninstall;
 
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use url::Url;
 
 pub use params::CallbackParams;
+pub use result::{Failure, Settled};
 pub use uninstall::{UninstallError, Uninstalled};
 
 use crate::amocrm::{
@@ -45,11 +47,13 @@ impl Requester {
 }
 
 /// A connection saved by a callback.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Connected {
     pub account_id: i64,
     pub account_name: String,
     pub domain: String,
+    /// Not shown on the result page, so not carried in its address.
+    #[serde(skip)]
     pub external_id: Option<String>,
 }
 
@@ -67,6 +71,9 @@ pub struct ReturnTo {
 pub struct Callback {
     pub result: Result<CallbackOutcome, CallbackError>,
     pub return_to: Option<ReturnTo>,
+    /// The state was consumed: this request decided the flow's fate, and running it again
+    /// could only end in `used_state`.
+    pub state_consumed: bool,
 }
 
 impl Callback {
@@ -74,6 +81,7 @@ impl Callback {
         Self {
             result,
             return_to: None,
+            state_consumed: false,
         }
     }
 }
@@ -150,21 +158,9 @@ impl From<AmoFailure> for CallbackReason {
 }
 
 impl CallbackError {
+    /// The stable reason of audit rows, metrics and pages.
     pub fn reason(&self) -> CallbackReason {
-        match self {
-            Self::AccessDenied => CallbackReason::AccessDenied,
-            Self::AmoCrmReportedError(_) => CallbackReason::AmoCrmCallbackError,
-            Self::InvalidRequest(_) => CallbackReason::InvalidRequest,
-            Self::BadReferer => CallbackReason::BadReferer,
-            Self::UnknownState => CallbackReason::UnknownState,
-            Self::UsedState => CallbackReason::UsedState,
-            Self::ExpiredState => CallbackReason::ExpiredState,
-            Self::WidgetInstallsOff => CallbackReason::WidgetInstallsOff,
-            Self::Exchange { source, .. } | Self::AccountLookup { source, .. } => {
-                source.failure().into()
-            }
-            Self::Store(_) => CallbackReason::DatabaseError,
-        }
+        Failure::from(self).reason()
     }
 }
 
@@ -355,7 +351,11 @@ impl Flow {
                 Err(err)
             }
         };
-        Callback { result, return_to }
+        Callback {
+            result,
+            return_to,
+            state_consumed: true,
+        }
     }
 
     /// Everything before the first outbound request: denial, parameters, referer, state.

@@ -94,6 +94,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let seed = Router::new()
         .route("/amocrm/install", get(oauth::install))
         .route("/amocrm/callback", get(oauth::callback))
+        .route(oauth::RESULT_PATH, get(oauth::callback_result))
         .route("/amocrm/webhook/uninstall", get(webhook::uninstall));
     let routes = if base.is_empty() {
         own.merge(seed)

@@ -5,7 +5,7 @@ use axum::http::header::ACCEPT_LANGUAGE;
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use crate::amocrm::{AmoError, ProblemKind};
-use crate::flow::{CallbackError, Connected};
+use crate::flow::{Connected, Failure};
 use std::collections::HashMap;
 
 use super::dashboard::Suspicion;
@@ -131,70 +131,70 @@ pub fn connected(lang: Lang, connected: &Connected) -> Markup {
 }
 
 /// Title, explanation and advice for each way a callback can fail.
-fn callback_error_text(lang: Lang, err: &CallbackError) -> (&'static str, String, &'static str) {
+fn callback_error_text(lang: Lang, err: &Failure) -> (&'static str, String, &'static str) {
     let retry = lang.pick(
         "Начните подключение заново: нажмите «Попробовать снова».",
         "Start the connection again with “Try again”.",
     );
     match err {
-        CallbackError::AccessDenied => (
+        Failure::AccessDenied => (
             lang.pick("Доступ не предоставлен", "Access was denied"),
             lang.pick("В amoCRM нажали «Отказать»: доступ к аккаунту не выдан.",
                       "Access was denied in amoCRM: the integration was not allowed into the account.").into(),
             lang.pick("Если это ошибка, подключитесь снова и нажмите «Разрешить».",
                       "If that was a mistake, connect again and choose Allow."),
         ),
-        CallbackError::AmoCrmReportedError(code) => (
+        Failure::AmoCrmReportedError(code) => (
             lang.pick("amoCRM сообщила об ошибке", "amoCRM reported an error"),
             format!("{}: {code}", lang.pick("Код ошибки", "Error code")),
             retry,
         ),
-        CallbackError::InvalidRequest(why) => (
+        Failure::InvalidRequest(why) => (
             lang.pick("Неверный запрос", "Invalid request"),
             format!("{}: {why}", lang.pick("Запрос не похож на ответ amoCRM", "This does not look like a reply from amoCRM")),
             retry,
         ),
-        CallbackError::BadReferer => (
+        Failure::BadReferer => (
             lang.pick("Недопустимый адрес аккаунта", "Account address not allowed"),
             lang.pick("Параметр referer не является адресом аккаунта amoCRM из списка AMOCRM_DOMAINS. Запрос в amoCRM не отправлялся.",
                       "The referer parameter is not an amoCRM account host on the AMOCRM_DOMAINS list. Nothing was sent to amoCRM.").into(),
             retry,
         ),
-        CallbackError::UnknownState => (
+        Failure::UnknownState => (
             lang.pick("Ссылка не распознана", "Unknown link"),
             lang.pick("Параметр state не найден: эта ссылка не была выдана этим сервером.",
                       "The state parameter is unknown: this link was not issued by this server.").into(),
             retry,
         ),
-        CallbackError::UsedState => (
+        Failure::UsedState => (
             lang.pick("Ссылка уже использована", "Link already used"),
             lang.pick("Эта ссылка подключения уже была использована; повторно её использовать нельзя.",
                       "This connection link was already used and cannot be used again.").into(),
             lang.pick("Если подключение не удалось, начните заново.", "If the connection did not work, start again."),
         ),
-        CallbackError::ExpiredState => (
+        Failure::ExpiredState => (
             lang.pick("Ссылка устарела", "Link expired"),
             lang.pick("Подключение не было завершено вовремя, и ссылка истекла.",
                       "The connection was not completed in time and its link expired.").into(),
             retry,
         ),
-        CallbackError::WidgetInstallsOff => (
+        Failure::WidgetInstallsOff => (
             lang.pick("Установка виджета отключена", "Widget installs are off"),
             lang.pick("Этот сервер не принимает установки из маркетплейса (AMOAUTH_WIDGET_INSTALLS=off).",
                       "This server does not accept marketplace installs (AMOAUTH_WIDGET_INSTALLS=off).").into(),
             lang.pick("Подключите аккаунт через кнопку на сайте.", "Connect the account with the button on the site."),
         ),
-        CallbackError::Exchange { host, source } => (
+        Failure::Exchange { host, source } => (
             amo_title(lang, source),
             format!("{} {host}: {}", lang.pick("Обмен кода на токены в", "Exchanging the code for tokens at"), amo_detail(lang, source)),
             amo_advice(lang, source),
         ),
-        CallbackError::AccountLookup { host, source } => (
+        Failure::AccountLookup { host, source } => (
             amo_title(lang, source),
             format!("{} {host}: {}", lang.pick("Запрос данных аккаунта в", "Looking up the account at"), amo_detail(lang, source)),
             amo_advice(lang, source),
         ),
-        CallbackError::Store(_) => (
+        Failure::Database => (
             lang.pick("База данных недоступна", "Database unavailable"),
             lang.pick("Не удалось сохранить подключение: база данных amoauth недоступна. Ничего не сохранено.",
                       "The connection could not be saved: amoauth's database is unavailable. Nothing was stored.").into(),
@@ -255,7 +255,7 @@ fn amo_advice(lang: Lang, err: &AmoError) -> &'static str {
     }
 }
 
-pub fn callback_error(lang: Lang, err: &CallbackError) -> Markup {
+pub fn callback_error(lang: Lang, err: &Failure) -> Markup {
     let (title, detail, advice) = callback_error_text(lang, err);
     layout(
         lang,
@@ -268,6 +268,27 @@ pub fn callback_error(lang: Lang, err: &CallbackError) -> Markup {
                 p.muted { (lang.pick("Код причины", "Reason code")) ": " code { (err.reason().as_str()) } }
             }
             p { a.button href="/amocrm/install" { (lang.pick("Попробовать снова", "Try again")) } }
+        },
+    )
+}
+
+/// A result address that expired or was altered: nothing failed, the page is just gone.
+pub fn result_gone(lang: Lang) -> Markup {
+    let title = lang.pick(
+        "Результат больше недоступен",
+        "This result is no longer available",
+    );
+    layout(
+        lang,
+        title,
+        html! {
+            div.card {
+                h1 { (title) }
+                p { (lang.pick(
+                    "Страница с итогом подключения показывается недолго после него. Состояние подключений и последние попытки — на главной странице.",
+                    "The page with a connection's outcome is shown only for a short while after it. See the dashboard for the connections and the recent attempts.")) }
+            }
+            p { a.button href=(local("/")) { (lang.pick("На главную", "Go to the dashboard")) } }
         },
     )
 }

@@ -29,16 +29,25 @@ async fn a_state_created_by_one_process_is_consumed_by_another(backend: Backend)
     assert_eq!(install.status(), 303);
     let callback = consent(&client, &sandbox_origin, &location(&install), "allow").await;
     assert!(callback.starts_with(&b.base), "{callback}");
-    let response = client.get(&callback).send().await.unwrap();
+    let result = result_url(&client, &callback).await;
+    let (status, body) = open_callback(&client, &callback.replace(&b.base, &a.base)).await;
+    assert_eq!(status, 409, "the state is consumed: {body}");
 
-    assert_eq!(response.status(), 200);
-    assert!(
-        response
-            .text()
+    // Sealed by B, shown by A too: the replicas share the key, and nothing is stored.
+    for base in [&b.base, &a.base] {
+        let page = client
+            .get(result.replace(&b.base, base))
+            .send()
             .await
-            .unwrap()
-            .contains("amoCRM успешно подключена!")
-    );
+            .unwrap();
+        assert_eq!(page.status(), 200, "{base}");
+        assert!(
+            page.text()
+                .await
+                .unwrap()
+                .contains("amoCRM успешно подключена!")
+        );
+    }
     assert_eq!(
         database
             .db
@@ -147,7 +156,7 @@ async fn database_outage_answers_503_and_recovers(backend: Backend) {
     proxy.restore().await;
 
     // The state and the code survived: the same callback now connects, without a restart.
-    let (status, body) = app.get(&callback).await;
+    let (status, body) = app.open_callback(&callback).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(app.get(&format!("{}/readyz", app.base)).await.0, 200);
 
@@ -158,15 +167,7 @@ async fn database_outage_answers_503_and_recovers(backend: Backend) {
         .set_token_fault(Some(Fault::Delay(Duration::from_millis(700))));
     let pending = tokio::spawn({
         let (client, callback) = (app.client.clone(), callback.clone());
-        async move {
-            client
-                .get(&callback)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
+        async move { open_callback(&client, &callback).await.0 }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.cut().await;
@@ -178,7 +179,7 @@ async fn database_outage_answers_503_and_recovers(backend: Backend) {
         "the stored pair was not replaced"
     );
     app.sandbox.set_token_fault(None);
-    let (status, _) = app.get(&app.allowed_callback_url().await).await;
+    let (status, _) = app.open_callback(&app.allowed_callback_url().await).await;
     assert_eq!(status, 200);
     assert_eq!(app.count("SELECT version FROM amocrm_tokens").await, 2);
     app.stop().await;

@@ -55,10 +55,42 @@ async fn connects_the_demo_account_in_headless_chromium_across_two_sites() {
     let allow = browser.find("button[name=decision][value=allow]").await;
     browser.click(&allow).await;
     let page = browser.wait_for("amoCRM успешно подключена!").await;
-    let callback = browser.url().await;
-    assert_eq!(host(&callback), "127.0.0.1", "{callback}");
-    assert!(callback.contains("/amocrm/callback?"), "{callback}");
+    let result = browser.url().await;
+    assert_eq!(host(&result), "127.0.0.1", "{result}");
+    assert!(result.contains(RESULT_PATH), "{result}");
+    assert!(
+        !result.contains("code=") && !result.contains("state="),
+        "{result}"
+    );
     assert!(page.contains("Демо-аккаунт"), "{page}");
+    let attempts = app
+        .count("SELECT COUNT(*) FROM amocrm_oauth_attempts")
+        .await;
+
+    // F5, then Back (to amoCRM's consent page) and Forward: the same page every time, and the
+    // callback never runs again.
+    browser.post("/refresh", json!({})).await;
+    assert!(
+        browser
+            .wait_for("Демо-аккаунт")
+            .await
+            .contains("amoCRM успешно подключена!")
+    );
+    browser.post("/back", json!({})).await;
+    assert_eq!(
+        host(&browser.url().await),
+        "localhost",
+        "amoCRM's consent page"
+    );
+    browser.post("/forward", json!({})).await;
+    browser.wait_for("amoCRM успешно подключена!").await;
+    assert_eq!(browser.url().await, result);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM amocrm_oauth_attempts")
+            .await,
+        attempts,
+        "no reload added an attempt"
+    );
 
     browser.goto(&format!("{}/", app.base)).await;
     let dashboard = browser.wait_for("Демо-аккаунт").await;

@@ -166,7 +166,7 @@ fn a_flag_overrides_the_environment() {
 async fn tokens_lists_connections_with_a_masked_preview(backend: Backend) {
     let app = TestApp::spawn(&backend).await;
     let callback = app.allowed_callback_url().await;
-    assert_eq!(app.get(&callback).await.0, 200);
+    assert_eq!(app.open_callback(&callback).await.0, 200);
     let dir = tempfile::tempdir().unwrap();
 
     let key = if backend.is_server() {

@@ -40,7 +40,7 @@ async fn account_lookup_faults_are_reported_and_store_nothing(backend: Backend) 
         app.sandbox.set_account_fault(Some(fault.clone()));
         let url = callback_url(&app).await;
 
-        let (status, body) = app.get(&url).await;
+        let (status, body) = app.open_callback(&url).await;
 
         assert_eq!(status, expected, "{fault:?}: {body}");
         assert!(
@@ -72,7 +72,7 @@ async fn an_amocrm_that_resets_the_connection_is_reported_as_unreachable(backend
     let app = TestApp::spawn_with(&backend, options).await;
     let url = callback_url(&app).await;
 
-    let (status, body) = app.get(&url).await;
+    let (status, body) = app.open_callback(&url).await;
 
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("amoCRM недоступна"), "{body}");
@@ -192,8 +192,8 @@ async fn sigterm_lets_requests_in_flight_finish_and_refuses_new_ones() {
     );
     assert_eq!(
         in_flight.await.unwrap().unwrap(),
-        200,
-        "the request in flight finished"
+        303,
+        "the request in flight finished: the redirect to its result page"
     );
     assert_eq!(process.wait_exit(Duration::from_secs(10)).await, Some(0));
     let logs = process.stop();

@@ -16,7 +16,7 @@ async fn full_flow_without_cookies_stores_sealed_tokens_and_deletes_the_state(ba
     let callback = app.consent(&consent, "allow").await;
     assert!(callback.starts_with(&format!("{}/amocrm/callback?", app.base)));
 
-    let (status, body) = app.get(&callback).await;
+    let (status, body) = app.open_callback(&callback).await;
 
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("amoCRM успешно подключена!"), "{body}");
@@ -92,9 +92,9 @@ async fn full_flow_without_cookies_stores_sealed_tokens_and_deletes_the_state(ba
 async fn replayed_callback_is_refused_and_the_code_is_exchanged_once(backend: Backend) {
     let app = TestApp::spawn(&backend).await;
     let callback = app.allowed_callback_url().await;
-    assert_eq!(app.get(&callback).await.0, 200);
+    assert_eq!(app.open_callback(&callback).await.0, 200);
 
-    let (status, body) = app.get(&callback).await;
+    let (status, body) = app.open_callback(&callback).await;
 
     assert_eq!(status, 409);
     assert!(body.contains("Ссылка уже использована"), "{body}");
@@ -124,12 +124,13 @@ async fn concurrent_callbacks_with_one_state_connect_exactly_once(backend: Backe
     app.stop().await;
 }
 
-/// Sends `n` GETs of `url` at once, each on its own task so they really race at the server.
+/// Sends `n` GETs of `url` at once, each on its own task so they really race at the server;
+/// the statuses of the pages the browsers end on.
 pub async fn concurrent_statuses(app: &TestApp, url: &str, n: usize) -> Vec<u16> {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..n {
         let (client, url) = (app.client.clone(), url.to_owned());
-        tasks.spawn(async move { client.get(url).send().await.unwrap().status().as_u16() });
+        tasks.spawn(async move { open_callback(&client, &url).await.0 });
     }
     tasks.join_all().await
 }
@@ -146,7 +147,7 @@ async fn expired_state_is_refused_as_expired_without_an_exchange(backend: Backen
     let callback = app.allowed_callback_url().await;
     tokio::time::sleep(Duration::from_millis(600)).await;
 
-    let (status, body) = app.get(&callback).await;
+    let (status, body) = app.open_callback(&callback).await;
 
     assert_eq!(status, 410);
     assert!(body.contains("Ссылка устарела"), "{body}");
@@ -167,7 +168,7 @@ async fn unknown_and_malformed_states_are_refused_without_an_exchange(backend: B
     ] {
         let url = callback.replace(&real_state, &urlencode(state));
 
-        let (status, body) = app.get(&url).await;
+        let (status, body) = app.open_callback(&url).await;
 
         assert_eq!(status, 400, "{state}");
         assert!(body.contains("Ссылка не распознана"), "{body}");
@@ -175,7 +176,7 @@ async fn unknown_and_malformed_states_are_refused_without_an_exchange(backend: B
     assert_eq!(app.callback_reasons().await, ["unknown_state"; 3]);
     assert_eq!(app.sandbox.stats().code_exchanges, 0);
     // The real state was not touched by the forgeries.
-    assert_eq!(app.get(&callback).await.0, 200);
+    assert_eq!(app.open_callback(&callback).await.0, 200);
     app.stop().await;
 }
 
@@ -259,14 +260,15 @@ async fn access_denied_shows_a_clear_page_and_is_audited(backend: Backend) {
         Some("access_denied")
     );
 
-    let (status, body) = app.get(&callback).await;
+    let result = result_url(&app.client, &callback).await;
+    let (status, body) = app.get(&result).await;
 
     assert_eq!(status, 403);
     assert!(body.contains("Доступ не предоставлен"), "{body}");
     assert!(body.contains("Попробовать снова"));
     let english = app
         .client
-        .get(&callback)
+        .get(&result)
         .header("accept-language", "en-US,en;q=0.9")
         .send()
         .await
@@ -280,7 +282,8 @@ async fn access_denied_shows_a_clear_page_and_is_audited(backend: Backend) {
     );
     assert_eq!(
         app.callback_reasons().await,
-        ["access_denied", "access_denied"]
+        ["access_denied"],
+        "the result page in another language is no second callback"
     );
     assert_eq!(app.sandbox.stats().code_exchanges, 0);
     app.stop().await;
@@ -318,7 +321,7 @@ async fn amocrm_failures_are_reported_precisely_and_store_nothing(backend: Backe
         let callback = app.allowed_callback_url().await;
         app.sandbox.set_token_fault(Some(fault.clone()));
 
-        let (status, body) = app.get(&callback).await;
+        let (status, body) = app.open_callback(&callback).await;
 
         assert_eq!(status, expected_status, "{fault:?}: {body}");
         assert!(
@@ -342,7 +345,7 @@ async fn amocrm_failures_are_reported_precisely_and_store_nothing(backend: Backe
     app.sandbox.set_token_fault(None);
     app.sandbox.set_account_fault(Some(Fault::ServerError));
     let callback = app.allowed_callback_url().await;
-    let (status, body) = app.get(&callback).await;
+    let (status, body) = app.open_callback(&callback).await;
     assert_eq!(status, 502);
     assert!(body.contains("Запрос данных аккаунта"), "{body}");
     assert_eq!(

@@ -179,7 +179,8 @@ async fn post_message_mode_reports_to_the_opener_of_that_origin_only(backend: Ba
     assert_eq!(query_param(url, "mode").as_deref(), Some("post_message"));
     let callback = app.consent(url, "allow").await;
 
-    let response = app.client.get(&callback).send().await.unwrap();
+    let result = result_url(&app.client, &callback).await;
+    let response = app.client.get(&result).send().await.unwrap();
     let (status, csp) = (
         response.status(),
         response.headers()["content-security-policy"]
@@ -216,6 +217,10 @@ async fn post_message_mode_reports_to_the_opener_of_that_origin_only(backend: Ba
         !page.contains("</script><script>alert(1)"),
         "values cannot close the script: {page}"
     );
+    // A reload shows the same page (the same report), not a used_state error.
+    let (status, reloaded) = app.get(&result).await;
+    assert_eq!((status, reloaded), (200, page));
+    assert_eq!(app.callback_reasons().await, ["-"]);
     app.stop().await;
 }
 
@@ -282,8 +287,8 @@ async fn log_in(app: &TestApp) -> String {
 async fn the_dashboard_marks_replays_and_its_actions_need_the_csrf_token(backend: Backend) {
     let app = TestApp::spawn(&backend).await;
     let callback = app.allowed_callback_url().await;
-    assert_eq!(app.get(&callback).await.0, 200);
-    assert_eq!(app.get(&callback).await.0, 409);
+    assert_eq!(app.open_callback(&callback).await.0, 200);
+    assert_eq!(app.open_callback(&callback).await.0, 409);
     let cookie = log_in(&app).await;
 
     let page = app

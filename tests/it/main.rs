@@ -47,5 +47,6 @@ mod metrics;
 mod php;
 mod proxy;
 mod refresh;
+mod result_page;
 mod security;
 mod support;

@@ -282,13 +282,13 @@ async fn metrics_move_with_the_traffic_and_stay_valid(backend: Backend) {
     assert_eq!(before.without_histogram(), documented_at_start());
 
     let callback = app.allowed_callback_url().await;
-    assert_eq!(app.get(&callback).await.0, 200);
-    assert_eq!(app.get(&callback).await.0, 409);
+    assert_eq!(app.open_callback(&callback).await.0, 200);
+    assert_eq!(app.open_callback(&callback).await.0, 409);
     let denied = app.consent(&app.install().await, "deny").await;
-    assert_eq!(app.get(&denied).await.0, 403);
+    assert_eq!(app.open_callback(&denied).await.0, 403);
     app.sandbox.set_token_fault(Some(Fault::ServerError));
     let failing = app.allowed_callback_url().await;
-    assert_eq!(app.get(&failing).await.0, 502);
+    assert_eq!(app.open_callback(&failing).await.0, 502);
     app.sandbox.set_token_fault(None);
     let key = app.api_key().await;
     let token = format!("/api/v1/connections/{ACCOUNT_ID}/token");

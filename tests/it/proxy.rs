@@ -149,16 +149,20 @@ async fn the_flow_works_through_nginx_with_tls_under_a_prefix() {
         "{callback}"
     );
 
-    let page = visitor
-        .get(&callback)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let result = result_url(&visitor, &callback).await;
+    assert!(
+        result.starts_with(&format!("{public}/amocrm/callback/result?")),
+        "the result page is on the public origin, under /amocrm/: {result}"
+    );
+    let page = visitor.get(&result).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
 
     assert!(page.contains("amoCRM успешно подключена!"), "{page}");
+    assert!(
+        page.contains(r#"href="/amocrm/""#),
+        "the dashboard link: {page}"
+    );
     let ip = app
         .db()
         .string("SELECT ip FROM amocrm_oauth_attempts WHERE kind = 'callback'")

@@ -137,7 +137,7 @@ async fn three_processes_and_300_callers_refresh_exactly_once(backend: Backend) 
         .await
         .unwrap();
     let callback = consent(&client, &sandbox_origin, &location(&install), "allow").await;
-    assert_eq!(client.get(&callback).send().await.unwrap().status(), 200);
+    assert_eq!(open_callback(&client, &callback).await.0, 200);
     let dir = tempfile::tempdir().unwrap();
     let created = amoauth_command(dir.path())
         .env("DATABASE_URL", &database.url)
@@ -217,7 +217,7 @@ async fn a_refresh_killed_mid_flight_is_completed_by_another_process(backend: Ba
         .await
         .unwrap();
     let callback = consent(&client, &sandbox_origin, &location(&install), "allow").await;
-    assert_eq!(client.get(&callback).send().await.unwrap().status(), 200);
+    assert_eq!(open_callback(&client, &callback).await.0, 200);
     let dir = tempfile::tempdir().unwrap();
     let created = amoauth_command(dir.path())
         .env("DATABASE_URL", &database.url)

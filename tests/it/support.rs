@@ -467,7 +467,7 @@ impl TestApp {
     /// Install, Allow and callback: the demo account is connected.
     pub async fn connect(&self) {
         let callback = self.allowed_callback_url().await;
-        let (status, body) = self.get(&callback).await;
+        let (status, body) = self.open_callback(&callback).await;
         assert_eq!(status, 200, "{body}");
     }
 
@@ -513,6 +513,11 @@ impl TestApp {
     pub async fn allowed_callback_url(&self) -> String {
         let consent = self.install().await;
         self.consent(&consent, "allow").await
+    }
+
+    /// GET of a callback URL as a browser makes it (see `open_callback`).
+    pub async fn open_callback(&self, url: &str) -> (u16, String) {
+        open_callback(&self.client, url).await
     }
 
     pub async fn get(&self, url: &str) -> (u16, String) {
@@ -584,6 +589,42 @@ pub async fn consent(
         .unwrap();
     assert_eq!(response.status(), 302);
     location(&response)
+}
+
+/// GET of a callback URL as a browser makes it: a 303 to amoauth's result page is followed
+/// (resolved against the callback URL, as a browser does); the status and body of the page the
+/// browser ends on.
+pub async fn open_callback(client: &reqwest::Client, url: &str) -> (u16, String) {
+    let response = client.get(url).send().await.unwrap();
+    let response = match response.status().as_u16() {
+        303 if location(&response).starts_with(RESULT_PATH) => {
+            let page = url::Url::parse(url).unwrap().join(&location(&response));
+            client.get(page.unwrap()).send().await.unwrap()
+        }
+        _ => response,
+    };
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+/// Where amoauth sends the browser after a callback, with no code or state in it.
+pub const RESULT_PATH: &str = "/amocrm/callback/result?r=";
+
+/// GET of a callback URL that must answer 303 to its result page; the page's absolute URL.
+pub async fn result_url(client: &reqwest::Client, callback: &str) -> String {
+    let response = client.get(callback).send().await.unwrap();
+    assert_eq!(
+        response.status(),
+        303,
+        "the callback redirects to its result"
+    );
+    let location = location(&response);
+    assert!(location.starts_with(RESULT_PATH), "{location}");
+    url::Url::parse(callback)
+        .unwrap()
+        .join(&location)
+        .unwrap()
+        .to_string()
 }
 
 pub fn location(response: &reqwest::Response) -> String {

@@ -108,3 +108,43 @@ fn default_message(status: StatusCode, headers: &axum::http::HeaderMap) -> Strin
             .to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    /// A timeout answers 504 with no body; under /api/ it becomes the JSON error.
+    async fn answer(path: &str, base: &str) -> Response {
+        let base: Arc<str> = Arc::from(base);
+        Router::new()
+            .fallback(get(|| async { StatusCode::GATEWAY_TIMEOUT }))
+            .layer(axum::middleware::from_fn(move |request, next| {
+                json_errors(Arc::clone(&base), request, next)
+            }))
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn empty_errors_under_the_api_become_json() {
+        let response = answer("/amocrm/api/v1/connections", "/amocrm").await;
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "timeout");
+        assert!(body["message"].is_string());
+
+        let page = answer("/api/v1/connections", "/amocrm").await;
+        assert!(
+            page.headers().get(CONTENT_TYPE).is_none(),
+            "outside the API"
+        );
+    }
+}

@@ -34,6 +34,7 @@ macro_rules! on_all_backends {
 mod backends;
 mod browser;
 mod cli;
+mod contract;
 mod events;
 mod faults;
 mod flow;

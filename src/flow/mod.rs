@@ -142,7 +142,7 @@ pub enum InstallError {
     BadSubdomain,
     #[error("`return_url` must be an http(s) URL on an origin listed in AMOAUTH_RETURN_ORIGINS")]
     ReturnUrlNotAllowed,
-    #[error("`external_id` must be 1 to 255 characters")]
+    #[error("`external_id` must be 1 to 255 characters, none of them NUL")]
     BadExternalId,
     #[error(transparent)]
     Store(#[from] StoreError),

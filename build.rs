@@ -25,10 +25,14 @@ const NEEDS: &[(&str, Need)] = &[
         Need::Programs(&["/usr/sbin/nginx", "/usr/bin/openssl"]),
     ),
     ("php", Need::Programs(&["/usr/bin/php"])),
+    (
+        "schemathesis",
+        Need::Programs(&["/opt/schemathesis/bin/st"]),
+    ),
 ];
 
 /// Folders whose changes (a program installed or removed) re-run this script.
-const PROGRAM_FOLDERS: &[&str] = &["/usr/bin", "/usr/sbin"];
+const PROGRAM_FOLDERS: &[&str] = &["/usr/bin", "/usr/sbin", "/opt"];
 
 fn main() {
     println!("cargo:rerun-if-changed=migrations");

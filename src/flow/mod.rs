@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use url::Url;
 
-pub use params::CallbackParams;
+pub use params::{CallbackParams, MAX_EXTERNAL_ID, is_valid_external_id};
 pub use result::{Failure, Settled};
 pub use uninstall::{UninstallError, Uninstalled};
 
@@ -172,7 +172,7 @@ pub enum InstallError {
     BadSubdomain,
     #[error("`return_url` must be an http(s) URL on an origin listed in AMOAUTH_RETURN_ORIGINS")]
     ReturnUrlNotAllowed,
-    #[error("`external_id` must be 1 to 255 characters")]
+    #[error("`external_id` must be 1 to 255 characters, none of them NUL")]
     BadExternalId,
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -213,6 +213,16 @@ impl Flow {
         &self.store
     }
 
+    /// The origins a connect link may return to (AMOAUTH_RETURN_ORIGINS).
+    pub fn return_origins(&self) -> &[String] {
+        &self.return_origins
+    }
+
+    /// The amoCRM domains account hosts may be on (AMOCRM_DOMAINS).
+    pub fn account_domains(&self) -> &[String] {
+        &self.amo.config().domains
+    }
+
     /// Seed steps 1-2: a 256-bit state saved (hashed) with its TTL, then the consent URL
     /// and when the state expires.
     pub async fn start_install(
@@ -221,7 +231,7 @@ impl Flow {
         requester: &Requester,
     ) -> Result<(Url, Timestamp), InstallError> {
         if let Some(external_id) = request.external_id
-            && (external_id.is_empty() || external_id.len() > 255 || external_id.contains('\0'))
+            && !is_valid_external_id(external_id)
         {
             return Err(InstallError::BadExternalId);
         }

@@ -6,6 +6,16 @@ const MAX_STATE: usize = 256;
 const MAX_HOST: usize = 253;
 const MAX_OTHER: usize = 256;
 
+/// Longest `external_id`, in characters as the API document counts them (the columns are
+/// VARCHAR(255), which count characters too).
+pub const MAX_EXTERNAL_ID: usize = 255;
+
+/// A host app's tenant id: 1 to `MAX_EXTERNAL_ID` characters, no NUL (PostgreSQL text
+/// cannot hold one).
+pub fn is_valid_external_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().count() <= MAX_EXTERNAL_ID && !id.contains('\0')
+}
+
 /// The callback's query, each parameter at most once.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CallbackParams {
@@ -65,6 +75,15 @@ pub fn is_well_formed_state(state: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn external_ids_count_characters_not_bytes() {
+        assert!(is_valid_external_id(&"я".repeat(MAX_EXTERNAL_ID)));
+        assert!(!is_valid_external_id(&"я".repeat(MAX_EXTERNAL_ID + 1)));
+        assert!(is_valid_external_id(&"t".repeat(MAX_EXTERNAL_ID)));
+        assert!(!is_valid_external_id(""));
+        assert!(!is_valid_external_id("t\0"));
+    }
 
     #[test]
     fn callback_query_parses_and_refuses_repeats() {

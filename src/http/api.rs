@@ -13,23 +13,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::AppState;
+use super::api_error::{body_rejected, error};
 use super::client::ClientIp;
 use super::oauth::requester;
 use crate::amocrm::ConsentMode;
 use crate::api_keys;
-use crate::flow::{InstallError, InstallRequest};
+use crate::flow::{InstallError, InstallRequest, MAX_EXTERNAL_ID, is_valid_external_id};
 use crate::metrics::{Count, TokenApiOutcome};
 use crate::store::{ConnectionRow, rfc3339};
 use crate::tokens::TokenError;
-
-/// A JSON error: a stable `error` code and a sentence saying what to do.
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({ "error": code, "message": message.into() })),
-    )
-        .into_response()
-}
 
 /// Proof that the request carries an active API key.
 pub struct ApiKey;
@@ -131,6 +123,15 @@ pub async fn connections(
     State(state): State<AppState>,
     Query(query): Query<ConnectionsQuery>,
 ) -> Response {
+    if let Some(external_id) = &query.external_id
+        && !is_valid_external_id(external_id)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("`external_id` must be 1 to {MAX_EXTERNAL_ID} characters, none of them NUL"),
+        );
+    }
     let store = state.flow.store();
     let rows = match &query.external_id {
         Some(external_id) => store.connections_of(external_id).await,
@@ -154,7 +155,16 @@ pub struct ConnectLinkRequest {
     /// `popup` (default: the browser is redirected to `return_url`) or `post_message`.
     #[serde(default)]
     mode: ConsentMode,
+    /// Absent or a string; `null` is refused, as for `mode`.
+    #[serde(default, deserialize_with = "string_if_present")]
     subdomain: Option<String>,
+}
+
+/// An optional field that, when present, must be a string (not `null`).
+fn string_if_present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    String::deserialize(deserializer).map(Some)
 }
 
 /// A link that takes a host app's user through amoCRM's consent and back to `return_url`.
@@ -167,13 +177,7 @@ pub async fn connect_link(
 ) -> Response {
     let Json(body) = match body {
         Ok(body) => body,
-        Err(rejection) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                rejection.body_text(),
-            );
-        }
+        Err(rejection) => return body_rejected(&rejection),
     };
     let request = InstallRequest {
         subdomain: body.subdomain.as_deref(),
@@ -210,6 +214,15 @@ pub async fn token(
     State(state): State<AppState>,
     Path(account): Path<String>,
 ) -> Response {
+    if !is_valid_account(&account) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "`account` must be an account id or subdomain of 1 to {MAX_ACCOUNT} characters, none of them NUL"
+            ),
+        );
+    }
     tracing::Span::current().record("account", account.as_str());
     let result = state.tokens.access_token(&account).await;
     let outcome = match &result {
@@ -232,6 +245,13 @@ pub async fn token(
         .into_response(),
         Err(err) => token_error(&err),
     }
+}
+
+/// Longest `{account}`: an account host is at most a DNS name's 253 characters.
+pub const MAX_ACCOUNT: usize = 253;
+
+fn is_valid_account(account: &str) -> bool {
+    !account.is_empty() && account.chars().count() <= MAX_ACCOUNT && !account.contains('\0')
 }
 
 fn token_error(err: &TokenError) -> Response {

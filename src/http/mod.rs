@@ -1,6 +1,7 @@
 //! The HTTP surface: one module per area, merged into one router.
 
 mod api;
+mod api_error;
 mod auth;
 pub mod client;
 mod dashboard;
@@ -70,6 +71,7 @@ pub struct AppState {
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
     let secure = state.secure_cookies;
     let base = Arc::clone(&state.base_path);
+    let api_base = Arc::clone(&base);
     // The dashboard, API, health and metrics live under the base path; the seed's paths
     // (/amocrm/install, /amocrm/callback and the webhook) stay where amoCRM expects them.
     let own = Router::new()
@@ -131,6 +133,12 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
             request_timeout,
+        ))
+        // Outside the timeout and the rate limit, so their answers under /api/ are JSON too.
+        .layer(axum::middleware::from_fn(
+            move |request, next: axum::middleware::Next| {
+                api_error::json_errors(Arc::clone(&api_base), request, next)
+            },
         ))
         // Pages can show tokens' metadata and the callback URL carries a code: never cache,
         // never leak the URL to another site through Referer.

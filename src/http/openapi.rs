@@ -1,8 +1,28 @@
-//! The OpenAPI 3.1 document of the JSON API, served at `/api/v1/openapi.json`. A test checks
-//! that every `/api/` route of the router is described here.
+//! The OpenAPI 3.1 document of the JSON API, served at `/api/v1/openapi.json`. It states
+//! every constraint the server enforces, so a schema-driven fuzzer (schemathesis, in CI) can
+//! hold the server to it; the allowed return origins and amoCRM domains come from the
+//! configuration. A test checks that every `/api/` route of the router is described here.
 
 use axum::Json;
+use axum::extract::State;
 use serde_json::{Value, json};
+
+use super::AppState;
+use super::api::MAX_ACCOUNT;
+use crate::flow::MAX_EXTERNAL_ID;
+
+/// No NUL anywhere: PostgreSQL text cannot hold one, so the server refuses it everywhere.
+const NO_NUL: &str = "^[^\\u0000]*$";
+
+/// What the document depends on in the configuration.
+pub struct Contract<'a> {
+    /// AMOAUTH_BASE_PATH without its trailing slash ("" or e.g. "/amocrm").
+    pub base_path: &'a str,
+    /// AMOAUTH_RETURN_ORIGINS, canonical (`https://app.example.com`).
+    pub return_origins: &'a [String],
+    /// AMOCRM_DOMAINS, lowercase.
+    pub account_domains: &'a [String],
+}
 
 fn error_response(description: &str) -> Value {
     json!({
@@ -11,24 +31,117 @@ fn error_response(description: &str) -> Value {
     })
 }
 
-pub fn document() -> Value {
-    let unauthorized = error_response("No active API key.");
+/// An error response that always carries `header` (e.g. `Retry-After`).
+fn error_response_with(description: &str, header: &str, header_description: &str) -> Value {
+    let mut response = error_response(description);
+    response["headers"] = json!({
+        header: { "required": true, "description": header_description, "schema": { "type": "string" } }
+    });
+    response
+}
+
+/// Responses every operation may answer with, besides its own.
+fn common_responses() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "429",
+            error_response_with(
+                "Over AMOAUTH_RATE_LIMIT for this client IP.",
+                "Retry-After",
+                "Seconds to wait.",
+            ),
+        ),
+        (
+            "504",
+            error_response("amoauth did not finish the request within its timeout."),
+        ),
+    ]
+}
+
+/// `operation` with the common responses, and the API key's 401, added.
+fn operation(mut operation: Value, secured: bool) -> Value {
+    let responses = operation["responses"].as_object_mut().expect("responses");
+    for (status, response) in common_responses() {
+        responses.entry(status).or_insert(response);
+    }
+    if secured {
+        responses.insert(
+            "401".into(),
+            error_response_with(
+                "No active API key in `Authorization: Bearer`.",
+                "WWW-Authenticate",
+                "`Bearer`.",
+            ),
+        );
+    }
+    operation
+}
+
+/// `text` matched literally in a regular expression.
+fn regex_literal(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\\' | '^' | '$' | '.' | '|' | '?' | '*' | '+' | '(' | ')' | '[' | ']' | '{' | '}' => {
+                format!("\\{c}")
+            }
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// `return_url`: an http(s) URL on an allowed origin, without control characters.
+fn return_url_schema(origins: &[String]) -> Value {
+    if origins.is_empty() {
+        return json!({
+            "not": {},
+            "description": "AMOAUTH_RETURN_ORIGINS is empty, so no return URL is allowed (422)."
+        });
+    }
+    let origins: Vec<String> = origins.iter().map(|o| regex_literal(o)).collect();
     json!({
+        "type": "string",
+        "pattern": format!(
+            "^(?:{})(?:[/?#][^\\u0000-\\u001f\\u007f-\\u009f]*)?$",
+            origins.join("|")
+        ),
+        "description": "A URL on an origin in AMOAUTH_RETURN_ORIGINS, without control characters; anything else is refused with 422."
+    })
+}
+
+/// `subdomain`: empty (none), an account name, or an account host on an allowed domain.
+fn subdomain_schema(domains: &[String]) -> Value {
+    let domains: Vec<String> = domains.iter().map(|d| regex_literal(d)).collect();
+    json!({
+        "type": "string",
+        "pattern": format!(
+            "^(?:[a-z0-9](?:[a-z0-9-]{{0,61}}[a-z0-9])?(?:\\.(?:{}))?)?$",
+            domains.join("|")
+        ),
+        "description": "The account to preselect: a name such as fastis02 or a host such as fastis02.amocrm.ru; empty for none. Not null."
+    })
+}
+
+pub fn document(contract: &Contract) -> Value {
+    let external_id = json!({
+        "type": "string", "minLength": 1, "maxLength": MAX_EXTERNAL_ID, "pattern": NO_NUL,
+        "description": "The host app's tenant id: 1 to 255 characters (not bytes), no NUL."
+    });
+    let mut document = json!({
         "openapi": "3.1.0",
         "info": {
             "title": "amoauth",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Fresh amoCRM access tokens and connect links for the host application's services."
+            "description": "Fresh amoCRM access tokens and connect links for the host application's services. Every error under /api/, including an unknown route (404) and a method a route does not answer (405, with `Allow`), is the JSON `Error` with `Content-Type: application/json`."
         },
         "security": [{ "apiKey": [] }],
         "paths": {
             "/api/v1/connections": {
-                "get": {
+                "get": operation(json!({
                     "summary": "List connections (never tokens)",
                     "parameters": [{
                         "name": "external_id", "in": "query", "required": false,
-                        "description": "Only the connections of this tenant of the host app.",
-                        "schema": { "type": "string" }
+                        "description": "Only the connections of this tenant of the host app. At most once.",
+                        "schema": external_id
                     }],
                     "responses": {
                         "200": {
@@ -37,45 +150,48 @@ pub fn document() -> Value {
                                 "type": "array", "items": { "$ref": "#/components/schemas/Connection" }
                             } } }
                         },
-                        "401": unauthorized,
-                        "503": error_response("The database is unavailable.")
+                        "400": error_response("A malformed query: `external_id` repeated, empty, too long or holding NUL."),
+                        "503": error_response_with("The database is unavailable.", "Retry-After", "Seconds to wait.")
                     }
-                }
+                }), true)
             },
             "/api/v1/connections/{account}/token": {
-                "get": {
+                "get": operation(json!({
                     "summary": "A valid access token, refreshed first when close to expiry",
                     "parameters": [{
                         "name": "account", "in": "path", "required": true,
-                        "description": "The amoCRM account id or subdomain.",
-                        "schema": { "type": "string" }
+                        "description": "The amoCRM account id or subdomain (or host).",
+                        "schema": { "type": "string", "minLength": 1, "maxLength": MAX_ACCOUNT, "pattern": NO_NUL }
                     }],
                     "responses": {
                         "200": {
                             "description": "A usable access token.",
                             "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Token" } } }
                         },
-                        "401": unauthorized,
+                        "400": error_response("A malformed account: not UTF-8, too long or holding NUL."),
                         "404": error_response("No connection for this account."),
                         "409": error_response("needs_reauth or disconnected: an admin must connect the account again."),
+                        "500": error_response("The stored tokens cannot be decrypted with the configured key (corrupt)."),
                         "502": error_response("amoCRM refused or failed the refresh; the stored pair is kept."),
-                        "503": error_response("The database, or another replica's refresh, is in the way; retry."),
+                        "503": error_response_with("The database, or another replica's refresh, is in the way; retry.", "Retry-After", "Seconds to wait."),
                         "504": error_response("amoCRM did not answer the refresh in time.")
                     }
-                }
+                }), true)
             },
             "/api/v1/connect-links": {
-                "post": {
+                "post": operation(json!({
                     "summary": "Start a connection for one tenant of the host app",
                     "requestBody": { "required": true, "content": { "application/json": { "schema": {
                         "type": "object",
                         "required": ["external_id", "return_url"],
                         "properties": {
-                            "external_id": { "type": "string", "maxLength": 255 },
-                            "return_url": { "type": "string", "format": "uri", "description": "On an origin in AMOAUTH_RETURN_ORIGINS." },
+                            "external_id": external_id,
+                            "return_url": return_url_schema(contract.return_origins),
                             "mode": { "type": "string", "enum": ["popup", "post_message"], "default": "popup" },
-                            "subdomain": { "type": "string" }
-                        }
+                            "subdomain": subdomain_schema(contract.account_domains)
+                        },
+                        "additionalProperties": true,
+                        "description": "Other members are ignored; a member may appear once. At most 16 KiB."
                     } } } },
                     "responses": {
                         "201": {
@@ -89,19 +205,23 @@ pub fn document() -> Value {
                                 }
                             } } }
                         },
-                        "400": error_response("A malformed request."),
-                        "401": unauthorized,
+                        "400": error_response("A malformed body: not JSON, a member missing, repeated or of the wrong type, or a value out of its bounds."),
+                        "413": error_response("The body is over 16 KiB."),
+                        "415": error_response("The body is not sent as `Content-Type: application/json`."),
                         "422": error_response("return_url is not on an allowed origin."),
-                        "503": error_response("The database is unavailable.")
+                        "503": error_response_with("The database is unavailable.", "Retry-After", "Seconds to wait.")
                     }
-                }
+                }), true)
             },
             "/api/v1/openapi.json": {
-                "get": {
+                "get": operation(json!({
                     "summary": "This document",
                     "security": [],
-                    "responses": { "200": { "description": "OpenAPI 3.1 JSON." } }
-                }
+                    "responses": { "200": {
+                        "description": "OpenAPI 3.1 JSON.",
+                        "content": { "application/json": { "schema": { "type": "object" } } }
+                    } }
+                }), false)
             }
         },
         "components": {
@@ -113,13 +233,14 @@ pub fn document() -> Value {
                     "type": "object",
                     "required": ["error", "message"],
                     "properties": {
-                        "error": { "type": "string" },
-                        "message": { "type": "string" },
+                        "error": { "type": "string", "description": "A stable code, e.g. invalid_request, unauthorized, not_found, method_not_allowed, payload_too_large, unsupported_media_type, rate_limited, timeout." },
+                        "message": { "type": "string", "description": "What went wrong and what to do." },
                         "reason": { "type": "string", "description": "amoCRM's words, for needs_reauth." }
                     }
                 },
                 "Connection": {
                     "type": "object",
+                    "required": ["account_id", "external_id", "account_name", "subdomain", "domain", "status", "expires_at", "last_refresh_at", "last_error"],
                     "properties": {
                         "account_id": { "type": ["integer", "null"] },
                         "external_id": { "type": ["string", "null"] },
@@ -134,7 +255,7 @@ pub fn document() -> Value {
                 },
                 "Token": {
                     "type": "object",
-                    "required": ["subdomain", "domain", "access_token", "expires_at"],
+                    "required": ["account_id", "subdomain", "domain", "access_token", "expires_at"],
                     "properties": {
                         "account_id": { "type": ["integer", "null"] },
                         "subdomain": { "type": "string" },
@@ -145,9 +266,18 @@ pub fn document() -> Value {
                 }
             }
         }
-    })
+    });
+    if !contract.base_path.is_empty() {
+        // The paths above are relative to the base path the site serves amoauth under.
+        document["servers"] = json!([{ "url": contract.base_path }]);
+    }
+    document
 }
 
-pub async fn serve() -> Json<Value> {
-    Json(document())
+pub async fn serve(State(state): State<AppState>) -> Json<Value> {
+    Json(document(&Contract {
+        base_path: &state.base_path,
+        return_origins: state.flow.return_origins(),
+        account_domains: state.flow.account_domains(),
+    }))
 }

@@ -35,6 +35,7 @@ mod backends;
 mod browser;
 mod cli;
 mod cli_help;
+mod contract;
 mod events;
 mod faults;
 mod flow;

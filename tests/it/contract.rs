@@ -293,7 +293,6 @@ const SCHEMATHESIS_LIMIT: Duration = Duration::from_secs(150);
 )]
 async fn schemathesis_finds_no_failure() {
     require_programs(&[SCHEMATHESIS], "see .ci/run");
-    let st = SCHEMATHESIS;
     let port = free_port();
     let redirect_uri = format!("http://127.0.0.1:{port}/amocrm/callback");
     let (_sandbox, sandbox_origin) = spawn_sandbox(&redirect_uri).await;
@@ -333,7 +332,7 @@ async fn schemathesis_finds_no_failure() {
         ),
     )
     .unwrap();
-    let mut command = tokio::process::Command::new(&st);
+    let mut command = tokio::process::Command::new(SCHEMATHESIS);
     command
         .arg("run")
         .arg(format!("{}/api/v1/openapi.json", server.base))

@@ -320,8 +320,11 @@ pub async fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
-            Ok(())
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                // `amoauth man | head` closes the pipe early: not an error of ours.
+                Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => Ok(other?),
+            }
         }
     }
 }

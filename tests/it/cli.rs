@@ -409,14 +409,9 @@ async fn demo_prints_a_url_that_connects_the_demo_account() {
         .origin()
         .ascii_serialization();
     let callback = consent(&client, &sandbox_origin, &consent_url, "allow").await;
-    let done = client.get(&callback).send().await.unwrap();
-    assert_eq!(done.status(), 200);
-    assert!(
-        done.text()
-            .await
-            .unwrap()
-            .contains("amoCRM успешно подключена!")
-    );
+    let (status, page) = open_callback(&client, &callback).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("amoCRM успешно подключена!"), "{page}");
 
     let (ok, listing, stderr) = run(amoauth_command(dir.path()).arg("tokens"));
     assert!(ok, "{stderr}");

@@ -315,7 +315,7 @@ async fn schemathesis_finds_no_failure() {
         .unwrap();
     assert_eq!(install.status(), 303);
     let callback = consent(&client, &sandbox_origin, &location(&install), "allow").await;
-    assert_eq!(client.get(&callback).send().await.unwrap().status(), 200);
+    assert_eq!(open_callback(&client, &callback).await.0, 200);
     let created = amoauth_command(dir.path())
         .env("DATABASE_URL", &database_url)
         .args(["api-key", "create", "schemathesis"])

@@ -92,7 +92,8 @@ pub async fn reseal(
     cipher: &Cipher,
     stale: impl Fn(&Sealed) -> bool,
 ) -> anyhow::Result<Resealed> {
-    let (mut count, mut pass) = (0, 0);
+    // A row re-sealed twice (a writer put the old key back in between) counts once.
+    let (mut resealed, mut pass) = (std::collections::HashSet::new(), 0);
     loop {
         let rows: Vec<ConnectionRow> = store
             .connections()
@@ -106,8 +107,10 @@ pub async fn reseal(
             })
             .collect();
         if rows.is_empty() || pass == RESEAL_PASSES {
-            let left = rows.len() as u64;
-            return Ok(Resealed { count, left });
+            return Ok(Resealed {
+                count: resealed.len() as u64,
+                left: rows.len() as u64,
+            });
         }
         if pass > 0 {
             tokio::time::sleep(Duration::from_millis(100 << pass)).await;
@@ -115,7 +118,7 @@ pub async fn reseal(
         pass += 1;
         for row in rows {
             if reseal_row(store, cipher, &row).await? {
-                count += 1;
+                resealed.insert(row.id);
             }
         }
     }

@@ -17,8 +17,8 @@ use crate::crypto::random_token;
 use crate::import::{self, ImportOutcome};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::server;
-use crate::store::Backend;
 use crate::store::now;
+use crate::store::{Backend, Store};
 use flags::{
     AmoCrmFlags, DatabaseFlags, EventsFlags, IntegrationFlags, KeyFlags, LogFlags, RefreshFlags,
     ServerFlags,
@@ -482,9 +482,13 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
     );
     for c in connections {
         let preview = match &c.access_token {
-            Some(sealed) => match cipher.open(sealed, "access_token") {
-                Ok(token) => mask(token.expose()),
-                Err(err) => format!("(cannot decrypt: {err})"),
+            Some(sealed) => match c
+                .account_id
+                .map(|account_id| cipher.open_token(sealed, "access_token", account_id))
+            {
+                Some(Ok(token)) => mask(token.expose()),
+                Some(Err(err)) => format!("(cannot decrypt: {err})"),
+                None => "(no account id)".into(),
             },
             None => "(none)".into(),
         };
@@ -584,17 +588,32 @@ async fn import(settings: &Settings, source: &str, dry_run: bool) -> anyhow::Res
 }
 
 /// With `AMOAUTH_ENCRYPTION_KEY="NEW,OLD"`: re-seals with NEW. With a SQLite key file:
-/// adds a new key in front, re-seals, then leaves only the new key in the file.
+/// adds a new key in front, re-seals, then leaves only the new key in the file. A key still
+/// sealing a row after the re-seal (a running amoauth kept writing with it) is never dropped:
+/// the command names it and fails.
 async fn rotate_key(settings: &Settings) -> anyhow::Result<()> {
     let config = settings.store()?;
     let store = server::open_store(&config).await?;
     let cipher = server::open_cipher(&config, &store).await?;
     if config.encryption_key.is_some() {
-        let resealed = server::reseal_all(&store, &cipher).await?;
+        let resealed = reseal_with_write_key(&store, &cipher).await?;
         println!(
-            "re-encrypted {resealed} connections with key {}; every token now reads with that key alone, \
-             so the other keys can be removed from AMOAUTH_ENCRYPTION_KEY",
+            "re-encrypted {} connections with key {}",
+            resealed.count,
             cipher.write_key_id()
+        );
+        let in_use = old_keys_in_use(&store, &cipher).await?;
+        if !in_use.is_empty() {
+            anyhow::bail!(
+                "{}: keep them in AMOAUTH_ENCRYPTION_KEY, make every replica write with key {} \
+                 (restart them with the new key first), then run rotate-key again",
+                in_use,
+                cipher.write_key_id()
+            );
+        }
+        println!(
+            "every token now reads with that key alone, so the other keys can be removed from \
+             AMOAUTH_ENCRYPTION_KEY"
         );
         return Ok(());
     }
@@ -609,15 +628,63 @@ async fn rotate_key(settings: &Settings) -> anyhow::Result<()> {
     crypto::rewrite_key_file(&path, &keys)
         .with_context(|| format!("cannot write key file {}", path.display()))?;
     let cipher = crypto::Cipher::from_keys(&keys);
-    let resealed = server::reseal_all(&store, &cipher).await?;
-    crypto::rewrite_key_file(&path, &[new_key])
+    let resealed = reseal_with_write_key(&store, &cipher).await?;
+    let used: Vec<String> = store
+        .key_ids_in_use()
+        .await?
+        .into_iter()
+        .map(|(key_id, _)| key_id)
+        .collect();
+    let kept: Vec<[u8; 32]> = keys
+        .iter()
+        .enumerate()
+        .filter(|(i, key)| *i == 0 || used.contains(&crypto::key_id(key)))
+        .map(|(_, key)| *key)
+        .collect();
+    crypto::rewrite_key_file(&path, &kept)
         .with_context(|| format!("cannot write key file {}", path.display()))?;
     println!(
-        "re-encrypted {resealed} connections with new key {}; {} now holds only that key (back it up)",
+        "re-encrypted {} connections with new key {}",
+        resealed.count,
         cipher.write_key_id(),
-        path.display()
     );
+    let in_use = old_keys_in_use(&store, &cipher).await?;
+    if !in_use.is_empty() {
+        anyhow::bail!(
+            "{in_use}: {} keeps them; stop every running amoauth (it writes with the old key), \
+             then run rotate-key again",
+            path.display()
+        );
+    }
+    println!("{} now holds only that key (back it up)", path.display());
     Ok(())
+}
+
+/// Re-seals every token not sealed by the writing key.
+async fn reseal_with_write_key(
+    store: &Store,
+    cipher: &crypto::Cipher,
+) -> anyhow::Result<server::Resealed> {
+    server::reseal(store, cipher, |sealed| {
+        sealed.key_id != cipher.write_key_id() || !sealed.is_account_bound()
+    })
+    .await
+}
+
+/// "key ids X (N connections), Y (M connections) still seal tokens", or empty when only the
+/// writing key does.
+async fn old_keys_in_use(store: &Store, cipher: &crypto::Cipher) -> anyhow::Result<String> {
+    let old: Vec<String> = store
+        .key_ids_in_use()
+        .await?
+        .into_iter()
+        .filter(|(key_id, _)| key_id != cipher.write_key_id())
+        .map(|(key_id, rows)| format!("{key_id} ({rows} connections)"))
+        .collect();
+    if old.is_empty() {
+        return Ok(String::new());
+    }
+    Ok(format!("key ids {} still seal tokens", old.join(", ")))
 }
 
 async fn api_key(command: ApiKeyCommand) -> anyhow::Result<()> {

@@ -15,6 +15,9 @@ use crate::config::{Secret, decode_keys};
 const NONCE_LEN: usize = 24;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 const B64_URL: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+/// Starts every token ciphertext bound to its account; `.` is not in the base64 alphabet,
+/// so a ciphertext of the earlier, column-only format never starts with it.
+const ACCOUNT_BOUND: &str = "v2.";
 
 /// Seals token values. One key writes; every known key reads, so keys can be rotated
 /// by adding the new one and re-encrypting.
@@ -87,19 +90,39 @@ impl Cipher {
         &self.write_key_id
     }
 
-    /// Encrypts `plaintext`, binding it to `context` (e.g. the column name) so a value
-    /// copied into another column does not decrypt.
-    pub fn seal(&self, plaintext: &str, context: &str) -> Sealed {
+    /// Seals a token for `column` of `account_id`'s connection: both are authenticated, so a
+    /// value copied into another column or another account's row does not decrypt.
+    pub fn seal_token(&self, plaintext: &str, column: &str, account_id: i64) -> Sealed {
+        let blob = self.seal_blob(plaintext, &token_context(column, account_id));
         Sealed {
             key_id: self.write_key_id.clone(),
-            ciphertext: B64.encode(self.seal_blob(plaintext, context)),
+            ciphertext: format!("{ACCOUNT_BOUND}{}", B64.encode(blob)),
         }
     }
 
-    pub fn open(&self, sealed: &Sealed, context: &str) -> Result<Secret, CryptoError> {
+    /// Opens what `seal_token` sealed for the same column and account. A value in the
+    /// earlier format (bound to its column only) is refused: see `open_unbound_token`.
+    pub fn open_token(
+        &self,
+        sealed: &Sealed,
+        column: &str,
+        account_id: i64,
+    ) -> Result<Secret, CryptoError> {
+        let corrupt = || CryptoError::Corrupt(sealed.key_id.clone());
+        let encoded = sealed
+            .ciphertext
+            .strip_prefix(ACCOUNT_BOUND)
+            .ok_or_else(corrupt)?;
+        let blob = B64.decode(encoded).map_err(|_| corrupt())?;
+        self.open_blob(&sealed.key_id, &blob, &token_context(column, account_id))
+    }
+
+    /// Opens a token sealed before tokens were bound to their account (only to `column`),
+    /// for the one-time re-seal at start; nothing else reads this format.
+    pub fn open_unbound_token(&self, sealed: &Sealed, column: &str) -> Result<Secret, CryptoError> {
         let corrupt = || CryptoError::Corrupt(sealed.key_id.clone());
         let blob = B64.decode(&sealed.ciphertext).map_err(|_| corrupt())?;
-        self.open_blob(&sealed.key_id, &blob, context)
+        self.open_blob(&sealed.key_id, &blob, column)
     }
 
     /// `seal` for a URL: `<key id>.<base64url(nonce || ciphertext+tag)>`, nothing to escape.
@@ -162,6 +185,18 @@ impl Cipher {
             .map(Secret::new)
             .map_err(|_| corrupt())
     }
+}
+
+impl Sealed {
+    /// False for a token sealed before tokens were bound to their account.
+    pub fn is_account_bound(&self) -> bool {
+        self.ciphertext.starts_with(ACCOUNT_BOUND)
+    }
+}
+
+/// The associated data of a token: its column and its account.
+fn token_context(column: &str, account_id: i64) -> String {
+    format!("{column}\0account_id={account_id}")
 }
 
 /// A short public id for a key: lets each row name its key without revealing it.
@@ -292,10 +327,11 @@ mod tests {
     #[test]
     fn sealed_values_round_trip_and_hide_the_plaintext() {
         let cipher = Cipher::new(&[7u8; 32]);
-        let sealed = cipher.seal("eyJ-access-token", "access_token");
+        let sealed = cipher.seal_token("eyJ-access-token", "access_token", 5);
         assert!(!sealed.ciphertext.contains("eyJ-access-token"));
+        assert!(sealed.is_account_bound());
         assert_eq!(sealed.key_id, key_id(&[7u8; 32]));
-        let opened = cipher.open(&sealed, "access_token").unwrap();
+        let opened = cipher.open_token(&sealed, "access_token", 5).unwrap();
         assert_eq!(opened.expose(), "eyJ-access-token");
     }
 
@@ -303,43 +339,72 @@ mod tests {
     fn sealing_twice_gives_different_ciphertexts() {
         let cipher = Cipher::new(&[7u8; 32]);
         assert_ne!(
-            cipher.seal("x", "c").ciphertext,
-            cipher.seal("x", "c").ciphertext
+            cipher.seal_token("x", "c", 1).ciphertext,
+            cipher.seal_token("x", "c", 1).ciphertext
         );
     }
 
     #[test]
-    fn wrong_key_or_context_is_an_error_not_garbage() {
-        let sealed = Cipher::new(&[1u8; 32]).seal("token", "access_token");
+    fn wrong_key_column_or_account_is_an_error_not_garbage() {
+        let sealed = Cipher::new(&[1u8; 32]).seal_token("token", "access_token", 5);
         let other = Cipher::new(&[2u8; 32]);
         assert!(matches!(
-            other.open(&sealed, "access_token"),
+            other.open_token(&sealed, "access_token", 5),
             Err(CryptoError::UnknownKey(_))
         ));
         let mut forged = sealed.clone();
         forged.key_id = other.write_key_id().to_owned();
         assert!(matches!(
-            other.open(&forged, "access_token"),
+            other.open_token(&forged, "access_token", 5),
             Err(CryptoError::Corrupt(_))
         ));
         let cipher = Cipher::new(&[1u8; 32]);
-        assert!(matches!(
-            cipher.open(&sealed, "refresh_token"),
-            Err(CryptoError::Corrupt(_))
-        ));
+        for (column, account_id) in [("refresh_token", 5), ("access_token", 6)] {
+            assert!(matches!(
+                cipher.open_token(&sealed, column, account_id),
+                Err(CryptoError::Corrupt(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn unbound_tokens_open_only_through_the_re_seal_path() {
+        let cipher = Cipher::new(&[1u8; 32]);
+        let unbound = Sealed {
+            key_id: cipher.write_key_id().to_owned(),
+            ciphertext: B64.encode(cipher.seal_blob("token", "access_token")),
+        };
+        assert!(!unbound.is_account_bound());
+        assert!(cipher.open_token(&unbound, "access_token", 5).is_err());
+        let opened = cipher.open_unbound_token(&unbound, "access_token").unwrap();
+        assert_eq!(opened.expose(), "token");
+        // Stripping the marker does not turn a bound token into an unbound one.
+        let bound = cipher.seal_token("token", "access_token", 5);
+        let stripped = Sealed {
+            key_id: bound.key_id.clone(),
+            ciphertext: bound.ciphertext[ACCOUNT_BOUND.len()..].to_owned(),
+        };
+        assert!(
+            cipher
+                .open_unbound_token(&stripped, "access_token")
+                .is_err()
+        );
     }
 
     #[test]
     fn older_keys_still_open_what_they_sealed() {
-        let sealed = Cipher::new(&[1u8; 32]).seal("token", "access_token");
+        let sealed = Cipher::new(&[1u8; 32]).seal_token("token", "access_token", 5);
         let rotated = Cipher::from_keys(&[[2u8; 32], [1u8; 32]]);
         assert_eq!(rotated.write_key_id(), key_id(&[2u8; 32]));
         assert!(rotated.knows(&sealed.key_id));
         assert_eq!(
-            rotated.open(&sealed, "access_token").unwrap().expose(),
+            rotated
+                .open_token(&sealed, "access_token", 5)
+                .unwrap()
+                .expose(),
             "token"
         );
-        assert_eq!(rotated.seal("x", "c").key_id, key_id(&[2u8; 32]));
+        assert_eq!(rotated.seal_token("x", "c", 5).key_id, key_id(&[2u8; 32]));
     }
 
     #[test]

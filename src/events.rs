@@ -17,7 +17,7 @@ use crate::amocrm::{AmoError, ProblemKind, error_chain};
 use crate::config::EventsConfig;
 use crate::crypto::{fill_random, hmac_sha256_hex};
 use crate::metrics::{Count, DeliveryOutcome, Metrics};
-use crate::store::{ConnectionRow, EventRow, Store, StoreError, Timestamp, now, rfc3339};
+use crate::store::{ConnectionRow, EventRow, NewEvent, Store, StoreError, Timestamp, now, rfc3339};
 
 /// Each delivery: connect and total timeout.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -147,28 +147,25 @@ impl Events {
         self.sender.is_some()
     }
 
-    /// Writes the event to the outbox, when events are configured (and, for
-    /// `connection.refreshed`, opted in). A failure is logged, never returned: an event
-    /// must not fail the flow that caused it.
-    pub async fn emit(&self, event_type: EventType, data: impl Serialize) {
-        let Some(sender) = &self.sender else {
-            return;
-        };
+    /// The outbox row for an event, when events are configured (and, for
+    /// `connection.refreshed`, opted in); the caller writes it in the transaction of the
+    /// change it reports. An event that cannot be encoded is logged and dropped: it must
+    /// not fail the flow that caused it.
+    pub fn prepare(&self, event_type: EventType, data: impl Serialize) -> Option<NewEvent> {
+        let sender = self.sender.as_ref()?;
         if event_type == EventType::ConnectionRefreshed && !sender.config.refreshed {
-            return;
+            return None;
         }
         let event = event_type.as_str();
-        let payload = match serde_json::to_string(&data) {
-            Ok(payload) => payload,
+        match serde_json::to_string(&data) {
+            Ok(payload) => Some(NewEvent {
+                event_type: event,
+                payload,
+                created_at: now(),
+            }),
             Err(err) => {
                 tracing::error!(event, error = %err, "could not encode the event; it is dropped");
-                return;
-            }
-        };
-        match self.store.enqueue_event(event, &payload, now()).await {
-            Ok(id) => tracing::debug!(event, event_id = id, "event queued"),
-            Err(err) => {
-                tracing::error!(event, error = %err, "could not write the event to the outbox; it is lost")
+                None
             }
         }
     }

@@ -9,7 +9,7 @@ use crate::amocrm::{AmoClient, account_host, is_dns_label};
 use crate::config::{DatabaseUrl, Secret};
 use crate::crypto::Cipher;
 use crate::flow::save_connection;
-use crate::store::{SeedToken, Store, StoreError};
+use crate::store::{Records, SeedToken, Store, StoreError};
 
 /// What happened to one row of the old table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +101,17 @@ async fn import_one(
             ));
         }
     };
-    match save_connection(store, cipher, &host, &tokens, &account, None).await {
+    match save_connection(
+        store,
+        cipher,
+        &host,
+        &tokens,
+        &account,
+        None,
+        &Records::default(),
+    )
+    .await
+    {
         Ok(()) => ImportOutcome::Imported {
             account_id: account.id,
         },

@@ -21,7 +21,7 @@ use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
 use crate::events::{ConnectionData, EventType, Events};
 use crate::store::{
-    Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, StateRow, Store,
+    Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, Records, StateRow, Store,
     StoreError, Timestamp, now,
 };
 
@@ -349,7 +349,7 @@ impl Flow {
             external_id: state.external_id.clone(),
         });
         let result = match self
-            .connect(&host, &code, state.external_id.as_deref())
+            .connect(&host, &code, state.external_id.as_deref(), attempt_id)
             .await
         {
             Ok(connected) => {
@@ -421,12 +421,14 @@ impl Flow {
         }
     }
 
-    /// Exchanges the code, looks up the account and saves the sealed tokens.
+    /// Exchanges the code, looks up the account and saves the sealed tokens, closing the
+    /// pending audit row `attempt_id` and queueing the event in the same transaction.
     async fn connect(
         &self,
         host: &AccountHost,
         code: &Secret,
         external_id: Option<&str>,
+        attempt_id: i64,
     ) -> Result<Connected, CallbackError> {
         let tokens = self
             .amo
@@ -444,6 +446,14 @@ impl Flow {
                 host: host.host.clone(),
                 source,
             })?;
+        let mut data = ConnectionData::new(Some(account.id), &host.subdomain, &host.host);
+        data.external_id = external_id.map(str::to_owned);
+        let event = self.events.prepare(EventType::ConnectionCreated, data);
+        let records = Records {
+            finish_pending: Some(attempt_id),
+            event: event.as_ref(),
+            ..Records::default()
+        };
         save_connection(
             &self.store,
             &self.cipher,
@@ -451,11 +461,9 @@ impl Flow {
             &tokens,
             &account,
             external_id,
+            &records,
         )
         .await?;
-        let mut data = ConnectionData::new(Some(account.id), &host.subdomain, &host.host);
-        data.external_id = external_id.map(str::to_owned);
-        self.events.emit(EventType::ConnectionCreated, data).await;
         Ok(Connected {
             account_id: account.id,
             account_name: account.name,
@@ -500,7 +508,7 @@ impl Flow {
         let flow = Arc::clone(self);
         let requester = requester.clone();
         tokio::spawn(async move {
-            let result = flow.connect(&host, &code, None).await;
+            let result = flow.connect(&host, &code, None, attempt_id).await;
             let audit = Audit {
                 store: &flow.store,
                 kind: AttemptKind::WidgetInstall,
@@ -571,26 +579,22 @@ impl<'a> Audit<'a> {
         err
     }
 
-    /// Closes the pending row opened when the state was consumed.
+    /// Closes the pending row opened when the state was consumed, after a failure; a success
+    /// closed it in the transaction that saved the connection.
     async fn finish(&self, attempt_id: i64, result: Result<&Connected, &CallbackError>) {
         self.log(result);
-        let (outcome, reason, detail, account_id) = match result {
-            Ok(connected) => (Outcome::Success, None, None, Some(connected.account_id)),
-            Err(err) => (
-                Outcome::Failure,
-                Some(err.reason().as_str()),
-                Some(err.to_string()),
-                None,
-            ),
+        let Err(err) = result else {
+            return;
         };
+        let detail = err.to_string();
         if let Err(store_err) = self
             .store
             .finish_attempt(
                 attempt_id,
-                outcome,
-                reason,
-                detail.as_deref(),
-                account_id,
+                Outcome::Failure,
+                Some(err.reason().as_str()),
+                Some(&detail),
+                None,
                 now(),
             )
             .await
@@ -655,7 +659,8 @@ fn state_key(state: &str) -> String {
     }
 }
 
-/// Seals a fresh pair and saves the account's connection (inserted, or replaced on reconnect).
+/// Seals a fresh pair for the account and saves its connection (inserted, or replaced on
+/// reconnect) with `records` in the same transaction.
 pub(crate) async fn save_connection(
     store: &Store,
     cipher: &Cipher,
@@ -663,24 +668,36 @@ pub(crate) async fn save_connection(
     tokens: &TokenSet,
     account: &Account,
     external_id: Option<&str>,
+    records: &Records<'_>,
 ) -> Result<(), StoreError> {
     let issued = now();
     let raw = serde_json::json!({ "token": tokens.raw, "account": account.raw });
     let raw = scrub(raw.to_string(), tokens);
     store
-        .upsert_connection(&NewConnection {
-            account_id: account.id,
-            external_id,
-            account_name: &account.name,
-            domain: &host.host,
-            subdomain: &host.subdomain,
-            access_token: &cipher.seal(tokens.access_token.expose(), "access_token"),
-            refresh_token: &cipher.seal(tokens.refresh_token.expose(), "refresh_token"),
-            expires_at: issued + chrono::Duration::seconds(tokens.expires_in),
-            refresh_expires_at: issued + REFRESH_TOKEN_LIFETIME,
-            raw: &raw,
-            now: issued,
-        })
+        .upsert_connection(
+            &NewConnection {
+                account_id: account.id,
+                external_id,
+                account_name: &account.name,
+                domain: &host.host,
+                subdomain: &host.subdomain,
+                access_token: &cipher.seal_token(
+                    tokens.access_token.expose(),
+                    "access_token",
+                    account.id,
+                ),
+                refresh_token: &cipher.seal_token(
+                    tokens.refresh_token.expose(),
+                    "refresh_token",
+                    account.id,
+                ),
+                expires_at: issued + chrono::Duration::seconds(tokens.expires_in),
+                refresh_expires_at: issued + REFRESH_TOKEN_LIFETIME,
+                raw: &raw,
+                now: issued,
+            },
+            records,
+        )
         .await
 }
 

@@ -3,7 +3,7 @@
 use super::{Flow, Requester};
 use crate::crypto::{constant_time_eq, hmac_sha256_hex};
 use crate::events::{ConnectionData, EventType};
-use crate::store::{Attempt, AttemptKind, Outcome, StoreError, now};
+use crate::store::{Attempt, AttemptKind, Outcome, Records, StoreError, now};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UninstallError {
@@ -95,7 +95,7 @@ impl Flow {
         let parsed = parse(query);
         let account_id = parsed.as_ref().ok().map(|p| p.account_id);
         let result = match parsed {
-            Ok(params) => self.verified_uninstall(&params).await,
+            Ok(params) => self.verified_uninstall(&params, requester).await,
             Err(err) => Err(err),
         };
         let (outcome, reason, detail) = match &result {
@@ -127,7 +127,10 @@ impl Flow {
             state_fingerprint: None,
             created_at: now(),
         };
-        if let Err(err) = self.store.record_attempt(&attempt).await {
+        // A disconnect wrote its audit row in its own transaction.
+        if !matches!(result, Ok(Uninstalled::Disconnected))
+            && let Err(err) = self.store.record_attempt(&attempt).await
+        {
             tracing::error!(error = %err, "could not write the webhook audit row");
         }
         result
@@ -136,6 +139,7 @@ impl Flow {
     async fn verified_uninstall(
         &self,
         params: &WebhookParams,
+        requester: &Requester,
     ) -> Result<Uninstalled, UninstallError> {
         let config = self.amo.config();
         if !constant_time_eq(&params.client_uuid, &config.client_id) {
@@ -149,8 +153,23 @@ impl Flow {
         if !constant_time_eq(&params.signature, &expected) {
             return Err(UninstallError::BadSignature);
         }
+        let attempt = Attempt {
+            kind: AttemptKind::Webhook,
+            outcome: Outcome::Success,
+            reason: Some("disconnected"),
+            detail: None,
+            subdomain: None,
+            account_id: Some(params.account_id),
+            ip: requester.ip.as_deref(),
+            user_agent: requester.user_agent(),
+            state_fingerprint: None,
+            created_at: now(),
+        };
         Ok(
-            if self.disconnect(params.account_id, "uninstalled").await? {
+            if self
+                .disconnect(params.account_id, "uninstalled", Some(&attempt))
+                .await?
+            {
                 Uninstalled::Disconnected
             } else {
                 Uninstalled::NothingToDo
@@ -159,27 +178,29 @@ impl Flow {
     }
 
     /// Wipes the account's tokens and marks it `disconnected`; `reason` says who asked
-    /// (`uninstalled` by amoCRM, `disconnected_by_admin` from the dashboard). False when
-    /// there was nothing to do.
-    pub async fn disconnect(&self, account_id: i64, reason: &str) -> Result<bool, StoreError> {
-        if !self.store.disconnect(account_id, now()).await? {
-            return Ok(false);
-        }
-        // The row is read again only for the event's subdomain and domain.
-        if !self.events.is_enabled() {
-            return Ok(true);
-        }
-        let data = match self.store.find_connection(&account_id.to_string()).await {
-            Ok(Some(row)) => ConnectionData::of(&row),
-            _ => ConnectionData::new(Some(account_id), "", ""),
+    /// (`uninstalled` by amoCRM, `disconnected_by_admin` from the dashboard). The audit row
+    /// and the event are written in the same transaction. False when there was nothing to do.
+    pub async fn disconnect(
+        &self,
+        account_id: i64,
+        reason: &str,
+        attempt: Option<&Attempt<'_>>,
+    ) -> Result<bool, StoreError> {
+        // Read first only for the event's subdomain and domain.
+        let data = match self.store.find_connection(&account_id.to_string()).await? {
+            Some(row) => ConnectionData::of(&row),
+            None => ConnectionData::new(Some(account_id), "", ""),
         };
-        self.events
-            .emit(
-                EventType::ConnectionDisconnected,
-                data.because(reason, None),
-            )
-            .await;
-        Ok(true)
+        let event = self.events.prepare(
+            EventType::ConnectionDisconnected,
+            data.because(reason, None),
+        );
+        let records = Records {
+            attempt,
+            event: event.as_ref(),
+            ..Records::default()
+        };
+        self.store.disconnect(account_id, now(), &records).await
     }
 }
 

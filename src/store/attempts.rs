@@ -79,6 +79,52 @@ pub struct AttemptRecord {
     pub created_at: Timestamp,
 }
 
+/// What a change to a connection records about itself: written in the change's transaction,
+/// so a crash or a failed write keeps all of them or none.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Records<'a> {
+    /// A new audit row.
+    pub attempt: Option<&'a Attempt<'a>>,
+    /// The pending audit row (opened when a callback consumed its state) to close as a success.
+    pub finish_pending: Option<i64>,
+    /// An event for the outbox.
+    pub event: Option<&'a super::NewEvent>,
+}
+
+/// Writes `Records` inside the transaction `$tx`; `$account_id` and `$at` close a pending row.
+macro_rules! write_records {
+    ($store:expr, $tx:expr, $records:expr, $account_id:expr, $at:expr, $operation:expr) => {{
+        let records: &$crate::store::Records<'_> = $records;
+        if let Some(attempt) = records.attempt {
+            $crate::store::attempts::bind_attempt!(
+                sqlx::query($store.insert_attempt_sql()),
+                attempt,
+                false
+            )
+            .execute(&mut *$tx)
+            .await
+            .during($operation)?;
+        }
+        if let Some(attempt_id) = records.finish_pending {
+            sqlx::query($store.finish_pending_sql())
+                .bind($crate::store::Outcome::Success.as_str())
+                .bind($account_id)
+                .bind($at)
+                .bind(attempt_id)
+                .execute(&mut *$tx)
+                .await
+                .during($operation)?;
+        }
+        if let Some(event) = records.event {
+            $crate::store::events::bind_event!(sqlx::query($store.insert_event_sql()), event)
+                .execute(&mut *$tx)
+                .await
+                .during($operation)?;
+        }
+    }};
+}
+pub(super) use write_records;
+
 /// Binds an attempt's fields, in the column order of `insert_attempt_sql`.
 macro_rules! bind_attempt {
     ($query:expr, $attempt:expr, $state_consumed:expr) => {{
@@ -108,6 +154,14 @@ impl Store {
             "INSERT INTO amocrm_oauth_attempts (kind, outcome, reason, detail, subdomain, account_id, \
              ip, user_agent, state_fingerprint, state_consumed, created_at, finished_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+    }
+
+    /// Closes a pending audit row: outcome, account id, finished at, by id.
+    pub(super) fn finish_pending_sql(&self) -> AssertSqlSafe<Cow<'static, str>> {
+        self.sql(
+            "UPDATE amocrm_oauth_attempts SET outcome = ?, reason = NULL, detail = NULL, \
+             account_id = ?, finished_at = ? WHERE id = ?",
         )
     }
 

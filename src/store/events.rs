@@ -2,6 +2,10 @@
 //! event happens and delivered by `serve`; a delivery is claimed with a lease, so two
 //! replicas never send one event at the same time.
 
+use std::borrow::Cow;
+
+use sqlx::AssertSqlSafe;
+
 use super::{Context as _, Store, StoreError, Timestamp, on_pool};
 
 /// An outbox row.
@@ -21,6 +25,15 @@ pub struct EventRow {
     pub last_error: Option<String>,
 }
 
+/// An event to add to the outbox, written in the transaction of the change it reports.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub event_type: &'static str,
+    /// The event's `data`, as JSON text.
+    pub payload: String,
+    pub created_at: Timestamp,
+}
+
 macro_rules! select_event {
     () => {
         "SELECT id, event_type, payload, created_at, attempts, next_attempt_at, lease_until, \
@@ -28,33 +41,41 @@ macro_rules! select_event {
     };
 }
 
+/// Binds an event's fields, in the column order of `insert_event_sql`.
+macro_rules! bind_event {
+    ($query:expr, $event:expr) => {{
+        let event: &$crate::store::NewEvent = $event;
+        $query
+            .bind(event.event_type)
+            .bind(&event.payload)
+            .bind(event.created_at)
+            .bind(event.created_at)
+    }};
+}
+pub(super) use bind_event;
+
 impl Store {
-    /// Adds a pending event, due at once; returns its id.
-    pub async fn enqueue_event(
-        &self,
-        event_type: &str,
-        payload: &str,
-        now: Timestamp,
-    ) -> Result<i64, StoreError> {
+    /// Adds a pending event on its own, due at once; returns its id.
+    pub async fn enqueue_event(&self, event: &NewEvent) -> Result<i64, StoreError> {
         const OPERATION: &str = "writing the event to the outbox";
-        let insert = self.sql(
-            "INSERT INTO amoauth_events (event_type, payload, created_at, attempts, \
-             next_attempt_at, status) VALUES (?, ?, ?, 0, ?, 'pending')",
-        );
-        let last_id = self.last_insert_id_sql();
+        let (insert, last_id) = (self.insert_event_sql(), self.last_insert_id_sql());
         on_pool!(self, pool => {
             // The id is read on the connection that inserted the row.
             let mut conn = pool.acquire().await.during(OPERATION)?;
-            sqlx::query(insert)
-                .bind(event_type)
-                .bind(payload)
-                .bind(now)
-                .bind(now)
+            bind_event!(sqlx::query(insert), event)
                 .execute(&mut *conn)
                 .await
                 .during(OPERATION)?;
             sqlx::query_scalar(last_id).fetch_one(&mut *conn).await.during(OPERATION)
         })
+    }
+
+    /// Adds a pending event, due at once (bind with `bind_event!`).
+    pub(super) fn insert_event_sql(&self) -> AssertSqlSafe<Cow<'static, str>> {
+        self.sql(
+            "INSERT INTO amoauth_events (event_type, payload, created_at, attempts, \
+             next_attempt_at, status) VALUES (?, ?, ?, 0, ?, 'pending')",
+        )
     }
 
     /// Pending events due at `now` whose lease is free, oldest first. Not claimed yet:

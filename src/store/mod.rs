@@ -21,8 +21,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 
 pub use api_keys::ApiKeyRow;
-pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome};
-pub use events::EventRow;
+pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome, Records};
+pub use events::{EventRow, NewEvent};
 pub use seed::SeedToken;
 pub use states::{Consumption, NewState, StateRow};
 pub use tokens::{ConnectionRow, ConnectionStatus, NewConnection, RefreshedPair};

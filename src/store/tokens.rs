@@ -1,6 +1,7 @@
 //! `amocrm_tokens`: connected accounts and their sealed tokens.
 
-use super::{Context as _, Store, StoreError, Timestamp, on_pool};
+use super::attempts::write_records;
+use super::{BeginWrite as _, Context as _, Records, Store, StoreError, Timestamp, on_pool};
 use crate::crypto::Sealed;
 
 /// A connection to save after a successful callback. Both tokens are sealed with one key.
@@ -109,33 +110,43 @@ const UPSERT_ON_DUPLICATE_KEY: &str = concat!(
 
 impl Store {
     /// Inserts the account's connection or replaces its tokens when it reconnects;
-    /// the account id is the key because subdomains can be renamed.
-    pub async fn upsert_connection(&self, c: &NewConnection<'_>) -> Result<(), StoreError> {
+    /// the account id is the key because subdomains can be renamed. `records` are written
+    /// in the same transaction.
+    pub async fn upsert_connection(
+        &self,
+        c: &NewConnection<'_>,
+        records: &Records<'_>,
+    ) -> Result<(), StoreError> {
+        const OPERATION: &str = "saving the connection's tokens";
         debug_assert_eq!(c.access_token.key_id, c.refresh_token.key_id);
         let sql = self.dialect(
             UPSERT_ON_CONFLICT,
             UPSERT_ON_CONFLICT,
             UPSERT_ON_DUPLICATE_KEY,
         );
-        on_pool!(self, pool => sqlx::query(sql)
-            .bind(c.account_id)
-            .bind(c.external_id)
-            .bind(c.account_name)
-            .bind(c.domain)
-            .bind(c.subdomain)
-            .bind(&c.access_token.ciphertext)
-            .bind(&c.refresh_token.ciphertext)
-            .bind(&c.access_token.key_id)
-            .bind(c.expires_at)
-            .bind(c.refresh_expires_at)
-            .bind(c.now)
-            .bind(c.raw)
-            .bind(c.now)
-            .bind(c.now)
-            .execute(pool)
-            .await
-            .map(drop))
-        .during("saving the connection's tokens")
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await.during(OPERATION)?;
+            sqlx::query(sql)
+                .bind(c.account_id)
+                .bind(c.external_id)
+                .bind(c.account_name)
+                .bind(c.domain)
+                .bind(c.subdomain)
+                .bind(&c.access_token.ciphertext)
+                .bind(&c.refresh_token.ciphertext)
+                .bind(&c.access_token.key_id)
+                .bind(c.expires_at)
+                .bind(c.refresh_expires_at)
+                .bind(c.now)
+                .bind(c.raw)
+                .bind(c.now)
+                .bind(c.now)
+                .execute(&mut *tx)
+                .await
+                .during(OPERATION)?;
+            write_records!(self, tx, records, c.account_id, c.now, OPERATION);
+            tx.commit().await.during(OPERATION)
+        })
     }
 
     pub async fn connections(&self) -> Result<Vec<ConnectionRow>, StoreError> {
@@ -251,37 +262,50 @@ impl Store {
     }
 
     /// Stores a refreshed pair if nobody wrote the pair since `version` was read, and
-    /// releases the lease. False when another writer won: the caller must not use its pair.
+    /// releases the lease, with `records` in the same transaction. False when another writer
+    /// won (nothing is written): the caller must not use its pair.
     pub async fn store_refreshed(
         &self,
         id: i64,
         version: i64,
         pair: &RefreshedPair<'_>,
+        records: &Records<'_>,
     ) -> Result<bool, StoreError> {
+        const OPERATION: &str = "saving the refreshed tokens";
         let sql = self.sql(
             "UPDATE amocrm_tokens SET access_token = ?, refresh_token = ?, key_id = ?, \
              expires_at = ?, refresh_expires_at = ?, issued_at = ?, last_refresh_at = ?, \
              last_error = NULL, refresh_failures = 0, next_refresh_at = NULL, lease_owner = NULL, \
              lease_until = NULL, version = version + 1, updated_at = ? WHERE id = ? AND version = ?",
         );
-        on_pool!(self, pool => sqlx::query(sql)
-            .bind(&pair.access_token.ciphertext)
-            .bind(&pair.refresh_token.ciphertext)
-            .bind(&pair.access_token.key_id)
-            .bind(pair.expires_at)
-            .bind(pair.refresh_expires_at)
-            .bind(pair.issued_at)
-            .bind(pair.issued_at)
-            .bind(pair.issued_at)
-            .bind(id)
-            .bind(version)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected() == 1))
-        .during("saving the refreshed tokens")
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await.during(OPERATION)?;
+            let stored = sqlx::query(sql)
+                .bind(&pair.access_token.ciphertext)
+                .bind(&pair.refresh_token.ciphertext)
+                .bind(&pair.access_token.key_id)
+                .bind(pair.expires_at)
+                .bind(pair.refresh_expires_at)
+                .bind(pair.issued_at)
+                .bind(pair.issued_at)
+                .bind(pair.issued_at)
+                .bind(id)
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .during(OPERATION)?
+                .rows_affected()
+                == 1;
+            if stored {
+                write_records!(self, tx, records, None::<i64>, pair.issued_at, OPERATION);
+            }
+            tx.commit().await.during(OPERATION)?;
+            Ok(stored)
+        })
     }
 
-    /// Notes a failed refresh, schedules the next try, and releases the lease (if still ours).
+    /// Notes a failed refresh, schedules the next try, and releases the lease (if still ours);
+    /// `records` (the failure happened either way) in the same transaction.
     pub async fn record_refresh_failure(
         &self,
         id: i64,
@@ -289,46 +313,64 @@ impl Store {
         error: &str,
         retry_at: Timestamp,
         now: Timestamp,
+        records: &Records<'_>,
     ) -> Result<(), StoreError> {
+        const OPERATION: &str = "recording the refresh failure";
         let sql = self.sql(
             "UPDATE amocrm_tokens SET last_error = ?, refresh_failures = refresh_failures + 1, \
              next_refresh_at = ?, lease_owner = NULL, lease_until = NULL, updated_at = ? \
              WHERE id = ? AND lease_owner = ?",
         );
-        on_pool!(self, pool => sqlx::query(sql)
-            .bind(error)
-            .bind(retry_at)
-            .bind(now)
-            .bind(id)
-            .bind(owner)
-            .execute(pool)
-            .await
-            .map(drop))
-        .during("recording the refresh failure")
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await.during(OPERATION)?;
+            sqlx::query(sql)
+                .bind(error)
+                .bind(retry_at)
+                .bind(now)
+                .bind(id)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await
+                .during(OPERATION)?;
+            write_records!(self, tx, records, None::<i64>, now, OPERATION);
+            tx.commit().await.during(OPERATION)
+        })
     }
 
     /// Marks the connection as needing a new install, unless the pair changed since
     /// `version` (then a newer token exists and nothing is wrong). Never deletes the row.
+    /// `records` are written with the mark, in its transaction, or not at all.
     pub async fn mark_needs_reauth(
         &self,
         id: i64,
         version: i64,
         error: &str,
         now: Timestamp,
+        records: &Records<'_>,
     ) -> Result<bool, StoreError> {
+        const OPERATION: &str = "marking the connection as needing a new install";
         let sql = self.sql(
             "UPDATE amocrm_tokens SET status = 'needs_reauth', last_error = ?, lease_owner = NULL, \
              lease_until = NULL, updated_at = ? WHERE id = ? AND version = ?",
         );
-        on_pool!(self, pool => sqlx::query(sql)
-            .bind(error)
-            .bind(now)
-            .bind(id)
-            .bind(version)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected() == 1))
-        .during("marking the connection as needing a new install")
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await.during(OPERATION)?;
+            let marked = sqlx::query(sql)
+                .bind(error)
+                .bind(now)
+                .bind(id)
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .during(OPERATION)?
+                .rows_affected()
+                == 1;
+            if marked {
+                write_records!(self, tx, records, None::<i64>, now, OPERATION);
+            }
+            tx.commit().await.during(OPERATION)?;
+            Ok(marked)
+        })
     }
 
     /// Replaces the sealed pair with the same tokens sealed under another key, if the pair
@@ -378,20 +420,36 @@ impl Store {
     }
 
     /// The uninstall webhook: wipes the token material and marks the connection
-    /// `disconnected`. False when there was nothing to do (unknown or already done).
-    pub async fn disconnect(&self, account_id: i64, now: Timestamp) -> Result<bool, StoreError> {
+    /// `disconnected`, with `records` in the same transaction. False when there was nothing
+    /// to do (unknown or already done): then nothing is written.
+    pub async fn disconnect(
+        &self,
+        account_id: i64,
+        now: Timestamp,
+        records: &Records<'_>,
+    ) -> Result<bool, StoreError> {
+        const OPERATION: &str = "disconnecting the account";
         let sql = self.sql(
             "UPDATE amocrm_tokens SET status = 'disconnected', access_token = NULL, \
              refresh_token = NULL, key_id = NULL, lease_owner = NULL, lease_until = NULL, \
              version = version + 1, updated_at = ? WHERE account_id = ? AND status <> 'disconnected'",
         );
-        on_pool!(self, pool => sqlx::query(sql)
-            .bind(now)
-            .bind(account_id)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected() == 1))
-        .during("disconnecting the account")
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await.during(OPERATION)?;
+            let disconnected = sqlx::query(sql)
+                .bind(now)
+                .bind(account_id)
+                .execute(&mut *tx)
+                .await
+                .during(OPERATION)?
+                .rows_affected()
+                == 1;
+            if disconnected {
+                write_records!(self, tx, records, Some(account_id), now, OPERATION);
+            }
+            tx.commit().await.during(OPERATION)?;
+            Ok(disconnected)
+        })
     }
 
     /// How many connections have each status.

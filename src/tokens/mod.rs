@@ -22,7 +22,8 @@ use crate::crypto::{Cipher, fill_random, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
 use crate::metrics::{Count, Metrics, RefreshOutcome};
 use crate::store::{
-    Attempt, AttemptKind, ConnectionRow, Outcome, RefreshedPair, Store, StoreError, Timestamp, now,
+    Attempt, AttemptKind, ConnectionRow, Outcome, Records, RefreshedPair, Store, StoreError,
+    Timestamp, now,
 };
 use pacer::Pacer;
 
@@ -134,14 +135,7 @@ impl TokenService {
             usable(&refreshed)?;
             refreshed
         };
-        let sealed = row
-            .access_token
-            .as_ref()
-            .ok_or_else(|| TokenError::Corrupt("the access token is missing".into()))?;
-        let access_token = self
-            .cipher
-            .open(sealed, "access_token")
-            .map_err(|err| TokenError::Corrupt(err.to_string()))?;
+        let access_token = self.open(&row, "access_token")?;
         Ok(FreshToken {
             account_id: row.account_id,
             subdomain: row.subdomain,
@@ -258,7 +252,7 @@ impl TokenService {
         }
         .ok_or_else(|| TokenError::Corrupt(format!("the {column} is missing")))?;
         self.cipher
-            .open(sealed, column)
+            .open_token(sealed, column, account_id_of(row)?)
             .map_err(|err| TokenError::Corrupt(err.to_string()))
     }
 
@@ -316,35 +310,51 @@ impl TokenService {
         (host.host != row.domain).then_some(host.host)
     }
 
-    /// Stores the new pair before anyone uses it; a lost version race means another writer
-    /// stored a newer pair, which wins.
+    /// Stores the new pair before anyone uses it, with its audit row and event in the same
+    /// transaction; a lost version race means another writer stored a newer pair, which wins.
     async fn save(
         &self,
         row: &ConnectionRow,
         tokens: &TokenSet,
         host: &str,
     ) -> Result<ConnectionRow, TokenError> {
+        let account_id = account_id_of(row)?;
         let issued_at = now();
+        let attempt = refresh_attempt(row, host, Outcome::Success, None, None);
+        let mut data = ConnectionData::of(row);
+        if let Some(moved) = account_host(host, &self.amo.config().domains) {
+            (data.domain, data.subdomain) = (moved.host, moved.subdomain);
+        }
+        let event = self.events.prepare(EventType::ConnectionRefreshed, data);
         let stored = self
             .store
             .store_refreshed(
                 row.id,
                 row.version,
                 &RefreshedPair {
-                    access_token: &self
-                        .cipher
-                        .seal(tokens.access_token.expose(), "access_token"),
-                    refresh_token: &self
-                        .cipher
-                        .seal(tokens.refresh_token.expose(), "refresh_token"),
+                    access_token: &self.cipher.seal_token(
+                        tokens.access_token.expose(),
+                        "access_token",
+                        account_id,
+                    ),
+                    refresh_token: &self.cipher.seal_token(
+                        tokens.refresh_token.expose(),
+                        "refresh_token",
+                        account_id,
+                    ),
                     expires_at: issued_at + chrono::Duration::seconds(tokens.expires_in),
                     refresh_expires_at: issued_at + REFRESH_TOKEN_LIFETIME,
                     issued_at,
                 },
+                &Records {
+                    attempt: Some(&attempt),
+                    event: event.as_ref(),
+                    ..Records::default()
+                },
             )
             .await?;
         if stored {
-            self.audit(row, host, Outcome::Success, None, None).await;
+            self.audited(row, host, Outcome::Success, None);
         } else {
             tracing::warn!(
                 account_id = row.account_id,
@@ -352,12 +362,7 @@ impl TokenService {
             );
             self.store.release_lease(row.id, &self.owner).await?;
         }
-        let current = self.read(row.id).await?;
-        if stored {
-            let data = ConnectionData::of(&current);
-            self.events.emit(EventType::ConnectionRefreshed, data).await;
-        }
-        Ok(current)
+        self.read(row.id).await
     }
 
     /// amoCRM refused the refresh token. Only when no newer pair was stored meanwhile is
@@ -376,24 +381,27 @@ impl TokenService {
             self.store.release_lease(row.id, &self.owner).await?;
             return Ok(current);
         }
+        let attempt = refresh_attempt(
+            row,
+            &row.domain,
+            Outcome::Failure,
+            Some("needs_reauth"),
+            Some(&reason),
+        );
+        let data = ConnectionData::of(row).because(grant_reason(err), Some(&reason));
+        let event = self.events.prepare(EventType::ConnectionNeedsReauth, data);
+        let records = Records {
+            attempt: Some(&attempt),
+            event: event.as_ref(),
+            ..Records::default()
+        };
         if self
             .store
-            .mark_needs_reauth(row.id, row.version, &reason, now())
+            .mark_needs_reauth(row.id, row.version, &reason, now(), &records)
             .await?
         {
             tracing::warn!(account_id = row.account_id, host = %row.domain, %reason, "refresh token rejected; the connection needs a new install");
-            self.audit(
-                row,
-                &row.domain,
-                Outcome::Failure,
-                Some("needs_reauth"),
-                Some(&reason),
-            )
-            .await;
-            let data = ConnectionData::of(row).because(grant_reason(err), Some(&reason));
-            self.events
-                .emit(EventType::ConnectionNeedsReauth, data)
-                .await;
+            self.audited(row, &row.domain, Outcome::Failure, Some("needs_reauth"));
             return Err(TokenError::NeedsReauth { reason });
         }
         self.store.release_lease(row.id, &self.owner).await?;
@@ -410,24 +418,29 @@ impl TokenService {
         let at = now();
         let retry_at = at + backoff(row.refresh_failures + 1);
         let message = err.to_string();
-        self.store
-            .record_refresh_failure(row.id, &self.owner, &message, retry_at, at)
-            .await?;
-        tracing::warn!(account_id = row.account_id, host = %row.domain, reason = err.reason(), error = %err, %retry_at, "refresh failed; will retry");
-        self.audit(
+        let attempt = refresh_attempt(
             row,
             &row.domain,
             Outcome::Failure,
             Some(err.reason()),
             Some(&message),
-        )
-        .await;
+        );
         let data = ConnectionData::of(row)
             .because(err.reason(), Some(&message))
             .retry_at(retry_at);
-        self.events
-            .emit(EventType::ConnectionRefreshFailed, data)
-            .await;
+        let event = self
+            .events
+            .prepare(EventType::ConnectionRefreshFailed, data);
+        let records = Records {
+            attempt: Some(&attempt),
+            event: event.as_ref(),
+            ..Records::default()
+        };
+        self.store
+            .record_refresh_failure(row.id, &self.owner, &message, retry_at, at, &records)
+            .await?;
+        tracing::warn!(account_id = row.account_id, host = %row.domain, reason = err.reason(), error = %err, %retry_at, "refresh failed; will retry");
+        self.audited(row, &row.domain, Outcome::Failure, Some(err.reason()));
         Err(TokenError::Amo {
             host: row.domain.clone(),
             reason: err.reason(),
@@ -436,14 +449,8 @@ impl TokenService {
         })
     }
 
-    async fn audit(
-        &self,
-        row: &ConnectionRow,
-        host: &str,
-        outcome: Outcome,
-        reason: Option<&str>,
-        detail: Option<&str>,
-    ) {
+    /// Counts (and, for a success, logs) a refresh whose audit row was stored.
+    fn audited(&self, row: &ConnectionRow, host: &str, outcome: Outcome, reason: Option<&str>) {
         let counted = match (outcome, reason) {
             (Outcome::Success, _) => RefreshOutcome::Success,
             (_, Some("needs_reauth")) => RefreshOutcome::NeedsReauth,
@@ -459,22 +466,35 @@ impl TokenService {
                 "token refreshed"
             );
         }
-        let attempt = Attempt {
-            kind: AttemptKind::Refresh,
-            outcome,
-            reason,
-            detail,
-            subdomain: Some(host),
-            account_id: row.account_id,
-            ip: None,
-            user_agent: None,
-            state_fingerprint: None,
-            created_at: now(),
-        };
-        if let Err(err) = self.store.record_attempt(&attempt).await {
-            tracing::error!(error = %err, "could not write the refresh audit row");
-        }
     }
+}
+
+/// The audit row of a refresh.
+fn refresh_attempt<'a>(
+    row: &ConnectionRow,
+    host: &'a str,
+    outcome: Outcome,
+    reason: Option<&'a str>,
+    detail: Option<&'a str>,
+) -> Attempt<'a> {
+    Attempt {
+        kind: AttemptKind::Refresh,
+        outcome,
+        reason,
+        detail,
+        subdomain: Some(host),
+        account_id: row.account_id,
+        ip: None,
+        user_agent: None,
+        state_fingerprint: None,
+        created_at: now(),
+    }
+}
+
+/// The account a connection's tokens are sealed for.
+fn account_id_of(row: &ConnectionRow) -> Result<i64, TokenError> {
+    row.account_id
+        .ok_or_else(|| TokenError::Corrupt("the connection has no account id".into()))
 }
 
 /// Errors that are about the connection, not the request.

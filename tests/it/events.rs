@@ -451,7 +451,11 @@ async fn two_replicas_send_each_event_once(backend: Backend) {
     for i in 0..60 {
         let payload = format!(r#"{{"n":{i}}}"#);
         store
-            .enqueue_event("test.event", &payload, amoauth::store::now())
+            .enqueue_event(&amoauth::store::NewEvent {
+                event_type: "test.event",
+                payload,
+                created_at: amoauth::store::now(),
+            })
             .await
             .unwrap();
         if i % 10 == 9 {

@@ -50,4 +50,5 @@ mod proxy;
 mod refresh;
 mod result_page;
 mod security;
+mod store_integrity;
 mod support;

@@ -270,7 +270,7 @@ impl TestDb {
         let cipher = amoauth::crypto::Cipher::new(&[7u8; 32]);
         let sealed = amoauth::crypto::Sealed { key_id, ciphertext };
         cipher
-            .open(&sealed, "refresh_token")
+            .open_token(&sealed, "refresh_token", ACCOUNT_ID)
             .unwrap()
             .expose()
             .to_owned()

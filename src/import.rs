@@ -101,8 +101,13 @@ async fn import_one(
             ));
         }
     };
-    match save_connection(store, cipher, &host, &tokens, &account, None).await {
-        Ok(()) => ImportOutcome::Imported {
+    let issued = match crate::tokens::expiry(&tokens) {
+        Ok(issued) => issued,
+        Err(err) => return ImportOutcome::Skipped(format!("{err}; run the import again")),
+    };
+    match save_connection(store, cipher, &host, &tokens, &account, None, issued).await {
+        // Without an external_id a reconnect keeps the owner, so the account is never taken.
+        Ok(_) => ImportOutcome::Imported {
             account_id: account.id,
         },
         Err(err) => ImportOutcome::Skipped(format!("could not save ({err}); run the import again")),

@@ -17,12 +17,13 @@ use crate::amocrm::{
     Account, AccountHost, AmoClient, AmoError, AmoFailure, ConsentMode, REFRESH_TOKEN_LIFETIME,
     TokenSet, account_host, is_dns_label,
 };
+use crate::tokens::expiry;
 use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
 use crate::events::{ConnectionData, EventType, Events};
 use crate::store::{
-    Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, StateRow, Store,
-    StoreError, Timestamp, now,
+    Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, Saved, StateRow, Store,
+    StoreError, Timestamp, now, saturating_later,
 };
 
 /// User agents are cut to this many characters before they are stored.
@@ -108,6 +109,10 @@ pub enum CallbackError {
     InvalidRequest(String),
     #[error("the referer is not an allowed amoCRM account host")]
     BadReferer,
+    #[error("the referer {referer} is not the account {expected} the install was started for")]
+    RefererMismatch { referer: String, expected: String },
+    #[error("this amoCRM account is connected for another external_id; an admin must disconnect it first")]
+    AccountTaken,
     #[error("unknown state")]
     UnknownState,
     #[error("the state was already used")]
@@ -132,6 +137,8 @@ crate::metrics::named_values! {
         AmoCrmCallbackError => "amocrm_callback_error",
         InvalidRequest => "invalid_request",
         BadReferer => "bad_referer",
+        RefererMismatch => "referer_mismatch",
+        AccountTaken => "account_taken",
         UnknownState => "unknown_state",
         UsedState => "used_state",
         ExpiredState => "expired_state",
@@ -252,15 +259,18 @@ impl Flow {
         let domains = &self.amo.config().domains;
         let account = match request.subdomain.filter(|s| !s.is_empty()) {
             None => None,
-            Some(s) if is_dns_label(s) => account_host(&format!("{s}.{}", domains[0]), domains),
+            Some(s) if is_dns_label(s) => Some(
+                account_host(&format!("{s}.{}", domains[0]), domains)
+                    .ok_or(InstallError::BadSubdomain)?,
+            ),
             Some(s) => Some(account_host(s, domains).ok_or(InstallError::BadSubdomain)?),
         };
         let created_at = now();
         let state = new_state(created_at);
         let state_hash = state_key(&state);
-        let expires_at =
-            created_at + chrono::Duration::from_std(self.state_ttl).unwrap_or_default();
-        let subdomain = account.as_ref().map(|a| a.subdomain.as_str());
+        let expires_at = saturating_later(created_at, self.state_ttl);
+        // The whole host, so the callback's referer can be held to exactly this account.
+        let subdomain = account.as_ref().map(|a| a.host.as_str());
         self.store
             .insert_state(&NewState {
                 state_hash: &state_hash,
@@ -339,7 +349,7 @@ impl Flow {
             Ok(consumed) => consumed,
             Err(err) => return Callback::without_return(Err(audit.failed(err).await)),
         };
-        let return_to = state.return_url.map(|url| ReturnTo {
+        let return_to = state.return_url.clone().map(|url| ReturnTo {
             url,
             mode: if state.mode.as_deref() == Some("post_message") {
                 ConsentMode::PostMessage
@@ -348,10 +358,14 @@ impl Flow {
             },
             external_id: state.external_id.clone(),
         });
-        let result = match self
-            .connect(&host, &code, state.external_id.as_deref())
-            .await
-        {
+        let connected = match referer_matches(&state, &host) {
+            Ok(()) => {
+                self.connect(&host, &code, state.external_id.as_deref())
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        let result = match connected {
             Ok(connected) => {
                 audit.finish(attempt_id, Ok(&connected)).await;
                 Ok(CallbackOutcome::Connected(connected))
@@ -428,14 +442,18 @@ impl Flow {
         code: &Secret,
         external_id: Option<&str>,
     ) -> Result<Connected, CallbackError> {
+        let exchange_failed = |source| CallbackError::Exchange {
+            host: host.host.clone(),
+            source,
+        };
+        self.amo.pace(&host.host).await;
         let tokens = self
             .amo
             .exchange_code(&host.host, code.expose())
             .await
-            .map_err(|source| CallbackError::Exchange {
-                host: host.host.clone(),
-                source,
-            })?;
+            .map_err(exchange_failed)?;
+        let issued = expiry(&tokens).map_err(exchange_failed)?;
+        self.amo.pace(&host.host).await;
         let account = self
             .amo
             .account(&host.host, &tokens.access_token)
@@ -444,15 +462,19 @@ impl Flow {
                 host: host.host.clone(),
                 source,
             })?;
-        save_connection(
+        let saved = save_connection(
             &self.store,
             &self.cipher,
             host,
             &tokens,
             &account,
             external_id,
+            issued,
         )
         .await?;
+        if saved == Saved::AccountTaken {
+            return Err(CallbackError::AccountTaken);
+        }
         let mut data = ConnectionData::new(Some(account.id), &host.subdomain, &host.host);
         data.external_id = external_id.map(str::to_owned);
         self.events.emit(EventType::ConnectionCreated, data).await;
@@ -655,7 +677,31 @@ fn state_key(state: &str) -> String {
     }
 }
 
-/// Seals a fresh pair and saves the account's connection (inserted, or replaced on reconnect).
+/// When an install named the account, the callback must come from that account: a referer
+/// on another host would receive the code exchange (and the client secret) meant for it.
+/// States from before hosts were stored hold the bare subdomain.
+fn referer_matches(state: &StateRow, host: &AccountHost) -> Result<(), CallbackError> {
+    let Some(expected) = state.subdomain.as_deref() else {
+        return Ok(());
+    };
+    let actual = if expected.contains('.') {
+        &host.host
+    } else {
+        &host.subdomain
+    };
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(CallbackError::RefererMismatch {
+            referer: host.host.clone(),
+            expected: expected.to_owned(),
+        })
+    }
+}
+
+/// Seals a fresh pair and saves the account's connection (inserted, or replaced on
+/// reconnect); `(issued, expires_at)` is the pair's lifetime. `AccountTaken` when the account
+/// belongs to another `external_id`: then nothing changed.
 pub(crate) async fn save_connection(
     store: &Store,
     cipher: &Cipher,
@@ -663,8 +709,8 @@ pub(crate) async fn save_connection(
     tokens: &TokenSet,
     account: &Account,
     external_id: Option<&str>,
-) -> Result<(), StoreError> {
-    let issued = now();
+    (issued, expires_at): (Timestamp, Timestamp),
+) -> Result<Saved, StoreError> {
     let raw = serde_json::json!({ "token": tokens.raw, "account": account.raw });
     let raw = scrub(raw.to_string(), tokens);
     store
@@ -676,7 +722,7 @@ pub(crate) async fn save_connection(
             subdomain: &host.subdomain,
             access_token: &cipher.seal(tokens.access_token.expose(), "access_token"),
             refresh_token: &cipher.seal(tokens.refresh_token.expose(), "refresh_token"),
-            expires_at: issued + chrono::Duration::seconds(tokens.expires_in),
+            expires_at,
             refresh_expires_at: issued + REFRESH_TOKEN_LIFETIME,
             raw: &raw,
             now: issued,

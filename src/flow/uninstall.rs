@@ -1,9 +1,13 @@
 //! The uninstall webhook: amoCRM's signed notice that an admin disabled the integration.
+//! The signature covers only "{client_id}|{account_id}" (no time), so a logged webhook URL
+//! can be replayed; amoCRM is asked whether the stored token is really refused before
+//! anything is wiped.
 
 use super::{Flow, Requester};
+use crate::amocrm::AmoError;
 use crate::crypto::{constant_time_eq, hmac_sha256_hex};
 use crate::events::{ConnectionData, EventType};
-use crate::store::{Attempt, AttemptKind, Outcome, StoreError, now};
+use crate::store::{Attempt, AttemptKind, ConnectionRow, Outcome, StoreError, now};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UninstallError {
@@ -13,6 +17,15 @@ pub enum UninstallError {
     WrongClient,
     #[error("the signature does not match")]
     BadSignature,
+    /// amoCRM could not be asked (or gave no clear answer); nothing was wiped, and a 503
+    /// lets amoCRM send the webhook again.
+    #[error("cannot confirm the uninstall with amoCRM: {0}")]
+    Unconfirmed(AmoError),
+    /// The stored access token has expired, so amoCRM refusing it would prove nothing.
+    #[error("cannot confirm the uninstall: the stored access token has expired")]
+    Unconfirmable,
+    #[error("the stored access token cannot be decrypted: {0}")]
+    Corrupt(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -23,17 +36,24 @@ impl UninstallError {
             Self::InvalidRequest(_) => "invalid_request",
             Self::WrongClient => "wrong_client",
             Self::BadSignature => "bad_signature",
+            Self::Unconfirmed(err) => err.reason(),
+            Self::Unconfirmable => "unconfirmable",
+            Self::Corrupt(_) => "corrupt_tokens",
             Self::Store(_) => "database_error",
         }
     }
 }
 
-/// What a valid webhook did; amoCRM does not retry, so both answer 200.
+/// What a valid webhook did; each answers 200.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Uninstalled {
+    /// amoCRM refused the stored token: the tokens are wiped.
     Disconnected,
     /// Unknown account, or already disconnected: nothing changed.
     NothingToDo,
+    /// amoCRM still accepts the stored token (a replayed webhook, e.g. after a reconnect):
+    /// nothing changed.
+    Stale,
 }
 
 struct WebhookParams {
@@ -101,6 +121,7 @@ impl Flow {
         let (outcome, reason, detail) = match &result {
             Ok(Uninstalled::Disconnected) => (Outcome::Success, Some("disconnected"), None),
             Ok(Uninstalled::NothingToDo) => (Outcome::Success, Some("nothing_to_do"), None),
+            Ok(Uninstalled::Stale) => (Outcome::Failure, Some("stale_webhook"), None),
             Err(err) => (Outcome::Failure, Some(err.reason()), Some(err.to_string())),
         };
         match &result {
@@ -149,25 +170,70 @@ impl Flow {
         if !constant_time_eq(&params.signature, &expected) {
             return Err(UninstallError::BadSignature);
         }
-        Ok(
-            if self.disconnect(params.account_id, "uninstalled").await? {
-                Uninstalled::Disconnected
-            } else {
-                Uninstalled::NothingToDo
-            },
-        )
+        let row = match self
+            .store
+            .find_connection(&params.account_id.to_string())
+            .await?
+        {
+            Some(row) if row.status != "disconnected" => row,
+            _ => return Ok(Uninstalled::NothingToDo),
+        };
+        if !self.amocrm_refuses_the_token(&row).await? {
+            return Ok(Uninstalled::Stale);
+        }
+        let wiped = self
+            .store
+            .disconnect_unchanged(params.account_id, row.version, now())
+            .await?;
+        if !wiped {
+            // Reconnected (or disconnected) while amoCRM was asked: the new pair stays.
+            return Ok(Uninstalled::NothingToDo);
+        }
+        self.disconnected(params.account_id, "uninstalled").await;
+        Ok(Uninstalled::Disconnected)
     }
 
-    /// Wipes the account's tokens and marks it `disconnected`; `reason` says who asked
-    /// (`uninstalled` by amoCRM, `disconnected_by_admin` from the dashboard). False when
-    /// there was nothing to do.
-    pub async fn disconnect(&self, account_id: i64, reason: &str) -> Result<bool, StoreError> {
-        if !self.store.disconnect(account_id, now()).await? {
+    /// Whether amoCRM refuses the stored access token with 401, which is what it does once
+    /// the integration is uninstalled. Any other answer, or none, confirms nothing.
+    async fn amocrm_refuses_the_token(&self, row: &ConnectionRow) -> Result<bool, UninstallError> {
+        if row.expires_at <= now() {
+            return Err(UninstallError::Unconfirmable);
+        }
+        let sealed = row
+            .access_token
+            .as_ref()
+            .ok_or_else(|| UninstallError::Corrupt("the access token is missing".into()))?;
+        let access_token = self
+            .cipher
+            .open(sealed, "access_token")
+            .map_err(|err| UninstallError::Corrupt(err.to_string()))?;
+        self.amo.pace(&row.domain).await;
+        match self.amo.account(&row.domain, &access_token).await {
+            Ok(_) => Ok(false),
+            Err(AmoError::Rejected { status: 401, .. } | AmoError::Http { status: 401 }) => {
+                Ok(true)
+            }
+            Err(err) => Err(UninstallError::Unconfirmed(err)),
+        }
+    }
+
+    /// The admin's disconnect from the dashboard: wipes the account's tokens, marks it
+    /// `disconnected` and releases it from its `external_id`. False when there was nothing
+    /// to do.
+    pub async fn disconnect(&self, account_id: i64) -> Result<bool, StoreError> {
+        if !self.store.disconnect_by_admin(account_id, now()).await? {
             return Ok(false);
         }
+        self.disconnected(account_id, "disconnected_by_admin").await;
+        Ok(true)
+    }
+
+    /// Emits `connection.disconnected`; `reason` says who asked (`uninstalled` by amoCRM,
+    /// `disconnected_by_admin` from the dashboard).
+    async fn disconnected(&self, account_id: i64, reason: &str) {
         // The row is read again only for the event's subdomain and domain.
         if !self.events.is_enabled() {
-            return Ok(true);
+            return;
         }
         let data = match self.store.find_connection(&account_id.to_string()).await {
             Ok(Some(row)) => ConnectionData::of(&row),
@@ -179,7 +245,6 @@ impl Flow {
                 data.because(reason, None),
             )
             .await;
-        Ok(true)
     }
 }
 

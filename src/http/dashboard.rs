@@ -177,7 +177,7 @@ pub async fn disconnect(
     }
     match state
         .flow
-        .disconnect(account_id, "disconnected_by_admin")
+        .disconnect(account_id)
         .await
     {
         Ok(_) => {

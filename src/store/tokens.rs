@@ -77,47 +77,97 @@ macro_rules! select_connection {
     };
 }
 
-/// Columns and values of an upsert; the conflict clause is per dialect.
-macro_rules! upsert_insert {
+/// What saving a connection did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Saved,
+    /// The account belongs to another `external_id`; nothing was changed.
+    AccountTaken,
+}
+
+/// A reconnect replaces the pair and starts its bookkeeping afresh (no failures, no backoff,
+/// issued now), as a first connect does; the lease is left to its holder, whose write then
+/// fails the version check.
+macro_rules! reconnect_update {
     () => {
-        "INSERT INTO amocrm_tokens (account_id, external_id, account_name, domain, subdomain, \
-     access_token, refresh_token, key_id, expires_at, refresh_expires_at, issued_at, status, raw, \
-     last_refresh_at, last_error, refresh_failures, version, created_at, updated_at) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?) "
+        "UPDATE amocrm_tokens SET account_name = ?, domain = ?, subdomain = ?, access_token = ?, \
+         refresh_token = ?, key_id = ?, expires_at = ?, refresh_expires_at = ?, issued_at = ?, \
+         status = 'active', raw = ?, last_refresh_at = NULL, last_error = NULL, \
+         refresh_failures = 0, next_refresh_at = NULL, version = version + 1, updated_at = ?"
     };
 }
-const UPSERT_ON_CONFLICT: &str = concat!(
-    upsert_insert!(),
-    "ON CONFLICT (account_id) DO UPDATE SET \
-     external_id = COALESCE(excluded.external_id, amocrm_tokens.external_id), \
-     account_name = excluded.account_name, domain = excluded.domain, subdomain = excluded.subdomain, \
-     access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
-     key_id = excluded.key_id, expires_at = excluded.expires_at, \
-     refresh_expires_at = excluded.refresh_expires_at, status = 'active', raw = excluded.raw, \
-     last_error = NULL, version = amocrm_tokens.version + 1, updated_at = excluded.updated_at"
+/// The columns a disconnect wipes.
+macro_rules! disconnect_update {
+    () => {
+        "UPDATE amocrm_tokens SET status = 'disconnected', access_token = NULL, \
+         refresh_token = NULL, key_id = NULL, lease_owner = NULL, lease_until = NULL, \
+         version = version + 1, updated_at = ?"
+    };
+}
+
+/// Without an `external_id` (the admin's install, a widget install) the owner stays.
+const RECONNECT_KEEPING_OWNER: &str = concat!(reconnect_update!(), " WHERE account_id = ?");
+/// With one, only an account without an owner or with the same one is taken.
+const RECONNECT_FOR_OWNER: &str = concat!(
+    reconnect_update!(),
+    ", external_id = ? WHERE account_id = ? AND (external_id IS NULL OR external_id = ?)"
 );
-const UPSERT_ON_DUPLICATE_KEY: &str = concat!(
-    upsert_insert!(),
-    "ON DUPLICATE KEY UPDATE \
-     external_id = COALESCE(VALUES(external_id), external_id), \
-     account_name = VALUES(account_name), domain = VALUES(domain), subdomain = VALUES(subdomain), \
-     access_token = VALUES(access_token), refresh_token = VALUES(refresh_token), \
-     key_id = VALUES(key_id), expires_at = VALUES(expires_at), \
-     refresh_expires_at = VALUES(refresh_expires_at), status = 'active', raw = VALUES(raw), \
-     last_error = NULL, version = version + 1, updated_at = VALUES(updated_at)"
-);
+const INSERT_CONNECTION: &str = "INSERT INTO amocrm_tokens (account_id, external_id, account_name, \
+     domain, subdomain, access_token, refresh_token, key_id, expires_at, refresh_expires_at, \
+     issued_at, status, raw, last_refresh_at, last_error, refresh_failures, version, created_at, \
+     updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?)";
 
 impl Store {
-    /// Inserts the account's connection or replaces its tokens when it reconnects;
-    /// the account id is the key because subdomains can be renamed.
-    pub async fn upsert_connection(&self, c: &NewConnection<'_>) -> Result<(), StoreError> {
+    /// Inserts the account's connection or replaces its tokens when it reconnects; the
+    /// account id is the key because subdomains can be renamed. An account never moves to
+    /// another `external_id` here: that needs the admin (see `disconnect_by_admin`).
+    pub async fn upsert_connection(&self, c: &NewConnection<'_>) -> Result<Saved, StoreError> {
         debug_assert_eq!(c.access_token.key_id, c.refresh_token.key_id);
-        let sql = self.dialect(
-            UPSERT_ON_CONFLICT,
-            UPSERT_ON_CONFLICT,
-            UPSERT_ON_DUPLICATE_KEY,
-        );
-        on_pool!(self, pool => sqlx::query(sql)
+        // An insert racing ours makes the first update miss and our insert collide: the
+        // second update then sees the row.
+        for _ in 0..2 {
+            if self.reconnect(c).await? {
+                return Ok(Saved::Saved);
+            }
+            if self.insert_connection(c).await? {
+                return Ok(Saved::Saved);
+            }
+        }
+        Ok(Saved::AccountTaken)
+    }
+
+    /// Updates an existing row; false when there is none this connection may replace.
+    async fn reconnect(&self, c: &NewConnection<'_>) -> Result<bool, StoreError> {
+        let sql = self.sql(match c.external_id {
+            Some(_) => RECONNECT_FOR_OWNER,
+            None => RECONNECT_KEEPING_OWNER,
+        });
+        on_pool!(self, pool => {
+            let query = sqlx::query(sql)
+                .bind(c.account_name)
+                .bind(c.domain)
+                .bind(c.subdomain)
+                .bind(&c.access_token.ciphertext)
+                .bind(&c.refresh_token.ciphertext)
+                .bind(&c.access_token.key_id)
+                .bind(c.expires_at)
+                .bind(c.refresh_expires_at)
+                .bind(c.now)
+                .bind(c.raw)
+                .bind(c.now);
+            let query = match c.external_id {
+                Some(owner) => query.bind(owner).bind(c.account_id).bind(owner),
+                None => query.bind(c.account_id),
+            };
+            query.execute(pool).await.map(|done| done.rows_affected() == 1)
+        })
+        .during("saving the connection's tokens")
+    }
+
+    /// Inserts a new row; false when the account already has one.
+    async fn insert_connection(&self, c: &NewConnection<'_>) -> Result<bool, StoreError> {
+        let sql = self.sql(INSERT_CONNECTION);
+        let inserted = on_pool!(self, pool => sqlx::query(sql)
             .bind(c.account_id)
             .bind(c.external_id)
             .bind(c.account_name)
@@ -134,8 +184,15 @@ impl Store {
             .bind(c.now)
             .execute(pool)
             .await
-            .map(drop))
-        .during("saving the connection's tokens")
+            .map(drop));
+        match inserted {
+            Ok(()) => Ok(true),
+            Err(sqlx::Error::Database(err)) if err.is_unique_violation() => Ok(false),
+            Err(cause) => Err(StoreError::Database {
+                operation: "saving the connection's tokens",
+                cause,
+            }),
+        }
     }
 
     pub async fn connections(&self) -> Result<Vec<ConnectionRow>, StoreError> {
@@ -377,14 +434,41 @@ impl Store {
         .during("saving the account's new host")
     }
 
-    /// The uninstall webhook: wipes the token material and marks the connection
-    /// `disconnected`. False when there was nothing to do (unknown or already done).
-    pub async fn disconnect(&self, account_id: i64, now: Timestamp) -> Result<bool, StoreError> {
-        let sql = self.sql(
-            "UPDATE amocrm_tokens SET status = 'disconnected', access_token = NULL, \
-             refresh_token = NULL, key_id = NULL, lease_owner = NULL, lease_until = NULL, \
-             version = version + 1, updated_at = ? WHERE account_id = ? AND status <> 'disconnected'",
-        );
+    /// Wipes the token material and marks the connection `disconnected`, if it is not and
+    /// its pair is still `version` (the one amoCRM was asked about): a reconnect since then
+    /// is left alone. False when nothing changed.
+    pub async fn disconnect_unchanged(
+        &self,
+        account_id: i64,
+        version: i64,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let sql = self.sql(concat!(
+            disconnect_update!(),
+            " WHERE account_id = ? AND status <> 'disconnected' AND version = ?"
+        ));
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(now)
+            .bind(account_id)
+            .bind(version)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected() == 1))
+        .during("disconnecting the account")
+    }
+
+    /// The admin's disconnect: wipes the token material and also releases the account from
+    /// its `external_id`, the one way an account moves to another tenant. False when there
+    /// was nothing to do (unknown or already disconnected).
+    pub async fn disconnect_by_admin(
+        &self,
+        account_id: i64,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let sql = self.sql(concat!(
+            disconnect_update!(),
+            ", external_id = NULL WHERE account_id = ? AND status <> 'disconnected'"
+        ));
         on_pool!(self, pool => sqlx::query(sql)
             .bind(now)
             .bind(account_id)

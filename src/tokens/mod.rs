@@ -15,16 +15,17 @@ pub use worker::{RefreshSummary, run_worker};
 
 use crate::amocrm::{
     AmoClient, AmoError, ProblemKind, REFRESH_TOKEN_LIFETIME, TokenSet, account_host,
-    jwt_api_domain,
+    jwt_api_domain, shared_api_host,
 };
 use crate::config::Secret;
 use crate::crypto::{Cipher, fill_random, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
 use crate::metrics::{Count, Metrics, RefreshOutcome};
 use crate::store::{
-    Attempt, AttemptKind, ConnectionRow, Outcome, RefreshedPair, Store, StoreError, Timestamp, now,
+    Attempt, AttemptKind, ConnectionRow, Outcome, RefreshedPair, Store, StoreError, Timestamp,
+    checked_later, now, saturating_later,
 };
-use pacer::Pacer;
+pub(crate) use pacer::Pacer;
 
 /// The token API refreshes first when less than this is left of the access token.
 const MIN_VALIDITY: chrono::Duration = chrono::Duration::minutes(5);
@@ -84,7 +85,6 @@ pub struct TokenService {
     owner: String,
     lease: Duration,
     inflight: Mutex<HashMap<i64, SharedRefresh>>,
-    pacer: Pacer,
     metrics: Arc<Metrics>,
     events: Arc<Events>,
 }
@@ -108,7 +108,6 @@ impl TokenService {
             owner,
             lease,
             inflight: Mutex::new(HashMap::new()),
-            pacer: Pacer::amocrm(),
             metrics,
             events,
         }
@@ -198,12 +197,12 @@ impl TokenService {
         id: i64,
         seen_version: i64,
     ) -> Result<ConnectionRow, TokenError> {
-        let deadline = tokio::time::Instant::now() + self.lease * 2;
+        let deadline = tokio::time::Instant::now() + self.lease.saturating_mul(2);
         loop {
             let at = now();
             if self
                 .store
-                .take_lease(id, &self.owner, at, at + chrono_duration(self.lease))
+                .take_lease(id, &self.owner, at, saturating_later(at, self.lease))
                 .await?
             {
                 let result = self.refresh_holding_lease(id, seen_version).await;
@@ -245,7 +244,10 @@ impl TokenService {
         }
         let refresh_token = self.open(&row, "refresh_token")?;
         match self.call_refresh(&row, &refresh_token).await {
-            Ok((tokens, host)) => self.save(&row, &tokens, &host).await,
+            Ok((tokens, host)) => match expiry(&tokens) {
+                Ok(expires_at) => self.save(&row, &tokens, &host, expires_at).await,
+                Err(err) => self.failed(&row, err).await,
+            },
             Err(err) if revokes_the_grant(&err) => self.grant_rejected(&row, &err).await,
             Err(err) => self.failed(&row, err).await,
         }
@@ -269,7 +271,7 @@ impl TokenService {
         row: &ConnectionRow,
         refresh_token: &Secret,
     ) -> Result<(TokenSet, String), AmoError> {
-        self.pacer.wait(row.id).await;
+        self.amo.pace(&row.domain).await;
         let err = match self.amo.refresh(&row.domain, refresh_token).await {
             Ok(tokens) => return Ok((tokens, row.domain.clone())),
             Err(err) if account_moved(&err) => err,
@@ -287,7 +289,7 @@ impl TokenService {
         {
             tracing::error!(error = %store_err, "could not save the account's new host");
         }
-        self.pacer.wait(row.id).await;
+        self.amo.pace(&new_host).await;
         self.amo
             .refresh(&new_host, refresh_token)
             .await
@@ -300,8 +302,8 @@ impl TokenService {
         let access_token = self.open(row, "access_token").ok()?;
         let api_domain = jwt_api_domain(access_token.expose())?;
         // The refresh token goes in a header: never to a host outside the allow-list.
-        account_host(&api_domain, domains)?;
-        self.pacer.wait(row.id).await;
+        shared_api_host(&api_domain, domains)?;
+        self.amo.pace(&api_domain).await;
         let found = match self.amo.current_subdomain(&api_domain, refresh_token).await {
             Ok(found) => found,
             Err(err) => {
@@ -323,8 +325,8 @@ impl TokenService {
         row: &ConnectionRow,
         tokens: &TokenSet,
         host: &str,
+        (issued_at, expires_at): (Timestamp, Timestamp),
     ) -> Result<ConnectionRow, TokenError> {
-        let issued_at = now();
         let stored = self
             .store
             .store_refreshed(
@@ -337,7 +339,7 @@ impl TokenService {
                     refresh_token: &self
                         .cipher
                         .seal(tokens.refresh_token.expose(), "refresh_token"),
-                    expires_at: issued_at + chrono::Duration::seconds(tokens.expires_in),
+                    expires_at,
                     refresh_expires_at: issued_at + REFRESH_TOKEN_LIFETIME,
                     issued_at,
                 },
@@ -521,8 +523,15 @@ fn backoff(failures: i64) -> chrono::Duration {
     chrono::Duration::milliseconds((base * jitter * 1000.0) as i64)
 }
 
-fn chrono_duration(duration: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+/// When a pair issued now expires; an `expires_in` past any representable time is a bad
+/// answer from amoCRM, not a reason to panic.
+pub(crate) fn expiry(tokens: &TokenSet) -> Result<(Timestamp, Timestamp), AmoError> {
+    let issued_at = now();
+    u64::try_from(tokens.expires_in)
+        .ok()
+        .and_then(|secs| checked_later(issued_at, Duration::from_secs(secs)))
+        .map(|expires_at| (issued_at, expires_at))
+        .ok_or_else(|| AmoError::BadResponse("the token's `expires_in` is out of range".into()))
 }
 
 #[cfg(test)]

@@ -92,8 +92,16 @@ mod tests {
             shared_api_host("api-b.amocrm.ru", &domains()).as_deref(),
             Some("api-b.amocrm.ru")
         );
-        for bad in ["api.amocrm.ru", "api-bb.amocrm.ru", "demo.amocrm.ru", "api-b.evil.com"] {
-            assert!(shared_api_host(bad, &domains()).is_none(), "accepted {bad:?}");
+        for bad in [
+            "api.amocrm.ru",
+            "api-bb.amocrm.ru",
+            "demo.amocrm.ru",
+            "api-b.evil.com",
+        ] {
+            assert!(
+                shared_api_host(bad, &domains()).is_none(),
+                "accepted {bad:?}"
+            );
         }
         // Account names that merely start like one stay accounts.
         assert!(account_host("api-shop.amocrm.ru", &domains()).is_some());

@@ -378,10 +378,20 @@ mod tests {
         assert!(parse_token_set(br#"{"access_token":"A","refresh_token":"R"}"#).is_err());
         assert!(parse_token_set(b"<html>").is_err());
         assert!(parse_token_set(b"[]").is_err());
-        for absurd in ["0", "-5", "1000000000000000", "9223372036854775807", "1e300"] {
-            let body = format!(r#"{{"access_token":"A","refresh_token":"R","expires_in":{absurd}}}"#);
+        for absurd in [
+            "0",
+            "-5",
+            "1000000000000000",
+            "9223372036854775807",
+            "1e300",
+        ] {
+            let body =
+                format!(r#"{{"access_token":"A","refresh_token":"R","expires_in":{absurd}}}"#);
             assert!(
-                matches!(parse_token_set(body.as_bytes()), Err(AmoError::BadResponse(_))),
+                matches!(
+                    parse_token_set(body.as_bytes()),
+                    Err(AmoError::BadResponse(_))
+                ),
                 "{absurd}"
             );
         }

@@ -17,7 +17,6 @@ use crate::amocrm::{
     Account, AccountHost, AmoClient, AmoError, AmoFailure, ConsentMode, REFRESH_TOKEN_LIFETIME,
     TokenSet, account_host, is_dns_label,
 };
-use crate::tokens::expiry;
 use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
 use crate::events::{ConnectionData, EventType, Events};
@@ -25,6 +24,7 @@ use crate::store::{
     Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, Saved, StateRow, Store,
     StoreError, Timestamp, now, saturating_later,
 };
+use crate::tokens::expiry;
 
 /// User agents are cut to this many characters before they are stored.
 const MAX_USER_AGENT: usize = 512;
@@ -111,7 +111,9 @@ pub enum CallbackError {
     BadReferer,
     #[error("the referer {referer} is not the account {expected} the install was started for")]
     RefererMismatch { referer: String, expected: String },
-    #[error("this amoCRM account is connected for another external_id; an admin must disconnect it first")]
+    #[error(
+        "this amoCRM account is connected for another external_id; an admin must disconnect it first"
+    )]
     AccountTaken,
     #[error("unknown state")]
     UnknownState,

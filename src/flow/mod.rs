@@ -271,8 +271,7 @@ impl Flow {
         let state = new_state(created_at);
         let state_hash = state_key(&state);
         let expires_at = saturating_later(created_at, self.state_ttl);
-        // The whole host, so the callback's referer can be held to exactly this account.
-        let subdomain = account.as_ref().map(|a| a.host.as_str());
+        let subdomain = account.as_ref().map(|a| a.subdomain.as_str());
         self.store
             .insert_state(&NewState {
                 state_hash: &state_hash,
@@ -360,12 +359,14 @@ impl Flow {
             },
             external_id: state.external_id.clone(),
         });
-        let connected = match referer_matches(&state, &host) {
-            Ok(()) => {
-                self.connect(&host, &code, state.external_id.as_deref())
-                    .await
-            }
-            Err(err) => Err(err),
+        let connected = if referer_matches(&state, &host) {
+            self.connect(&host, &code, state.external_id.as_deref())
+                .await
+        } else {
+            Err(CallbackError::RefererMismatch {
+                referer: host.host.clone(),
+                expected: state.subdomain.clone().unwrap_or_default(),
+            })
         };
         let result = match connected {
             Ok(connected) => {
@@ -679,26 +680,14 @@ fn state_key(state: &str) -> String {
     }
 }
 
-/// When an install named the account, the callback must come from that account: a referer
-/// on another host would receive the code exchange (and the client secret) meant for it.
-/// States from before hosts were stored hold the bare subdomain.
-fn referer_matches(state: &StateRow, host: &AccountHost) -> Result<(), CallbackError> {
-    let Some(expected) = state.subdomain.as_deref() else {
-        return Ok(());
-    };
-    let actual = if expected.contains('.') {
-        &host.host
-    } else {
-        &host.subdomain
-    };
-    if actual == expected {
-        Ok(())
-    } else {
-        Err(CallbackError::RefererMismatch {
-            referer: host.host.clone(),
-            expected: expected.to_owned(),
-        })
-    }
+/// When an install named the account, the callback must come from that account (the state
+/// keeps its subdomain): a referer on another host would receive the code exchange, and the
+/// client secret, meant for it.
+fn referer_matches(state: &StateRow, host: &AccountHost) -> bool {
+    state
+        .subdomain
+        .as_deref()
+        .is_none_or(|expected| expected == host.subdomain)
 }
 
 /// Seals a fresh pair and saves the account's connection (inserted, or replaced on

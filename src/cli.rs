@@ -17,8 +17,8 @@ use crate::crypto::random_token;
 use crate::import::{self, ImportOutcome};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::server;
-use crate::store::now;
 use crate::store::{Backend, Store};
+use crate::store::{checked_earlier, now};
 use flags::{
     AmoCrmFlags, DatabaseFlags, EventsFlags, IntegrationFlags, KeyFlags, LogFlags, RefreshFlags,
     ServerFlags,
@@ -436,7 +436,7 @@ async fn cleanup(settings: &Settings, grace: &str, dry_run: bool) -> anyhow::Res
         problem: format!("expected a duration such as 0s, 1h or 1d, got `{grace}`"),
     })?;
     let store = server::open_store(&settings.store()?).await?;
-    let cutoff = now() - chrono::Duration::from_std(grace).context("--grace is too large")?;
+    let cutoff = checked_earlier(now(), grace).context("--grace is too large")?;
     if dry_run {
         let expired = store.count_expired_states(cutoff).await?;
         println!("would remove {expired} expired states (dry run; nothing was deleted)");

@@ -462,7 +462,10 @@ impl Settings {
             margin: refresh_margin,
             keepalive_age,
             interval: refresh_interval,
-            lease: amocrm.timeout * 3 + Duration::from_secs(1),
+            lease: amocrm
+                .timeout
+                .saturating_mul(3)
+                .saturating_add(Duration::from_secs(1)),
         };
         Ok(ServerConfig {
             store,
@@ -582,6 +585,10 @@ fn parse_domains(raw: &str) -> Result<Vec<String>, ConfigError> {
     Ok(domains)
 }
 
+/// The longest duration any setting accepts: every one is added to times and multiplied
+/// (timeouts, leases), and ten years is beyond any sensible value of each.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
 fn parse_duration_var(
     value: &Option<String>,
     variable: &'static str,
@@ -589,6 +596,10 @@ fn parse_duration_var(
 ) -> Result<Duration, ConfigError> {
     let raw = non_empty(value).unwrap_or(default);
     match parse_duration(raw) {
+        Some(d) if d > MAX_DURATION => Err(invalid(
+            variable,
+            format!("must be at most 3650d (ten years), got `{raw}`"),
+        )),
         Some(d) if !d.is_zero() => Ok(d),
         _ => Err(invalid(
             variable,

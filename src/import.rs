@@ -101,18 +101,24 @@ async fn import_one(
             ));
         }
     };
-    match save_connection(
+    let issued = match crate::tokens::expiry(&tokens) {
+        Ok(issued) => issued,
+        Err(err) => return ImportOutcome::Skipped(format!("{err}; run the import again")),
+    };
+    let saved = save_connection(
         store,
         cipher,
         &host,
         &tokens,
         &account,
         None,
+        issued,
         &Records::default(),
     )
-    .await
-    {
-        Ok(()) => ImportOutcome::Imported {
+    .await;
+    match saved {
+        // Without an external_id a reconnect keeps the owner, so the account is never taken.
+        Ok(_) => ImportOutcome::Imported {
             account_id: account.id,
         },
         Err(err) => ImportOutcome::Skipped(format!("could not save ({err}); run the import again")),

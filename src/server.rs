@@ -235,7 +235,11 @@ pub async fn start_with_listener(
     };
     let secure_cookies = config.amocrm.redirect_uri.scheme() == "https";
     // A token request may wait for another process's lease, then refresh itself.
-    let request_timeout = config.refresh.lease + config.amocrm.timeout * 2 + Duration::from_secs(5);
+    let request_timeout = config
+        .refresh
+        .lease
+        .saturating_add(config.amocrm.timeout.saturating_mul(2))
+        .saturating_add(Duration::from_secs(5));
     let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
     let cipher = Arc::new(cipher);
     let metrics = Arc::new(Metrics::default());

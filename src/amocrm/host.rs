@@ -3,6 +3,16 @@
 /// Longest DNS name.
 const MAX_HOST: usize = 253;
 
+/// Labels on amoCRM's and Kommo's domains that name amoCRM's own sites, never accounts, so
+/// the client secret and codes are never posted there (a taken-over documentation site would
+/// receive both). Sources: `www` is the common domain of the consent page, where "requests
+/// must not be made" (developers.kommo.com/docs/limitations); `developers` and `es-developers`
+/// host the documentation (developers.kommo.com, es-developers.kommo.com); `api` and every
+/// `api-<letter>` are the shared API hosts named by the token's `api_domain` claim
+/// (`api-b.amocrm.ru`, `api-c.kommo.com`; amoCRM's PHP library, getSharedApiDomain).
+/// Extend it when amoCRM documents another such host.
+const NOT_ACCOUNT_LABELS: &[&str] = &["www", "developers", "es-developers", "api"];
+
 /// An amoCRM account host that passed the allow-list, e.g. `fastis02.amocrm.ru`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountHost {
@@ -19,7 +29,11 @@ pub fn account_host(candidate: &str, domains: &[String]) -> Option<AccountHost> 
         return None;
     }
     let (subdomain, domain) = candidate.split_once('.')?;
-    if !is_dns_label(subdomain) || !domains.iter().any(|allowed| allowed == domain) {
+    if !is_dns_label(subdomain)
+        || !domains.iter().any(|allowed| allowed == domain)
+        || NOT_ACCOUNT_LABELS.contains(&subdomain)
+        || is_shared_api_label(subdomain)
+    {
         return None;
     }
     Some(AccountHost {
@@ -27,6 +41,21 @@ pub fn account_host(candidate: &str, domains: &[String]) -> Option<AccountHost> 
         subdomain: subdomain.to_owned(),
         domain: domain.to_owned(),
     })
+}
+
+/// amoCRM's shared API hosts (`api_domain`), e.g. `api-b.amocrm.ru`: the only place a refresh
+/// token goes for host rediscovery, and never an account host.
+pub fn shared_api_host(candidate: &str, domains: &[String]) -> Option<String> {
+    let (label, domain) = candidate.split_once('.')?;
+    (is_shared_api_label(label) && domains.iter().any(|allowed| allowed == domain))
+        .then(|| candidate.to_owned())
+}
+
+/// `api-` and one lowercase letter.
+fn is_shared_api_label(label: &str) -> bool {
+    label
+        .strip_prefix("api-")
+        .is_some_and(|rest| rest.len() == 1 && rest.bytes().all(|b| b.is_ascii_lowercase()))
 }
 
 /// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`
@@ -55,6 +84,28 @@ mod tests {
         assert_eq!(host.domain, "amocrm.ru");
         assert!(account_host("my-shop.kommo.com", &domains()).is_some());
         assert!(account_host("a.amocrm.com", &domains()).is_some());
+    }
+
+    #[test]
+    fn shared_api_hosts_are_only_api_letter_hosts() {
+        assert_eq!(
+            shared_api_host("api-b.amocrm.ru", &domains()).as_deref(),
+            Some("api-b.amocrm.ru")
+        );
+        for bad in [
+            "api.amocrm.ru",
+            "api-bb.amocrm.ru",
+            "demo.amocrm.ru",
+            "api-b.evil.com",
+        ] {
+            assert!(
+                shared_api_host(bad, &domains()).is_none(),
+                "accepted {bad:?}"
+            );
+        }
+        // Account names that merely start like one stay accounts.
+        assert!(account_host("api-shop.amocrm.ru", &domains()).is_some());
+        assert!(account_host("www2.amocrm.ru", &domains()).is_some());
     }
 
     proptest::proptest! {
@@ -92,6 +143,13 @@ mod tests {
             "fаstis02.amocrm.ru",
             "fastis02%2eamocrm.ru",
             "fastis02.amocrm.ru\0",
+            "www.amocrm.ru",
+            "www.kommo.com",
+            "developers.kommo.com",
+            "es-developers.kommo.com",
+            "api.amocrm.ru",
+            "api-b.amocrm.ru",
+            "api-c.kommo.com",
         ] {
             assert!(account_host(bad, &domains()).is_none(), "accepted {bad:?}");
         }

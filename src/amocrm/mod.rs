@@ -9,13 +9,18 @@ use serde::Deserialize;
 use serde_json::Value;
 use url::Url;
 
-pub use host::{AccountHost, account_host, is_dns_label};
+pub use host::{AccountHost, account_host, is_dns_label, shared_api_host};
 pub use problem::{AmoError, AmoFailure, Problem, ProblemKind};
 
 use crate::config::{AmoCrmConfig, Secret};
+use crate::tokens::Pacer;
 
 /// amoCRM refresh tokens live 3 months from issue.
 pub const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);
+
+/// The longest access-token lifetime believed: amoCRM issues 24 hours (`expires_in` 86400);
+/// a longer one is a broken answer, and an absurd one must not overflow a timestamp.
+pub const MAX_EXPIRES_IN: i64 = 10 * 366 * 86_400;
 
 /// Largest response body we read from amoCRM; real ones are a few kilobytes.
 const MAX_BODY: usize = 256 * 1024;
@@ -81,6 +86,9 @@ pub fn jwt_api_domain(access_token: &str) -> Option<String> {
 pub struct AmoClient {
     http: reqwest::Client,
     config: AmoCrmConfig,
+    /// Shared by every caller (callbacks, widget installs, refreshes, webhook checks), so all
+    /// requests to one account count against its 7 a second.
+    pacer: Pacer,
 }
 
 impl AmoClient {
@@ -94,7 +102,16 @@ impl AmoClient {
             .user_agent(concat!("amoauth/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("the HTTP client configuration is static and valid");
-        Self { http, config }
+        Self {
+            http,
+            config,
+            pacer: Pacer::amocrm(),
+        }
+    }
+
+    /// Waits for the account host's next free request slot (amoCRM allows 7 a second).
+    pub async fn pace(&self, host: &str) {
+        self.pacer.wait(host).await;
     }
 
     pub fn config(&self) -> &AmoCrmConfig {
@@ -310,9 +327,11 @@ fn parse_token_set(body: &[u8]) -> Result<TokenSet, AmoError> {
     let expires_in = object
         .get("expires_in")
         .and_then(Value::as_i64)
-        .filter(|secs| *secs > 0)
+        .filter(|secs| (1..=MAX_EXPIRES_IN).contains(secs))
         .ok_or_else(|| {
-            AmoError::BadResponse("the token response has no positive `expires_in`".into())
+            AmoError::BadResponse(format!(
+                "the token response has no `expires_in` between 1 and {MAX_EXPIRES_IN} seconds"
+            ))
         })?;
     object.remove("id_token");
     Ok(TokenSet {
@@ -359,5 +378,22 @@ mod tests {
         assert!(parse_token_set(br#"{"access_token":"A","refresh_token":"R"}"#).is_err());
         assert!(parse_token_set(b"<html>").is_err());
         assert!(parse_token_set(b"[]").is_err());
+        for absurd in [
+            "0",
+            "-5",
+            "1000000000000000",
+            "9223372036854775807",
+            "1e300",
+        ] {
+            let body =
+                format!(r#"{{"access_token":"A","refresh_token":"R","expires_in":{absurd}}}"#);
+            assert!(
+                matches!(
+                    parse_token_set(body.as_bytes()),
+                    Err(AmoError::BadResponse(_))
+                ),
+                "{absurd}"
+            );
+        }
     }
 }

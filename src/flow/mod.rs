@@ -21,9 +21,10 @@ use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
 use crate::events::{ConnectionData, EventType, Events};
 use crate::store::{
-    Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, Records, StateRow, Store,
-    StoreError, Timestamp, now,
+    Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, Records, Saved, StateRow,
+    Store, StoreError, Timestamp, now, saturating_later,
 };
+use crate::tokens::expiry;
 
 /// User agents are cut to this many characters before they are stored.
 const MAX_USER_AGENT: usize = 512;
@@ -108,6 +109,12 @@ pub enum CallbackError {
     InvalidRequest(String),
     #[error("the referer is not an allowed amoCRM account host")]
     BadReferer,
+    #[error("the referer {referer} is not the account {expected} the install was started for")]
+    RefererMismatch { referer: String, expected: String },
+    #[error(
+        "this amoCRM account is connected for another external_id; an admin must disconnect it first"
+    )]
+    AccountTaken,
     #[error("unknown state")]
     UnknownState,
     #[error("the state was already used")]
@@ -132,6 +139,8 @@ crate::metrics::named_values! {
         AmoCrmCallbackError => "amocrm_callback_error",
         InvalidRequest => "invalid_request",
         BadReferer => "bad_referer",
+        RefererMismatch => "referer_mismatch",
+        AccountTaken => "account_taken",
         UnknownState => "unknown_state",
         UsedState => "used_state",
         ExpiredState => "expired_state",
@@ -252,14 +261,16 @@ impl Flow {
         let domains = &self.amo.config().domains;
         let account = match request.subdomain.filter(|s| !s.is_empty()) {
             None => None,
-            Some(s) if is_dns_label(s) => account_host(&format!("{s}.{}", domains[0]), domains),
+            Some(s) if is_dns_label(s) => Some(
+                account_host(&format!("{s}.{}", domains[0]), domains)
+                    .ok_or(InstallError::BadSubdomain)?,
+            ),
             Some(s) => Some(account_host(s, domains).ok_or(InstallError::BadSubdomain)?),
         };
         let created_at = now();
         let state = new_state(created_at);
         let state_hash = state_key(&state);
-        let expires_at =
-            created_at + chrono::Duration::from_std(self.state_ttl).unwrap_or_default();
+        let expires_at = saturating_later(created_at, self.state_ttl);
         let subdomain = account.as_ref().map(|a| a.subdomain.as_str());
         self.store
             .insert_state(&NewState {
@@ -339,7 +350,7 @@ impl Flow {
             Ok(consumed) => consumed,
             Err(err) => return Callback::without_return(Err(audit.failed(err).await)),
         };
-        let return_to = state.return_url.map(|url| ReturnTo {
+        let return_to = state.return_url.clone().map(|url| ReturnTo {
             url,
             mode: if state.mode.as_deref() == Some("post_message") {
                 ConsentMode::PostMessage
@@ -348,10 +359,16 @@ impl Flow {
             },
             external_id: state.external_id.clone(),
         });
-        let result = match self
-            .connect(&host, &code, state.external_id.as_deref(), attempt_id)
-            .await
-        {
+        let connected = if referer_matches(&state, &host) {
+            self.connect(&host, &code, state.external_id.as_deref(), attempt_id)
+                .await
+        } else {
+            Err(CallbackError::RefererMismatch {
+                referer: host.host.clone(),
+                expected: state.subdomain.clone().unwrap_or_default(),
+            })
+        };
+        let result = match connected {
             Ok(connected) => {
                 audit.finish(attempt_id, Ok(&connected)).await;
                 Ok(CallbackOutcome::Connected(connected))
@@ -430,14 +447,18 @@ impl Flow {
         external_id: Option<&str>,
         attempt_id: i64,
     ) -> Result<Connected, CallbackError> {
+        let exchange_failed = |source| CallbackError::Exchange {
+            host: host.host.clone(),
+            source,
+        };
+        self.amo.pace(&host.host).await;
         let tokens = self
             .amo
             .exchange_code(&host.host, code.expose())
             .await
-            .map_err(|source| CallbackError::Exchange {
-                host: host.host.clone(),
-                source,
-            })?;
+            .map_err(exchange_failed)?;
+        let issued = expiry(&tokens).map_err(exchange_failed)?;
+        self.amo.pace(&host.host).await;
         let account = self
             .amo
             .account(&host.host, &tokens.access_token)
@@ -454,16 +475,20 @@ impl Flow {
             event: event.as_ref(),
             ..Records::default()
         };
-        save_connection(
+        let saved = save_connection(
             &self.store,
             &self.cipher,
             host,
             &tokens,
             &account,
             external_id,
+            issued,
             &records,
         )
         .await?;
+        if saved == Saved::AccountTaken {
+            return Err(CallbackError::AccountTaken);
+        }
         Ok(Connected {
             account_id: account.id,
             account_name: account.name,
@@ -659,8 +684,20 @@ fn state_key(state: &str) -> String {
     }
 }
 
-/// Seals a fresh pair for the account and saves its connection (inserted, or replaced on
-/// reconnect) with `records` in the same transaction.
+/// When an install named the account, the callback must come from that account (the state
+/// keeps its subdomain): a referer on another host would receive the code exchange, and the
+/// client secret, meant for it.
+fn referer_matches(state: &StateRow, host: &AccountHost) -> bool {
+    state
+        .subdomain
+        .as_deref()
+        .is_none_or(|expected| expected == host.subdomain)
+}
+
+/// Seals a fresh pair and saves the account's connection (inserted, or replaced on
+/// reconnect) with `records` in the same transaction; `(issued, expires_at)` is the pair's
+/// lifetime. `AccountTaken` when the account belongs to another `external_id`: then nothing
+/// changed and nothing was recorded.
 pub(crate) async fn save_connection(
     store: &Store,
     cipher: &Cipher,
@@ -668,9 +705,9 @@ pub(crate) async fn save_connection(
     tokens: &TokenSet,
     account: &Account,
     external_id: Option<&str>,
+    (issued, expires_at): (Timestamp, Timestamp),
     records: &Records<'_>,
-) -> Result<(), StoreError> {
-    let issued = now();
+) -> Result<Saved, StoreError> {
     let raw = serde_json::json!({ "token": tokens.raw, "account": account.raw });
     let raw = scrub(raw.to_string(), tokens);
     store
@@ -691,7 +728,7 @@ pub(crate) async fn save_connection(
                     "refresh_token",
                     account.id,
                 ),
-                expires_at: issued + chrono::Duration::seconds(tokens.expires_in),
+                expires_at,
                 refresh_expires_at: issued + REFRESH_TOKEN_LIFETIME,
                 raw: &raw,
                 now: issued,

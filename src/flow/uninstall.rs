@@ -1,9 +1,15 @@
 //! The uninstall webhook: amoCRM's signed notice that an admin disabled the integration.
+//! The signature covers only "{client_id}|{account_id}" (no time), so a logged webhook URL
+//! can be replayed; amoCRM is asked whether the stored token is really refused before
+//! anything is wiped.
 
 use super::{Flow, Requester};
+use crate::amocrm::AmoError;
 use crate::crypto::{constant_time_eq, hmac_sha256_hex};
 use crate::events::{ConnectionData, EventType};
-use crate::store::{Attempt, AttemptKind, Outcome, Records, StoreError, now};
+use crate::store::{
+    Attempt, AttemptKind, ConnectionRow, Disconnect, Outcome, Records, StoreError, now,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UninstallError {
@@ -13,6 +19,15 @@ pub enum UninstallError {
     WrongClient,
     #[error("the signature does not match")]
     BadSignature,
+    /// amoCRM could not be asked (or gave no clear answer); nothing was wiped, and a 503
+    /// lets amoCRM send the webhook again.
+    #[error("cannot confirm the uninstall with amoCRM: {0}")]
+    Unconfirmed(AmoError),
+    /// The stored access token has expired, so amoCRM refusing it would prove nothing.
+    #[error("cannot confirm the uninstall: the stored access token has expired")]
+    Unconfirmable,
+    #[error("the stored access token cannot be decrypted: {0}")]
+    Corrupt(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -23,17 +38,24 @@ impl UninstallError {
             Self::InvalidRequest(_) => "invalid_request",
             Self::WrongClient => "wrong_client",
             Self::BadSignature => "bad_signature",
+            Self::Unconfirmed(err) => err.reason(),
+            Self::Unconfirmable => "unconfirmable",
+            Self::Corrupt(_) => "corrupt_tokens",
             Self::Store(_) => "database_error",
         }
     }
 }
 
-/// What a valid webhook did; amoCRM does not retry, so both answer 200.
+/// What a valid webhook did; each answers 200.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Uninstalled {
+    /// amoCRM refused the stored token: the tokens are wiped.
     Disconnected,
     /// Unknown account, or already disconnected: nothing changed.
     NothingToDo,
+    /// amoCRM still accepts the stored token (a replayed webhook, e.g. after a reconnect):
+    /// nothing changed.
+    Stale,
 }
 
 struct WebhookParams {
@@ -101,6 +123,7 @@ impl Flow {
         let (outcome, reason, detail) = match &result {
             Ok(Uninstalled::Disconnected) => (Outcome::Success, Some("disconnected"), None),
             Ok(Uninstalled::NothingToDo) => (Outcome::Success, Some("nothing_to_do"), None),
+            Ok(Uninstalled::Stale) => (Outcome::Failure, Some("stale_webhook"), None),
             Err(err) => (Outcome::Failure, Some(err.reason()), Some(err.to_string())),
         };
         match &result {
@@ -153,6 +176,17 @@ impl Flow {
         if !constant_time_eq(&params.signature, &expected) {
             return Err(UninstallError::BadSignature);
         }
+        let row = match self
+            .store
+            .find_connection(&params.account_id.to_string())
+            .await?
+        {
+            Some(row) if row.status != "disconnected" => row,
+            _ => return Ok(Uninstalled::NothingToDo),
+        };
+        if !self.amocrm_refuses_the_token(&row).await? {
+            return Ok(Uninstalled::Stale);
+        }
         let attempt = Attempt {
             kind: AttemptKind::Webhook,
             outcome: Outcome::Success,
@@ -165,27 +199,63 @@ impl Flow {
             state_fingerprint: None,
             created_at: now(),
         };
+        let event = self.events.prepare(
+            EventType::ConnectionDisconnected,
+            ConnectionData::of(&row).because("uninstalled", None),
+        );
+        let records = Records {
+            attempt: Some(&attempt),
+            event: event.as_ref(),
+            ..Records::default()
+        };
+        let how = Disconnect::Unchanged {
+            version: row.version,
+        };
         Ok(
             if self
-                .disconnect(params.account_id, "uninstalled", Some(&attempt))
+                .store
+                .disconnect(params.account_id, how, now(), &records)
                 .await?
             {
                 Uninstalled::Disconnected
             } else {
+                // Reconnected (or disconnected) while amoCRM was asked: the new pair stays.
                 Uninstalled::NothingToDo
             },
         )
     }
 
-    /// Wipes the account's tokens and marks it `disconnected`; `reason` says who asked
-    /// (`uninstalled` by amoCRM, `disconnected_by_admin` from the dashboard). The audit row
-    /// and the event are written in the same transaction. False when there was nothing to do.
-    pub async fn disconnect(
-        &self,
-        account_id: i64,
-        reason: &str,
-        attempt: Option<&Attempt<'_>>,
-    ) -> Result<bool, StoreError> {
+    /// Whether amoCRM refuses the stored access token with 401, which is what it does once
+    /// the integration is uninstalled. Any other answer, or none, confirms nothing.
+    async fn amocrm_refuses_the_token(&self, row: &ConnectionRow) -> Result<bool, UninstallError> {
+        if row.expires_at <= now() {
+            return Err(UninstallError::Unconfirmable);
+        }
+        let sealed = row
+            .access_token
+            .as_ref()
+            .ok_or_else(|| UninstallError::Corrupt("the access token is missing".into()))?;
+        let account_id = row
+            .account_id
+            .ok_or_else(|| UninstallError::Corrupt("the row has no account id".into()))?;
+        let access_token = self
+            .cipher
+            .open_token(sealed, "access_token", account_id)
+            .map_err(|err| UninstallError::Corrupt(err.to_string()))?;
+        self.amo.pace(&row.domain).await;
+        match self.amo.account(&row.domain, &access_token).await {
+            Ok(_) => Ok(false),
+            Err(AmoError::Rejected { status: 401, .. } | AmoError::Http { status: 401 }) => {
+                Ok(true)
+            }
+            Err(err) => Err(UninstallError::Unconfirmed(err)),
+        }
+    }
+
+    /// The admin's disconnect from the dashboard: wipes the account's tokens, marks it
+    /// `disconnected` and releases it from its `external_id`; the event is written in the
+    /// same transaction. False when there was nothing to do.
+    pub async fn disconnect(&self, account_id: i64) -> Result<bool, StoreError> {
         // Read first only for the event's subdomain and domain.
         let data = match self.store.find_connection(&account_id.to_string()).await? {
             Some(row) => ConnectionData::of(&row),
@@ -193,14 +263,15 @@ impl Flow {
         };
         let event = self.events.prepare(
             EventType::ConnectionDisconnected,
-            data.because(reason, None),
+            data.because("disconnected_by_admin", None),
         );
         let records = Records {
-            attempt,
             event: event.as_ref(),
             ..Records::default()
         };
-        self.store.disconnect(account_id, now(), &records).await
+        self.store
+            .disconnect(account_id, Disconnect::ByAdmin, now(), &records)
+            .await
     }
 }
 

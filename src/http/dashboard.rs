@@ -175,11 +175,7 @@ pub async fn disconnect(
     if !admin.csrf_ok(csrf_field(&body).as_deref(), &state.admin_token) {
         return refuse_csrf(lang);
     }
-    match state
-        .flow
-        .disconnect(account_id, "disconnected_by_admin", None)
-        .await
-    {
+    match state.flow.disconnect(account_id).await {
         Ok(_) => {
             tracing::info!(account_id, "disconnected from the dashboard");
             back_to_dashboard("disconnected")

@@ -252,8 +252,9 @@ fn status_of(failure: &Failure) -> StatusCode {
         Failure::AmoCrmReportedError(_)
         | Failure::InvalidRequest(_)
         | Failure::BadReferer
+        | Failure::RefererMismatch { .. }
         | Failure::UnknownState => StatusCode::BAD_REQUEST,
-        Failure::UsedState => StatusCode::CONFLICT,
+        Failure::UsedState | Failure::AccountTaken => StatusCode::CONFLICT,
         Failure::ExpiredState => StatusCode::GONE,
         Failure::Exchange { source, .. } | Failure::AccountLookup { source, .. } => match source {
             AmoError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,

@@ -160,6 +160,24 @@ fn callback_error_text(lang: Lang, err: &Failure) -> (&'static str, String, &'st
                       "The referer parameter is not an amoCRM account host on the AMOCRM_DOMAINS list. Nothing was sent to amoCRM.").into(),
             retry,
         ),
+        Failure::RefererMismatch { referer, expected } => (
+            lang.pick("Другой аккаунт amoCRM", "A different amoCRM account"),
+            format!(
+                "{} {expected}, {} {referer}. {}",
+                lang.pick("Подключение было начато для аккаунта", "The connection was started for the account"),
+                lang.pick("но amoCRM вернула аккаунт", "but amoCRM returned the account"),
+                lang.pick("Запрос в amoCRM не отправлялся.", "Nothing was sent to amoCRM."),
+            ),
+            lang.pick("Начните подключение заново и выберите в amoCRM тот же аккаунт.",
+                      "Start again and choose the same account in amoCRM."),
+        ),
+        Failure::AccountTaken => (
+            lang.pick("Аккаунт уже подключён", "Account already connected"),
+            lang.pick("Этот аккаунт amoCRM уже подключён к другому пользователю приложения (external_id). Ничего не изменено.",
+                      "This amoCRM account is already connected for another user of the app (external_id). Nothing was changed.").into(),
+            lang.pick("Попросите администратора amoauth отключить аккаунт на панели, затем подключите его снова.",
+                      "Ask the amoauth administrator to disconnect the account on the dashboard, then connect it again."),
+        ),
         Failure::UnknownState => (
             lang.pick("Ссылка не распознана", "Unknown link"),
             lang.pick("Параметр state не найден: эта ссылка не была выдана этим сервером.",

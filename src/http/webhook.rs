@@ -24,12 +24,20 @@ pub async fn uninstall(
     {
         Ok(Uninstalled::Disconnected) => (StatusCode::OK, "disconnected\n").into_response(),
         Ok(Uninstalled::NothingToDo) => (StatusCode::OK, "nothing to do\n").into_response(),
+        Ok(Uninstalled::Stale) => (
+            StatusCode::OK,
+            "stale: amoCRM still accepts this account's token; nothing changed\n",
+        )
+            .into_response(),
         Err(err) => {
             let status = match err {
                 UninstallError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
                 UninstallError::WrongClient => StatusCode::FORBIDDEN,
                 UninstallError::BadSignature => StatusCode::UNAUTHORIZED,
-                UninstallError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+                UninstallError::Unconfirmed(_)
+                | UninstallError::Unconfirmable
+                | UninstallError::Corrupt(_)
+                | UninstallError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             (status, format!("{err}\n")).into_response()
         }

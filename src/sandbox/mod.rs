@@ -128,6 +128,9 @@ pub enum Fault {
     /// the pair is issued, the refresh token rotates and the counters count a success, which
     /// is what amoCRM's grace rule is for: the client retries with the refresh token it sent.
     LoseReply,
+    /// Handle the request normally, but announce this `expires_in` (seconds) in the token
+    /// answer, e.g. an absurd one that no timestamp can hold. Token endpoint only.
+    ExpiresIn(u64),
 }
 
 /// Handle to a running or runnable sandbox; clones share the same state.

@@ -143,7 +143,7 @@ async fn play(fault: Option<&Fault>) -> Option<Response> {
             tokio::time::sleep(*delay).await;
             None
         }
-        Fault::LoseReply => None,
+        Fault::LoseReply | Fault::ExpiresIn(_) => None,
     }
 }
 
@@ -329,7 +329,11 @@ async fn access_token(State(sandbox): State<Sandbox>, headers: HeaderMap, body: 
                 .state()
                 .token(sandbox.config(), &request, host.as_deref());
             match outcome {
-                Ok(grant) => axum::Json(grant).into_response(),
+                Ok(grant) => match fault {
+                    Some(Fault::ExpiresIn(secs)) => axum::Json(grant.announcing(secs)),
+                    _ => axum::Json(grant),
+                }
+                .into_response(),
                 Err(error) => error.into_response(),
             }
         }

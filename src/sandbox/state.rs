@@ -100,6 +100,13 @@ pub(super) struct TokenGrant {
     server_time: i64,
 }
 
+impl TokenGrant {
+    /// The same grant announcing another lifetime (`Fault::ExpiresIn`).
+    pub(super) fn announcing(self, expires_in: u64) -> Self {
+        Self { expires_in, ..self }
+    }
+}
+
 /// Why the token endpoint refused a request.
 #[derive(Clone, Copy, Debug)]
 pub(super) enum TokenError {

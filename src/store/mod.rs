@@ -25,7 +25,9 @@ pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome, Records};
 pub use events::{EventRow, NewEvent};
 pub use seed::SeedToken;
 pub use states::{Consumption, NewState, StateRow};
-pub use tokens::{ConnectionRow, ConnectionStatus, NewConnection, RefreshedPair};
+pub use tokens::{
+    ConnectionRow, ConnectionStatus, Disconnect, NewConnection, RefreshedPair, Saved,
+};
 
 use crate::config::DatabaseUrl;
 
@@ -35,6 +37,23 @@ pub type Timestamp = NaiveDateTime;
 
 pub fn now() -> Timestamp {
     chrono::Utc::now().naive_utc()
+}
+
+/// `at` plus `by`, or `None` when the sum is past the last time a timestamp can hold (a
+/// duration from amoCRM or the configuration never panics the process).
+pub fn checked_later(at: Timestamp, by: std::time::Duration) -> Option<Timestamp> {
+    at.checked_add_signed(chrono::Duration::from_std(by).ok()?)
+}
+
+/// `at` plus `by`, at most the last representable time: for durations from the configuration,
+/// which is bounded, so this never saturates in practice.
+pub fn saturating_later(at: Timestamp, by: std::time::Duration) -> Timestamp {
+    checked_later(at, by).unwrap_or(Timestamp::MAX)
+}
+
+/// `at` minus `by`, or `None` before the first time a timestamp can hold.
+pub fn checked_earlier(at: Timestamp, by: std::time::Duration) -> Option<Timestamp> {
+    at.checked_sub_signed(chrono::Duration::from_std(by).ok()?)
 }
 
 /// A stored time as RFC 3339 in UTC (`2026-11-27T09:00:00Z`), as the API and events show it.

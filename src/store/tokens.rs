@@ -78,75 +78,138 @@ macro_rules! select_connection {
     };
 }
 
-/// Columns and values of an upsert; the conflict clause is per dialect.
-macro_rules! upsert_insert {
+/// What saving a connection did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Saved,
+    /// The account belongs to another `external_id`; nothing was changed.
+    AccountTaken,
+}
+
+/// A reconnect replaces the pair and starts its bookkeeping afresh (no failures, no backoff,
+/// issued now), as a first connect does; the lease is left to its holder, whose write then
+/// fails the version check.
+macro_rules! reconnect_update {
     () => {
-        "INSERT INTO amocrm_tokens (account_id, external_id, account_name, domain, subdomain, \
-     access_token, refresh_token, key_id, expires_at, refresh_expires_at, issued_at, status, raw, \
-     last_refresh_at, last_error, refresh_failures, version, created_at, updated_at) \
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?) "
+        "UPDATE amocrm_tokens SET account_name = ?, domain = ?, subdomain = ?, access_token = ?, \
+         refresh_token = ?, key_id = ?, expires_at = ?, refresh_expires_at = ?, issued_at = ?, \
+         status = 'active', raw = ?, last_refresh_at = NULL, last_error = NULL, \
+         refresh_failures = 0, next_refresh_at = NULL, version = version + 1, updated_at = ?"
     };
 }
-const UPSERT_ON_CONFLICT: &str = concat!(
-    upsert_insert!(),
-    "ON CONFLICT (account_id) DO UPDATE SET \
-     external_id = COALESCE(excluded.external_id, amocrm_tokens.external_id), \
-     account_name = excluded.account_name, domain = excluded.domain, subdomain = excluded.subdomain, \
-     access_token = excluded.access_token, refresh_token = excluded.refresh_token, \
-     key_id = excluded.key_id, expires_at = excluded.expires_at, \
-     refresh_expires_at = excluded.refresh_expires_at, status = 'active', raw = excluded.raw, \
-     last_error = NULL, version = amocrm_tokens.version + 1, updated_at = excluded.updated_at"
+/// The columns a disconnect wipes.
+macro_rules! disconnect_update {
+    () => {
+        "UPDATE amocrm_tokens SET status = 'disconnected', access_token = NULL, \
+         refresh_token = NULL, key_id = NULL, lease_owner = NULL, lease_until = NULL, \
+         version = version + 1, updated_at = ?"
+    };
+}
+
+/// Without an `external_id` (the admin's install, a widget install) the owner stays.
+const RECONNECT_KEEPING_OWNER: &str = concat!(reconnect_update!(), " WHERE account_id = ?");
+/// With one, only an account without an owner or with the same one is taken.
+const RECONNECT_FOR_OWNER: &str = concat!(
+    reconnect_update!(),
+    ", external_id = ? WHERE account_id = ? AND (external_id IS NULL OR external_id = ?)"
 );
-const UPSERT_ON_DUPLICATE_KEY: &str = concat!(
-    upsert_insert!(),
-    "ON DUPLICATE KEY UPDATE \
-     external_id = COALESCE(VALUES(external_id), external_id), \
-     account_name = VALUES(account_name), domain = VALUES(domain), subdomain = VALUES(subdomain), \
-     access_token = VALUES(access_token), refresh_token = VALUES(refresh_token), \
-     key_id = VALUES(key_id), expires_at = VALUES(expires_at), \
-     refresh_expires_at = VALUES(refresh_expires_at), status = 'active', raw = VALUES(raw), \
-     last_error = NULL, version = version + 1, updated_at = VALUES(updated_at)"
+/// Which disconnect: the uninstall webhook's, only of the pair amoCRM was asked about, or the
+/// admin's, which also releases the account from its `external_id` (the one way an account
+/// moves to another tenant).
+#[derive(Debug, Clone, Copy)]
+pub enum Disconnect {
+    Unchanged { version: i64 },
+    ByAdmin,
+}
+const DISCONNECT_UNCHANGED: &str = concat!(
+    disconnect_update!(),
+    " WHERE account_id = ? AND status <> 'disconnected' AND version = ?"
 );
+const DISCONNECT_BY_ADMIN: &str = concat!(
+    disconnect_update!(),
+    ", external_id = NULL WHERE account_id = ? AND status <> 'disconnected'"
+);
+const INSERT_CONNECTION: &str = "INSERT INTO amocrm_tokens (account_id, external_id, account_name, \
+     domain, subdomain, access_token, refresh_token, key_id, expires_at, refresh_expires_at, \
+     issued_at, status, raw, last_refresh_at, last_error, refresh_failures, version, created_at, \
+     updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?)";
 
 impl Store {
-    /// Inserts the account's connection or replaces its tokens when it reconnects;
-    /// the account id is the key because subdomains can be renamed. `records` are written
-    /// in the same transaction.
+    /// Inserts the account's connection or replaces its tokens when it reconnects, with
+    /// `records` in the same transaction; the account id is the key because subdomains can
+    /// be renamed. An account never moves to another `external_id` here: that needs the
+    /// admin (`Disconnect::ByAdmin`). `AccountTaken` changes and records nothing.
     pub async fn upsert_connection(
         &self,
         c: &NewConnection<'_>,
         records: &Records<'_>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Saved, StoreError> {
         const OPERATION: &str = "saving the connection's tokens";
         debug_assert_eq!(c.access_token.key_id, c.refresh_token.key_id);
-        let sql = self.dialect(
-            UPSERT_ON_CONFLICT,
-            UPSERT_ON_CONFLICT,
-            UPSERT_ON_DUPLICATE_KEY,
-        );
-        on_pool!(self, pool => {
-            let mut tx = pool.begin_write().await.during(OPERATION)?;
-            sqlx::query(sql)
-                .bind(c.account_id)
-                .bind(c.external_id)
-                .bind(c.account_name)
-                .bind(c.domain)
-                .bind(c.subdomain)
-                .bind(&c.access_token.ciphertext)
-                .bind(&c.refresh_token.ciphertext)
-                .bind(&c.access_token.key_id)
-                .bind(c.expires_at)
-                .bind(c.refresh_expires_at)
-                .bind(c.now)
-                .bind(c.raw)
-                .bind(c.now)
-                .bind(c.now)
-                .execute(&mut *tx)
-                .await
-                .during(OPERATION)?;
-            write_records!(self, tx, records, c.account_id, c.now, OPERATION);
-            tx.commit().await.during(OPERATION)
-        })
+        // An insert racing ours makes the first update miss and our insert collide: the
+        // second try's update then sees the row. A collision aborts the transaction on
+        // PostgreSQL, so each try has its own.
+        for _ in 0..2 {
+            let reconnect = self.sql(match c.external_id {
+                Some(_) => RECONNECT_FOR_OWNER,
+                None => RECONNECT_KEEPING_OWNER,
+            });
+            let insert = self.sql(INSERT_CONNECTION);
+            let saved: bool = on_pool!(self, pool => {
+                let mut tx = pool.begin_write().await.during(OPERATION)?;
+                let query = sqlx::query(reconnect)
+                    .bind(c.account_name)
+                    .bind(c.domain)
+                    .bind(c.subdomain)
+                    .bind(&c.access_token.ciphertext)
+                    .bind(&c.refresh_token.ciphertext)
+                    .bind(&c.access_token.key_id)
+                    .bind(c.expires_at)
+                    .bind(c.refresh_expires_at)
+                    .bind(c.now)
+                    .bind(c.raw)
+                    .bind(c.now);
+                let query = match c.external_id {
+                    Some(owner) => query.bind(owner).bind(c.account_id).bind(owner),
+                    None => query.bind(c.account_id),
+                };
+                let mut saved =
+                    query.execute(&mut *tx).await.during(OPERATION)?.rows_affected() == 1;
+                if !saved {
+                    let inserted = sqlx::query(insert)
+                        .bind(c.account_id)
+                        .bind(c.external_id)
+                        .bind(c.account_name)
+                        .bind(c.domain)
+                        .bind(c.subdomain)
+                        .bind(&c.access_token.ciphertext)
+                        .bind(&c.refresh_token.ciphertext)
+                        .bind(&c.access_token.key_id)
+                        .bind(c.expires_at)
+                        .bind(c.refresh_expires_at)
+                        .bind(c.now)
+                        .bind(c.raw)
+                        .bind(c.now)
+                        .bind(c.now)
+                        .execute(&mut *tx)
+                        .await;
+                    saved = match inserted {
+                        Ok(_) => true,
+                        Err(sqlx::Error::Database(err)) if err.is_unique_violation() => false,
+                        Err(cause) => return Err(StoreError::Database { operation: OPERATION, cause }),
+                    };
+                }
+                if saved {
+                    write_records!(self, tx, records, c.account_id, c.now, OPERATION);
+                    tx.commit().await.during(OPERATION)?;
+                }
+                saved
+            });
+            if saved {
+                return Ok(Saved::Saved);
+            }
+        }
+        Ok(Saved::AccountTaken)
     }
 
     pub async fn connections(&self) -> Result<Vec<ConnectionRow>, StoreError> {
@@ -419,31 +482,30 @@ impl Store {
         .during("saving the account's new host")
     }
 
-    /// The uninstall webhook: wipes the token material and marks the connection
-    /// `disconnected`, with `records` in the same transaction. False when there was nothing
-    /// to do (unknown or already done): then nothing is written.
+    /// Wipes the token material and marks the connection `disconnected`, with `records` in
+    /// the same transaction. False when there was nothing to do (unknown, already
+    /// disconnected, or for `Unchanged` a pair that changed since): then nothing is written.
     pub async fn disconnect(
         &self,
         account_id: i64,
+        how: Disconnect,
         now: Timestamp,
         records: &Records<'_>,
     ) -> Result<bool, StoreError> {
         const OPERATION: &str = "disconnecting the account";
-        let sql = self.sql(
-            "UPDATE amocrm_tokens SET status = 'disconnected', access_token = NULL, \
-             refresh_token = NULL, key_id = NULL, lease_owner = NULL, lease_until = NULL, \
-             version = version + 1, updated_at = ? WHERE account_id = ? AND status <> 'disconnected'",
-        );
+        let sql = self.sql(match how {
+            Disconnect::Unchanged { .. } => DISCONNECT_UNCHANGED,
+            Disconnect::ByAdmin => DISCONNECT_BY_ADMIN,
+        });
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await.during(OPERATION)?;
-            let disconnected = sqlx::query(sql)
-                .bind(now)
-                .bind(account_id)
-                .execute(&mut *tx)
-                .await
-                .during(OPERATION)?
-                .rows_affected()
-                == 1;
+            let query = sqlx::query(sql).bind(now).bind(account_id);
+            let query = match how {
+                Disconnect::Unchanged { version } => query.bind(version),
+                Disconnect::ByAdmin => query,
+            };
+            let disconnected =
+                query.execute(&mut *tx).await.during(OPERATION)?.rows_affected() == 1;
             if disconnected {
                 write_records!(self, tx, records, Some(account_id), now, OPERATION);
             }

@@ -15,7 +15,7 @@ pub use worker::{RefreshSummary, run_worker};
 
 use crate::amocrm::{
     AmoClient, AmoError, ProblemKind, REFRESH_TOKEN_LIFETIME, TokenSet, account_host,
-    jwt_api_domain,
+    jwt_api_domain, shared_api_host,
 };
 use crate::config::Secret;
 use crate::crypto::{Cipher, fill_random, random_token};
@@ -23,9 +23,9 @@ use crate::events::{ConnectionData, EventType, Events, grant_reason};
 use crate::metrics::{Count, Metrics, RefreshOutcome};
 use crate::store::{
     Attempt, AttemptKind, ConnectionRow, Outcome, Records, RefreshedPair, Store, StoreError,
-    Timestamp, now,
+    Timestamp, checked_later, now, saturating_later,
 };
-use pacer::Pacer;
+pub(crate) use pacer::Pacer;
 
 /// The token API refreshes first when less than this is left of the access token.
 const MIN_VALIDITY: chrono::Duration = chrono::Duration::minutes(5);
@@ -85,7 +85,6 @@ pub struct TokenService {
     owner: String,
     lease: Duration,
     inflight: Mutex<HashMap<i64, SharedRefresh>>,
-    pacer: Pacer,
     metrics: Arc<Metrics>,
     events: Arc<Events>,
 }
@@ -109,7 +108,6 @@ impl TokenService {
             owner,
             lease,
             inflight: Mutex::new(HashMap::new()),
-            pacer: Pacer::amocrm(),
             metrics,
             events,
         }
@@ -192,12 +190,12 @@ impl TokenService {
         id: i64,
         seen_version: i64,
     ) -> Result<ConnectionRow, TokenError> {
-        let deadline = tokio::time::Instant::now() + self.lease * 2;
+        let deadline = tokio::time::Instant::now() + self.lease.saturating_mul(2);
         loop {
             let at = now();
             if self
                 .store
-                .take_lease(id, &self.owner, at, at + chrono_duration(self.lease))
+                .take_lease(id, &self.owner, at, saturating_later(at, self.lease))
                 .await?
             {
                 let result = self.refresh_holding_lease(id, seen_version).await;
@@ -239,7 +237,10 @@ impl TokenService {
         }
         let refresh_token = self.open(&row, "refresh_token")?;
         match self.call_refresh(&row, &refresh_token).await {
-            Ok((tokens, host)) => self.save(&row, &tokens, &host).await,
+            Ok((tokens, host)) => match expiry(&tokens) {
+                Ok(expires_at) => self.save(&row, &tokens, &host, expires_at).await,
+                Err(err) => self.failed(&row, err).await,
+            },
             Err(err) if revokes_the_grant(&err) => self.grant_rejected(&row, &err).await,
             Err(err) => self.failed(&row, err).await,
         }
@@ -263,7 +264,7 @@ impl TokenService {
         row: &ConnectionRow,
         refresh_token: &Secret,
     ) -> Result<(TokenSet, String), AmoError> {
-        self.pacer.wait(row.id).await;
+        self.amo.pace(&row.domain).await;
         let err = match self.amo.refresh(&row.domain, refresh_token).await {
             Ok(tokens) => return Ok((tokens, row.domain.clone())),
             Err(err) if account_moved(&err) => err,
@@ -281,7 +282,7 @@ impl TokenService {
         {
             tracing::error!(error = %store_err, "could not save the account's new host");
         }
-        self.pacer.wait(row.id).await;
+        self.amo.pace(&new_host).await;
         self.amo
             .refresh(&new_host, refresh_token)
             .await
@@ -294,8 +295,8 @@ impl TokenService {
         let access_token = self.open(row, "access_token").ok()?;
         let api_domain = jwt_api_domain(access_token.expose())?;
         // The refresh token goes in a header: never to a host outside the allow-list.
-        account_host(&api_domain, domains)?;
-        self.pacer.wait(row.id).await;
+        shared_api_host(&api_domain, domains)?;
+        self.amo.pace(&api_domain).await;
         let found = match self.amo.current_subdomain(&api_domain, refresh_token).await {
             Ok(found) => found,
             Err(err) => {
@@ -317,9 +318,9 @@ impl TokenService {
         row: &ConnectionRow,
         tokens: &TokenSet,
         host: &str,
+        (issued_at, expires_at): (Timestamp, Timestamp),
     ) -> Result<ConnectionRow, TokenError> {
         let account_id = account_id_of(row)?;
-        let issued_at = now();
         let attempt = refresh_attempt(row, host, Outcome::Success, None, None);
         let mut data = ConnectionData::of(row);
         if let Some(moved) = account_host(host, &self.amo.config().domains) {
@@ -342,7 +343,7 @@ impl TokenService {
                         "refresh_token",
                         account_id,
                     ),
-                    expires_at: issued_at + chrono::Duration::seconds(tokens.expires_in),
+                    expires_at,
                     refresh_expires_at: issued_at + REFRESH_TOKEN_LIFETIME,
                     issued_at,
                 },
@@ -541,8 +542,15 @@ fn backoff(failures: i64) -> chrono::Duration {
     chrono::Duration::milliseconds((base * jitter * 1000.0) as i64)
 }
 
-fn chrono_duration(duration: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+/// When a pair issued now expires; an `expires_in` past any representable time is a bad
+/// answer from amoCRM, not a reason to panic.
+pub(crate) fn expiry(tokens: &TokenSet) -> Result<(Timestamp, Timestamp), AmoError> {
+    let issued_at = now();
+    u64::try_from(tokens.expires_in)
+        .ok()
+        .and_then(|secs| checked_later(issued_at, Duration::from_secs(secs)))
+        .map(|expires_at| (issued_at, expires_at))
+        .ok_or_else(|| AmoError::BadResponse("the token's `expires_in` is out of range".into()))
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! At most 7 requests per second to each amoCRM account, as amoCRM allows (per process).
+//! At most 7 requests per second to each amoCRM account host, as amoCRM allows (per process).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -6,9 +6,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// Hosts can come from callers (a widget install's `referer`), so past slots, which mean the
+/// same as none, are dropped once the map holds this many.
+const MAX_TRACKED: usize = 10_000;
+
+#[derive(Debug)]
 pub struct Pacer {
     spacing: Duration,
-    next_slot: Mutex<HashMap<i64, Instant>>,
+    next_slot: Mutex<HashMap<String, Instant>>,
 }
 
 impl Pacer {
@@ -20,16 +25,19 @@ impl Pacer {
         }
     }
 
-    /// Waits for this connection's next free slot.
-    pub async fn wait(&self, connection: i64) {
+    /// Waits for this account host's next free slot.
+    pub async fn wait(&self, host: &str) {
         let slot = {
             let mut next = self
                 .next_slot
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let now = Instant::now();
-            let slot = next.get(&connection).copied().unwrap_or(now).max(now);
-            next.insert(connection, slot + self.spacing);
+            if next.len() >= MAX_TRACKED {
+                next.retain(|_, slot| *slot > now);
+            }
+            let slot = next.get(host).copied().unwrap_or(now).max(now);
+            next.insert(host.to_owned(), slot + self.spacing);
             slot
         };
         tokio::time::sleep_until(slot).await;
@@ -45,7 +53,7 @@ mod tests {
         let pacer = Pacer::amocrm();
         let start = Instant::now();
         for _ in 0..8 {
-            pacer.wait(1).await;
+            pacer.wait("a.amocrm.ru").await;
         }
         // Eight requests need seven gaps of 1/7 s: one second.
         assert!(
@@ -54,7 +62,7 @@ mod tests {
             start.elapsed()
         );
         let other = Instant::now();
-        pacer.wait(2).await;
+        pacer.wait("b.amocrm.ru").await;
         assert!(other.elapsed() < Duration::from_millis(1));
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use super::{TokenError, TokenService, chrono_duration};
-use crate::store::now;
+use super::{TokenError, TokenService};
+use crate::store::{Timestamp, checked_earlier, now, saturating_later};
 
 /// Refreshes in flight at once, across all accounts.
 const CONCURRENCY: usize = 8;
@@ -36,8 +36,8 @@ impl TokenService {
                 .store
                 .due_for_refresh(
                     at,
-                    at + chrono_duration(margin),
-                    at - chrono_duration(keepalive_age),
+                    saturating_later(at, margin),
+                    checked_earlier(at, keepalive_age).unwrap_or(Timestamp::MIN),
                     BATCH,
                 )
                 .await?;

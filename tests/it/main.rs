@@ -39,6 +39,7 @@ mod contract;
 mod events;
 mod faults;
 mod flow;
+mod flow_security;
 mod host_app;
 mod hostile;
 mod import;

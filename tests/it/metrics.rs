@@ -15,11 +15,13 @@ const PROMTOOL: &str = "promtool";
 const DURATION: &str = "amoauth_http_request_duration_seconds";
 
 /// The label values README documents, each exported at 0 from the start.
-const FAILURE_REASONS: [&str; 14] = [
+const FAILURE_REASONS: [&str; 16] = [
     "access_denied",
     "amocrm_callback_error",
     "invalid_request",
     "bad_referer",
+    "referer_mismatch",
+    "account_taken",
     "unknown_state",
     "used_state",
     "expired_state",

@@ -8,7 +8,7 @@
 use crate::amocrm::{AmoClient, account_host, is_dns_label};
 use crate::config::{DatabaseUrl, Secret};
 use crate::crypto::Cipher;
-use crate::flow::save_connection;
+use crate::flow::{Grant, save_connection};
 use crate::store::{Records, SeedToken, Store, StoreError};
 
 /// What happened to one row of the old table.
@@ -105,17 +105,13 @@ async fn import_one(
         Ok(issued) => issued,
         Err(err) => return ImportOutcome::Skipped(format!("{err}; run the import again")),
     };
-    let saved = save_connection(
-        store,
-        cipher,
-        &host,
-        &tokens,
-        &account,
-        None,
-        issued,
-        &Records::default(),
-    )
-    .await;
+    let grant = Grant {
+        host: &host,
+        tokens: &tokens,
+        account: &account,
+        lifetime: issued,
+    };
+    let saved = save_connection(store, cipher, &grant, None, &Records::default()).await;
     match saved {
         // Without an external_id a reconnect keeps the owner, so the account is never taken.
         Ok(_) => ImportOutcome::Imported {

@@ -475,17 +475,14 @@ impl Flow {
             event: event.as_ref(),
             ..Records::default()
         };
-        let saved = save_connection(
-            &self.store,
-            &self.cipher,
+        let grant = Grant {
             host,
-            &tokens,
-            &account,
-            external_id,
-            issued,
-            &records,
-        )
-        .await?;
+            tokens: &tokens,
+            account: &account,
+            lifetime: issued,
+        };
+        let saved =
+            save_connection(&self.store, &self.cipher, &grant, external_id, &records).await?;
         if saved == Saved::AccountTaken {
             return Err(CallbackError::AccountTaken);
         }
@@ -694,20 +691,31 @@ fn referer_matches(state: &StateRow, host: &AccountHost) -> bool {
         .is_none_or(|expected| expected == host.subdomain)
 }
 
+/// What amoCRM granted for an account at its host: the pair, the account, and the pair's
+/// lifetime `(issued, expires_at)`.
+pub(crate) struct Grant<'a> {
+    pub host: &'a AccountHost,
+    pub tokens: &'a TokenSet,
+    pub account: &'a Account,
+    pub lifetime: (Timestamp, Timestamp),
+}
+
 /// Seals a fresh pair and saves the account's connection (inserted, or replaced on
-/// reconnect) with `records` in the same transaction; `(issued, expires_at)` is the pair's
-/// lifetime. `AccountTaken` when the account belongs to another `external_id`: then nothing
-/// changed and nothing was recorded.
+/// reconnect) with `records` in the same transaction. `AccountTaken` when the account
+/// belongs to another `external_id`: then nothing changed and nothing was recorded.
 pub(crate) async fn save_connection(
     store: &Store,
     cipher: &Cipher,
-    host: &AccountHost,
-    tokens: &TokenSet,
-    account: &Account,
+    grant: &Grant<'_>,
     external_id: Option<&str>,
-    (issued, expires_at): (Timestamp, Timestamp),
     records: &Records<'_>,
 ) -> Result<Saved, StoreError> {
+    let Grant {
+        host,
+        tokens,
+        account,
+        lifetime: (issued, expires_at),
+    } = *grant;
     let raw = serde_json::json!({ "token": tokens.raw, "account": account.raw });
     let raw = scrub(raw.to_string(), tokens);
     store

@@ -1,5 +1,6 @@
 //! The uninstall webhook: amoCRM's signed notice that an admin disabled the integration.
 
+use crate::log_safe::log_safe;
 use super::{Flow, Requester};
 use crate::crypto::{constant_time_eq, hmac_sha256_hex};
 use crate::events::{ConnectionData, EventType};
@@ -112,7 +113,7 @@ impl Flow {
                 "uninstall webhook handled"
             ),
             Err(err) => {
-                tracing::warn!(kind = "webhook", account_id, reason, error = %err, ip = requester.ip.as_deref(), "uninstall webhook refused")
+                tracing::warn!(kind = "webhook", account_id, reason, error = %log_safe(&err.to_string()), ip = requester.ip.as_deref(), "uninstall webhook refused")
             }
         }
         let attempt = Attempt {

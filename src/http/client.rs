@@ -1,9 +1,10 @@
 //! Who is asking: the client IP (believing `X-Forwarded-For` only from trusted proxies), and
-//! per-IP rate limits on the routes the internet reaches.
+//! the per-IP bounds taken before any shared resource: requests in flight, and a rate limit on
+//! every route but the probes.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -13,15 +14,18 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use super::bounded::make_room;
 use crate::config::RateLimit;
+use crate::log_safe::log_safe;
 
 /// The client's address, as amoauth believes it; set on every request by `identify`.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientIp(pub IpAddr);
 
-/// The client behind `peer`: the right-most `X-Forwarded-For` entry that is not a trusted
-/// proxy, when `peer` itself is one; otherwise `peer`. Entries a client wrote itself sit to
-/// the left of what the trusted proxies appended, so they are never believed.
+/// The client behind `peer`: the right-most valid `X-Forwarded-For` entry that is not a
+/// trusted proxy, when `peer` itself is one; otherwise `peer`. Entries a client wrote itself
+/// sit to the left of what the trusted proxies appended, so they are never believed; an entry
+/// that is not an address (`unknown`, garbage) is skipped rather than spoiling the header.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
     if !trusted.contains(&peer) {
         return peer;
@@ -31,9 +35,8 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAdd
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .map(|entry| entry.trim().parse::<IpAddr>())
-        .collect::<Result<_, _>>()
-        .unwrap_or_default();
+        .filter_map(forwarded_address)
+        .collect();
     forwarded
         .iter()
         .rev()
@@ -43,7 +46,19 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAdd
         .unwrap_or(peer)
 }
 
-/// Middleware: works out the client IP, and applies the rate limit to limited routes.
+/// One `X-Forwarded-For` entry as an address: `203.0.113.5`, `2001:db8::1`, or with a port
+/// as some proxies write it (`203.0.113.5:4711`, `[2001:db8::1]:4711`).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|addr| addr.ip()))
+}
+
+/// Middleware, before the global limit on requests in flight: works out the client IP, applies
+/// the rate limit, and holds one of the IP's request slots until the answer is ready, so one
+/// client cannot take every slot.
 pub async fn identify(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -52,10 +67,10 @@ pub async fn identify(
 ) -> Response {
     let ip = client_ip(peer.ip(), request.headers(), &state.trusted_proxies);
     request.extensions_mut().insert(ClientIp(ip));
-    if is_limited(request.uri().path())
+    if is_limited(request.uri().path(), &state.base_path)
         && let Some(wait) = state.rate_limiter.check(ip)
     {
-        tracing::warn!(%ip, path = request.uri().path(), "rate limit exceeded");
+        tracing::warn!(%ip, path = %log_safe(request.uri().path()), "rate limit exceeded");
         return (
             StatusCode::TOO_MANY_REQUESTS,
             [(RETRY_AFTER, wait.to_string())],
@@ -63,12 +78,118 @@ pub async fn identify(
         )
             .into_response();
     }
+    let _slot = match state.per_ip_requests.admit(ip) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            tracing::warn!(%ip, "{}", refusal.log_line());
+            return refusal.into_response();
+        }
+    };
     next.run(request).await
 }
 
-/// The routes the internet reaches; probes and metrics are left alone.
-fn is_limited(path: &str) -> bool {
-    path.starts_with("/amocrm/") || path.starts_with("/api/") || path == "/login"
+/// Every route but the probes and metrics, under the base path (the seed's `/amocrm/…`
+/// paths have no such exemption): admin pages too, so the admin token cannot be guessed at
+/// full speed anywhere.
+fn is_limited(path: &str, base_path: &str) -> bool {
+    let own = path.strip_prefix(base_path).unwrap_or(path);
+    !matches!(own, "/healthz" | "/readyz" | "/metrics")
+}
+
+/// Requests in flight per client IP, bounded by `AMOAUTH_PER_IP_CONCURRENCY`.
+pub struct PerIpRequests {
+    limit: Option<usize>,
+    in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// Distinct IPs with requests in flight; past this, new IPs are told the server is busy
+/// (the map must not grow with every address an attacker can use).
+const MAX_CLIENTS_IN_FLIGHT: usize = 10_000;
+
+/// Why a request was not admitted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// This IP already has its `AMOAUTH_PER_IP_CONCURRENCY` requests in flight.
+    TooManyFromThisIp,
+    /// Too many distinct IPs have requests in flight.
+    TooManyClients,
+}
+
+impl Refusal {
+    fn log_line(&self) -> &'static str {
+        match self {
+            Self::TooManyFromThisIp => "request refused: too many in flight from this IP",
+            Self::TooManyClients => "request refused: too many clients in flight",
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let (status, text) = match self {
+            Self::TooManyFromThisIp => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "429 Too Many Requests: too many requests in flight from your address; wait for them to finish\n",
+            ),
+            Self::TooManyClients => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Unavailable: too many clients at once; try again in a second\n",
+            ),
+        };
+        (status, [(RETRY_AFTER, "1")], text).into_response()
+    }
+}
+
+/// One admitted request of an IP; dropping it frees the slot.
+pub struct Slot {
+    ip: IpAddr,
+    in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut in_flight = lock(&self.in_flight);
+        if let Some(count) = in_flight.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                in_flight.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl PerIpRequests {
+    pub fn new(limit: Option<usize>) -> Self {
+        Self {
+            limit,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// A slot for one request of `ip`, or why not; None when there is no limit.
+    pub fn admit(&self, ip: IpAddr) -> Result<Option<Slot>, Refusal> {
+        let Some(limit) = self.limit else {
+            return Ok(None);
+        };
+        let mut in_flight = lock(&self.in_flight);
+        let known = in_flight.contains_key(&ip);
+        if !known && in_flight.len() >= MAX_CLIENTS_IN_FLIGHT {
+            return Err(Refusal::TooManyClients);
+        }
+        let count = in_flight.entry(ip).or_insert(0);
+        if *count >= limit {
+            return Err(Refusal::TooManyFromThisIp);
+        }
+        *count += 1;
+        Ok(Some(Slot {
+            ip,
+            in_flight: Arc::clone(&self.in_flight),
+        }))
+    }
 }
 
 /// Token buckets per IP.
@@ -82,7 +203,7 @@ struct Bucket {
     last: Instant,
 }
 
-/// Buckets kept before idle (full) ones are dropped.
+/// Buckets kept at most; past this, full ones are dropped, then the longest idle.
 const MAX_BUCKETS: usize = 10_000;
 
 impl RateLimiter {
@@ -100,14 +221,13 @@ impl RateLimiter {
         // A burst of twice the rate: a page load with a redirect or two never trips it.
         let capacity = (per_second * 2.0).max(1.0);
         let now = Instant::now();
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() > MAX_BUCKETS {
+        let mut buckets = lock(&self.buckets);
+        if !buckets.contains_key(&ip) && buckets.len() >= MAX_BUCKETS {
+            // A full bucket is the same as none.
             buckets.retain(|_, b| {
                 b.tokens + now.duration_since(b.last).as_secs_f64() * per_second < capacity
             });
+            make_room(&mut buckets, MAX_BUCKETS, |bucket| bucket.last);
         }
         let bucket = buckets.entry(ip).or_insert(Bucket {
             tokens: capacity,
@@ -154,6 +274,65 @@ mod tests {
         );
         assert_eq!(client_ip(proxy, &headers("garbage"), &[proxy]), proxy);
         assert_eq!(client_ip(proxy, &HeaderMap::new(), &[proxy]), proxy);
+    }
+
+    #[test]
+    fn junk_forwarded_for_entries_are_skipped_not_fatal() {
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let client: IpAddr = "203.0.113.5".parse().unwrap();
+        for xff in [
+            "203.0.113.5, unknown",
+            "garbage, 203.0.113.5",
+            "1.2.3.4, 203.0.113.5, not-an-ip, 10.0.0.1",
+            "203.0.113.5:4711",
+            ", 203.0.113.5,,",
+        ] {
+            assert_eq!(client_ip(proxy, &headers(xff), &[proxy]), client, "{xff}");
+        }
+        assert_eq!(
+            client_ip(proxy, &headers("[2001:db8::1]:4711, junk"), &[proxy]),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn probes_alone_escape_the_rate_limit() {
+        for path in ["/", "/login", "/connections/1/refresh", "/logout", "/api/v1/connections"] {
+            assert!(is_limited(path, ""), "{path}");
+            assert!(is_limited(&format!("/amocrm{path}"), "/amocrm"), "{path}");
+        }
+        assert!(is_limited("/amocrm/install", "/x"));
+        assert!(!is_limited("/healthz", ""));
+        assert!(!is_limited("/x/metrics", "/x"));
+    }
+
+    #[test]
+    fn each_ip_has_its_own_slots() {
+        let requests = PerIpRequests::new(Some(2));
+        let ip: IpAddr = "203.0.113.5".parse().unwrap();
+        let first = requests.admit(ip).unwrap();
+        let second = requests.admit(ip).unwrap();
+        assert_eq!(requests.admit(ip).err(), Some(Refusal::TooManyFromThisIp));
+        assert!(requests.admit("203.0.113.6".parse().unwrap()).is_ok());
+        drop(first);
+        assert!(requests.admit(ip).is_ok(), "a finished request frees its slot");
+        drop(second);
+        assert!(lock(&requests.in_flight).is_empty(), "no entry outlives its requests");
+    }
+
+    #[test]
+    fn buckets_stay_bounded_whatever_the_number_of_addresses() {
+        let limiter = RateLimiter::new(Some(RateLimit {
+            requests: 1,
+            per_seconds: 3600,
+        }));
+        for n in 0..(MAX_BUCKETS as u32 + 500) {
+            // Each address spends its bucket, so none is full and could simply be dropped.
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+            limiter.check(ip);
+            limiter.check(ip);
+        }
+        assert!(lock(&limiter.buckets).len() <= MAX_BUCKETS);
     }
 
     #[test]

@@ -412,10 +412,7 @@ async fn demo(settings: &Settings) -> anyhow::Result<()> {
     );
     println!("database: {database}");
     println!();
-    println!(
-        "  1. Open {}",
-        running.login_link(&public_origin).await?
-    );
+    println!("  1. Open {}", running.login_link(&public_origin).await?);
     println!("     (a login link: it works once, within 10 minutes)");
     println!(
         "  2. Click \"Подключить amoCRM\" (Connect amoCRM), then \"Разрешить\" (Allow) in the sandbox."

@@ -1,9 +1,9 @@
 //! The uninstall webhook: amoCRM's signed notice that an admin disabled the integration.
 
-use crate::log_safe::log_safe;
 use super::{Flow, Requester};
 use crate::crypto::{constant_time_eq, hmac_sha256_hex};
 use crate::events::{ConnectionData, EventType};
+use crate::log_safe::log_safe;
 use crate::store::{Attempt, AttemptKind, Outcome, StoreError, now};
 
 #[derive(Debug, thiserror::Error)]

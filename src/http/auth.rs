@@ -61,9 +61,13 @@ impl Admin {
 /// Why a request is not the administrator's: API clients get 401, browsers the login page.
 pub enum Unauthorized {
     Api,
-    Browser { next: String },
+    Browser {
+        next: String,
+    },
     /// Too many failed admin authentications from this IP; retry after this many seconds.
-    Throttled { seconds: u64 },
+    Throttled {
+        seconds: u64,
+    },
     Store(crate::store::StoreError),
 }
 
@@ -155,10 +159,7 @@ fn client_ip(parts: &Parts) -> IpAddr {
 
 /// Seconds `ip` must wait before its next admin authentication, if it must.
 fn throttled(state: &AppState, ip: IpAddr) -> Option<u64> {
-    state
-        .login_throttle
-        .wait(ip)
-        .map(|wait| wait.as_secs() + 1)
+    state.login_throttle.wait(ip).map(|wait| wait.as_secs() + 1)
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
@@ -257,7 +258,14 @@ pub async fn login_submit(
     Form(form): Form<LoginForm>,
 ) -> Response {
     let next = safe_next(form.next.as_deref(), &state.base_path);
-    log_in(&state, peer, &headers, Credential::Token(&form.token), &next).await
+    log_in(
+        &state,
+        peer,
+        &headers,
+        Credential::Token(&form.token),
+        &next,
+    )
+    .await
 }
 
 /// What a browser logs in with.
@@ -431,7 +439,10 @@ mod tests {
     #[test]
     fn next_resolves_against_the_base_path() {
         assert_eq!(safe_next(Some("/amocrm/"), "/amocrm"), "/amocrm/");
-        assert_eq!(safe_next(Some("install?a=b"), "/amocrm"), "/amocrm/install?a=b");
+        assert_eq!(
+            safe_next(Some("install?a=b"), "/amocrm"),
+            "/amocrm/install?a=b"
+        );
         assert_eq!(safe_next(Some("/a/../b"), ""), "/b");
     }
 

@@ -22,7 +22,10 @@ pub async fn read_body(
 ) -> Response {
     let (parts, body) = request.into_parts();
     match tokio::time::timeout(read_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
-        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
         Ok(Err(err)) if is_too_large(&err) => (
             StatusCode::PAYLOAD_TOO_LARGE,
             [(CONNECTION, "close")],

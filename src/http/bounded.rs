@@ -17,7 +17,9 @@ pub fn make_room<K: Eq + Hash + Copy, V>(
         return;
     }
     let mut ages: Vec<(Instant, K)> = map.iter().map(|(k, v)| (last_used(v), *k)).collect();
-    let evict = (map.len() + 1 - capacity).max(capacity / 10).min(ages.len());
+    let evict = (map.len() + 1 - capacity)
+        .max(capacity / 10)
+        .min(ages.len());
     ages.select_nth_unstable_by_key(evict.saturating_sub(1), |(at, _)| *at);
     for (_, key) in &ages[..evict] {
         map.remove(key);
@@ -37,7 +39,10 @@ mod tests {
             .collect();
         make_room(&mut map, 100, |at| *at);
         assert_eq!(map.len(), 90);
-        assert!((0..10).all(|n| !map.contains_key(&n)), "the ten oldest went");
+        assert!(
+            (0..10).all(|n| !map.contains_key(&n)),
+            "the ten oldest went"
+        );
         make_room(&mut map, 100, |at| *at);
         assert_eq!(map.len(), 90, "nothing goes while there is room");
     }

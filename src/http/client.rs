@@ -159,7 +159,9 @@ impl Drop for Slot {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl PerIpRequests {
@@ -297,7 +299,13 @@ mod tests {
 
     #[test]
     fn probes_alone_escape_the_rate_limit() {
-        for path in ["/", "/login", "/connections/1/refresh", "/logout", "/api/v1/connections"] {
+        for path in [
+            "/",
+            "/login",
+            "/connections/1/refresh",
+            "/logout",
+            "/api/v1/connections",
+        ] {
             assert!(is_limited(path, ""), "{path}");
             assert!(is_limited(&format!("/amocrm{path}"), "/amocrm"), "{path}");
         }
@@ -315,9 +323,15 @@ mod tests {
         assert_eq!(requests.admit(ip).err(), Some(Refusal::TooManyFromThisIp));
         assert!(requests.admit("203.0.113.6".parse().unwrap()).is_ok());
         drop(first);
-        assert!(requests.admit(ip).is_ok(), "a finished request frees its slot");
+        assert!(
+            requests.admit(ip).is_ok(),
+            "a finished request frees its slot"
+        );
         drop(second);
-        assert!(lock(&requests.in_flight).is_empty(), "no entry outlives its requests");
+        assert!(
+            lock(&requests.in_flight).is_empty(),
+            "no entry outlives its requests"
+        );
     }
 
     #[test]

@@ -33,8 +33,8 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 pub use auth::new_login_link;
 
 use crate::config::Secret;
-use crate::log_safe::log_safe;
 use crate::flow::Flow;
+use crate::log_safe::log_safe;
 use crate::metrics::{Metrics, StoredGauges};
 use crate::store::{StoreError, now};
 use crate::tokens::TokenService;

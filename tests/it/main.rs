@@ -41,6 +41,7 @@ mod faults;
 mod flow;
 mod host_app;
 mod hostile;
+mod http_security;
 mod import;
 mod keys;
 mod logs;

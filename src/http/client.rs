@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderMap, StatusCode};
@@ -78,7 +80,7 @@ pub async fn identify(
         )
             .into_response();
     }
-    let _slot = match state.per_ip_requests.admit(ip) {
+    let _slot = match state.per_ip_requests.admit(ip).await {
         Ok(slot) => slot,
         Err(refusal) => {
             tracing::warn!(%ip, "{}", refusal.log_line());
@@ -96,20 +98,30 @@ fn is_limited(path: &str, base_path: &str) -> bool {
     !matches!(own, "/healthz" | "/readyz" | "/metrics")
 }
 
-/// Requests in flight per client IP, bounded by `AMOAUTH_PER_IP_CONCURRENCY`.
+/// Requests in flight per client IP, bounded by `AMOAUTH_PER_IP_CONCURRENCY`: past the bound
+/// an IP's requests wait their turn (a host app's workers behind one address are served in
+/// order, not refused), holding no shared slot; a few times the bound may wait, no more.
 pub struct PerIpRequests {
     limit: Option<usize>,
-    in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    clients: Arc<Mutex<HashMap<IpAddr, Client>>>,
+}
+
+/// One IP's slots, and how many of its requests hold or wait for one.
+struct Client {
+    slots: Arc<Semaphore>,
+    requests: usize,
 }
 
 /// Distinct IPs with requests in flight; past this, new IPs are told the server is busy
 /// (the map must not grow with every address an attacker can use).
 const MAX_CLIENTS_IN_FLIGHT: usize = 10_000;
+/// Requests of one IP that may wait, per slot it has.
+const WAITING_PER_SLOT: usize = 3;
 
 /// Why a request was not admitted.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// This IP already has its `AMOAUTH_PER_IP_CONCURRENCY` requests in flight.
+    /// This IP already has its requests in flight and as many waiting as may wait.
     TooManyFromThisIp,
     /// Too many distinct IPs have requests in flight.
     TooManyClients,
@@ -140,22 +152,29 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// One admitted request of an IP; dropping it frees the slot.
-pub struct Slot {
+/// One request of an IP, holding or waiting for a slot; the last one gone removes the IP.
+struct Counted {
     ip: IpAddr,
-    in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    clients: Arc<Mutex<HashMap<IpAddr, Client>>>,
 }
 
-impl Drop for Slot {
+impl Drop for Counted {
     fn drop(&mut self) {
-        let mut in_flight = lock(&self.in_flight);
-        if let Some(count) = in_flight.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                in_flight.remove(&self.ip);
+        let mut clients = lock(&self.clients);
+        if let Some(client) = clients.get_mut(&self.ip) {
+            client.requests -= 1;
+            if client.requests == 0 {
+                clients.remove(&self.ip);
             }
         }
     }
+}
+
+/// One admitted request of an IP; dropping it frees the slot.
+pub struct Slot {
+    // Declared first, so the slot is given back before the request stops being counted.
+    _permit: OwnedSemaphorePermit,
+    _counted: Counted,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -168,28 +187,41 @@ impl PerIpRequests {
     pub fn new(limit: Option<usize>) -> Self {
         Self {
             limit,
-            in_flight: Arc::default(),
+            clients: Arc::default(),
         }
     }
 
-    /// A slot for one request of `ip`, or why not; None when there is no limit.
-    pub fn admit(&self, ip: IpAddr) -> Result<Option<Slot>, Refusal> {
+    /// A slot for one request of `ip` once one is free, or why not; None when unbounded.
+    pub async fn admit(&self, ip: IpAddr) -> Result<Option<Slot>, Refusal> {
         let Some(limit) = self.limit else {
             return Ok(None);
         };
-        let mut in_flight = lock(&self.in_flight);
-        let known = in_flight.contains_key(&ip);
-        if !known && in_flight.len() >= MAX_CLIENTS_IN_FLIGHT {
-            return Err(Refusal::TooManyClients);
-        }
-        let count = in_flight.entry(ip).or_insert(0);
-        if *count >= limit {
-            return Err(Refusal::TooManyFromThisIp);
-        }
-        *count += 1;
-        Ok(Some(Slot {
+        let slots = {
+            let mut clients = lock(&self.clients);
+            if !clients.contains_key(&ip) && clients.len() >= MAX_CLIENTS_IN_FLIGHT {
+                return Err(Refusal::TooManyClients);
+            }
+            let client = clients.entry(ip).or_insert_with(|| Client {
+                slots: Arc::new(Semaphore::new(limit)),
+                requests: 0,
+            });
+            if client.requests >= limit * (1 + WAITING_PER_SLOT) {
+                return Err(Refusal::TooManyFromThisIp);
+            }
+            client.requests += 1;
+            Arc::clone(&client.slots)
+        };
+        let counted = Counted {
             ip,
-            in_flight: Arc::clone(&self.in_flight),
+            clients: Arc::clone(&self.clients),
+        };
+        let permit = slots
+            .acquire_owned()
+            .await
+            .expect("an IP's semaphore is never closed");
+        Ok(Some(Slot {
+            _permit: permit,
+            _counted: counted,
         }))
     }
 }
@@ -251,6 +283,7 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn headers(xff: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -314,24 +347,51 @@ mod tests {
         assert!(!is_limited("/x/metrics", "/x"));
     }
 
-    #[test]
-    fn each_ip_has_its_own_slots() {
+    #[tokio::test]
+    async fn each_ip_has_its_own_slots_and_waits_for_them() {
         let requests = PerIpRequests::new(Some(2));
         let ip: IpAddr = "203.0.113.5".parse().unwrap();
-        let first = requests.admit(ip).unwrap();
-        let second = requests.admit(ip).unwrap();
-        assert_eq!(requests.admit(ip).err(), Some(Refusal::TooManyFromThisIp));
-        assert!(requests.admit("203.0.113.6".parse().unwrap()).is_ok());
-        drop(first);
+        let first = requests.admit(ip).await.unwrap();
+        let second = requests.admit(ip).await.unwrap();
+        let short = Duration::from_millis(50);
         assert!(
-            requests.admit(ip).is_ok(),
-            "a finished request frees its slot"
+            tokio::time::timeout(short, requests.admit(ip))
+                .await
+                .is_err(),
+            "a third request waits"
         );
-        drop(second);
+        let other = tokio::time::timeout(short, requests.admit("203.0.113.6".parse().unwrap()));
+        assert!(other.await.is_ok(), "another IP does not wait");
+        drop(first);
+        let third = tokio::time::timeout(short, requests.admit(ip)).await;
+        assert!(third.is_ok(), "a finished request frees its slot");
+        drop((second, third));
         assert!(
-            lock(&requests.in_flight).is_empty(),
+            lock(&requests.clients).is_empty(),
             "no entry outlives its requests"
         );
+    }
+
+    #[tokio::test]
+    async fn only_a_few_requests_of_an_ip_may_wait() {
+        let requests = Arc::new(PerIpRequests::new(Some(1)));
+        let ip: IpAddr = "203.0.113.5".parse().unwrap();
+        let _held = requests.admit(ip).await.unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..WAITING_PER_SLOT {
+            let requests = Arc::clone(&requests);
+            waiting.push(tokio::spawn(
+                async move { requests.admit(ip).await.map(drop) },
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            requests.admit(ip).await.err(),
+            Some(Refusal::TooManyFromThisIp)
+        );
+        for task in waiting {
+            task.abort();
+        }
     }
 
     #[test]

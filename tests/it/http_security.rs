@@ -124,7 +124,7 @@ async fn every_admin_route_is_rate_limited() {
 fn short_admin_tokens_are_refused_at_start() {
     assert!(ADMIN_TOKEN.chars().count() >= 32);
     let dir = tempfile::tempdir().unwrap();
-    let output = amoauth_command(dir.path())
+    let mut child = amoauth_command(dir.path())
         .env(
             "DATABASE_URL",
             format!("sqlite://{}", dir.path().join("a.db").display()),
@@ -133,9 +133,22 @@ fn short_admin_tokens_are_refused_at_start() {
         .env("AMOCRM_CLIENT_SECRET", CLIENT_SECRET)
         .env("AMOCRM_REDIRECT_URI", "https://example.ru/amocrm/callback")
         .env("AMOAUTH_ADMIN_TOKEN", "0123456789abcdef0123456789abcde")
+        .env("AMOAUTH_LISTEN", format!("127.0.0.1:{}", free_port()))
         .arg("serve")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A server that accepted the token would run on: give it 10 s to refuse.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("serve started with a 31-character admin token");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -361,12 +361,13 @@ async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let public_origin = config.amocrm.redirect_uri.origin().ascii_serialization();
     let running = server::start(config).await?;
     if running.admin_token_generated {
-        // Printed, never logged: logs are shipped elsewhere, the console is the operator's.
-        println!("No AMOAUTH_ADMIN_TOKEN set; generated one for this run.");
+        // Printed, never logged, and never the token itself: a one-time link is spent once
+        // used, so copies in the journal or a proxy's access log open nothing.
         println!(
-            "Log in at: {public_origin}/login?token={}",
-            running.admin_token.expose()
+            "No AMOAUTH_ADMIN_TOKEN set; generated one for this run. This link logs in once, \
+             within 10 minutes (restart for a new one):"
         );
+        println!("Log in at: {}", running.login_link(&public_origin).await?);
     }
     server::shutdown_signal().await;
     tracing::info!("shutting down; finishing requests in flight");
@@ -414,10 +415,8 @@ async fn demo(settings: &Settings) -> anyhow::Result<()> {
     );
     println!("database: {database}");
     println!();
-    println!(
-        "  1. Open {public_origin}/login?token={}",
-        running.admin_token.expose()
-    );
+    println!("  1. Open {}", running.login_link(&public_origin).await?);
+    println!("     (a login link: it works once, within 10 minutes)");
     println!(
         "  2. Click \"Подключить amoCRM\" (Connect amoCRM), then \"Разрешить\" (Allow) in the sandbox."
     );

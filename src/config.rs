@@ -30,6 +30,8 @@ pub struct Settings {
     pub widget_installs: Option<String>,
     pub rate_limit: Option<String>,
     pub trusted_proxies: Option<String>,
+    pub per_ip_concurrency: Option<String>,
+    pub read_timeout: Option<String>,
     pub base_path: Option<String>,
     pub return_origins: Option<String>,
     pub refresh_margin: Option<String>,
@@ -200,6 +202,10 @@ pub struct ServerConfig {
     /// None: no rate limit.
     pub rate_limit: Option<RateLimit>,
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Requests one client IP may have in flight at once; None: no bound.
+    pub per_ip_concurrency: Option<usize>,
+    /// How long a client may take to send a request's head, and then its body.
+    pub read_timeout: Duration,
 }
 
 /// At most `requests` per `per_seconds` seconds per client IP.
@@ -212,6 +218,22 @@ pub struct RateLimit {
 impl RateLimit {
     pub fn per_second(self) -> f64 {
         f64::from(self.requests) / self.per_seconds as f64
+    }
+}
+
+/// Shorter admin tokens could be guessed despite the login backoff.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
+
+fn parse_per_ip_concurrency(raw: &str) -> Result<Option<usize>, ConfigError> {
+    if raw == "off" {
+        return Ok(None);
+    }
+    match raw.trim().parse::<usize>() {
+        Ok(limit) if limit > 0 => Ok(Some(limit)),
+        _ => Err(invalid(
+            "AMOAUTH_PER_IP_CONCURRENCY",
+            format!("expected a positive number of requests such as 64, or off, got `{raw}`"),
+        )),
     }
 }
 
@@ -403,9 +425,11 @@ impl Settings {
         });
         let state_ttl = parse_duration_var(&self.state_ttl, "AMOAUTH_STATE_TTL", "15m");
         let admin_token = match non_empty(&self.admin_token) {
-            Some(token) if token.len() < 16 => Err(invalid(
+            Some(token) if token.chars().count() < MIN_ADMIN_TOKEN_CHARS => Err(invalid(
                 "AMOAUTH_ADMIN_TOKEN",
-                "must be at least 16 characters long",
+                format!(
+                    "must be at least {MIN_ADMIN_TOKEN_CHARS} characters long; generate one with `openssl rand -hex 32`"
+                ),
             )),
             other => Ok(other.map(Secret::new)),
         };
@@ -423,6 +447,9 @@ impl Settings {
         let rate_limit = parse_rate_limit(non_empty(&self.rate_limit).unwrap_or("20/s"));
         let trusted_proxies =
             parse_trusted_proxies(self.trusted_proxies.as_deref().unwrap_or_default());
+        let per_ip_concurrency =
+            parse_per_ip_concurrency(non_empty(&self.per_ip_concurrency).unwrap_or("64"));
+        let read_timeout = parse_duration_var(&self.read_timeout, "AMOAUTH_READ_TIMEOUT", "10s");
         let (
             store,
             (),
@@ -440,6 +467,8 @@ impl Settings {
             base_path,
             rate_limit,
             trusted_proxies,
+            per_ip_concurrency,
+            read_timeout,
         ) = all_valid!(
             store,
             key_present,
@@ -456,7 +485,9 @@ impl Settings {
             events,
             base_path,
             rate_limit,
-            trusted_proxies
+            trusted_proxies,
+            per_ip_concurrency,
+            read_timeout
         );
         let refresh = RefreshConfig {
             margin: refresh_margin,
@@ -481,6 +512,8 @@ impl Settings {
             base_path,
             rate_limit,
             trusted_proxies,
+            per_ip_concurrency,
+            read_timeout,
         })
     }
 

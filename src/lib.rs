@@ -9,6 +9,7 @@ pub mod events;
 pub mod flow;
 pub mod http;
 pub mod import;
+pub mod log_safe;
 pub mod metrics;
 pub mod sandbox;
 pub mod server;

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -13,7 +15,7 @@ use crate::config::{Secret, ServerConfig, StoreConfig};
 use crate::crypto::{Cipher, Sealed, load_or_create_keys, random_token};
 use crate::events::{Events, run_delivery};
 use crate::flow::Flow;
-use crate::http::client::RateLimiter;
+use crate::http::client::{PerIpRequests, RateLimiter};
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
 use crate::store::{ConnectionRow, Store, now};
@@ -182,6 +184,8 @@ pub struct Running {
     /// True when the token was generated at start and must be shown to the operator.
     pub admin_token_generated: bool,
     pub store: Store,
+    /// `AMOAUTH_BASE_PATH` without its trailing slash.
+    pub base_path: String,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
     /// The cleanup loop and the refresh worker.
@@ -191,6 +195,13 @@ pub struct Running {
 }
 
 impl Running {
+    /// A one-time admin login link on the site at `public_origin`, valid for minutes; it
+    /// stands in for printing the admin token, which would end up in proxy logs.
+    pub async fn login_link(&self, public_origin: &str) -> anyhow::Result<String> {
+        let site = format!("{public_origin}{}", self.base_path);
+        Ok(crate::http::new_login_link(&self.store, &site).await?)
+    }
+
     /// Stops accepting connections, lets in-flight requests finish, and closes the pool.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
@@ -279,6 +290,7 @@ pub async fn start_with_listener(
         secure_cookies,
         login_throttle: Arc::default(),
         rate_limiter: Arc::new(RateLimiter::new(config.rate_limit)),
+        per_ip_requests: Arc::new(PerIpRequests::new(config.per_ip_concurrency)),
         trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         base_path: Arc::from(config.base_path.as_str()),
     };
@@ -287,13 +299,13 @@ pub async fn start_with_listener(
     let delivery = events
         .is_enabled()
         .then(|| tokio::spawn(run_delivery(events, shutdown.subscribe())));
-    let app = router(state, request_timeout).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(state, request_timeout, config.read_timeout);
+    let read_timeout = config.read_timeout;
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            })
-            .await
+        serve_http(listener, app, read_timeout, async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .await
     });
     let cleanup = tokio::spawn(cleanup_loop(store.clone(), config.cleanup_interval));
     tracing::info!(%addr, "amoauth listening");
@@ -302,11 +314,60 @@ pub async fn start_with_listener(
         admin_token,
         admin_token_generated,
         store,
+        base_path: config.base_path,
         shutdown,
         server,
         background: vec![cleanup, worker],
         delivery,
     })
+}
+
+/// Serves HTTP/1.1 on `listener` until `stop` resolves, then lets requests in flight finish.
+/// hyper's own connection builder rather than `axum::serve`: a client that trickles its
+/// request head is cut after `read_timeout` (the body's deadline is the router's).
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    read_timeout: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use tower::ServiceExt as _;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors, typically: wait instead of spinning.
+                    tracing::warn!(error = %err, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(request)
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(read_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that goes away or is too slow is its own problem, not the server's.
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Deletes expired states and sessions periodically, so no cron is needed.

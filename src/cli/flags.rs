@@ -98,6 +98,12 @@ pub struct ServerFlags {
     /// Proxy addresses whose X-Forwarded-For is believed (comma-separated IPs)
     #[arg(long, env = "AMOAUTH_TRUSTED_PROXIES", hide_env_values = true)]
     trusted_proxies: Option<String>,
+    /// Requests one client IP may have in flight at once (e.g. 64), or off
+    #[arg(long, env = "AMOAUTH_PER_IP_CONCURRENCY", hide_env_values = true)]
+    per_ip_concurrency: Option<String>,
+    /// Time a client has to send a request's headers, and again its body (e.g. 10s)
+    #[arg(long, env = "AMOAUTH_READ_TIMEOUT", hide_env_values = true)]
+    read_timeout: Option<String>,
     /// Prefix of the dashboard, API, health and metrics (e.g. /amocrm/); install and callback keep their paths
     #[arg(long, env = "AMOAUTH_BASE_PATH", hide_env_values = true)]
     base_path: Option<String>,
@@ -118,6 +124,8 @@ fills!(
     widget_installs,
     rate_limit,
     trusted_proxies,
+    per_ip_concurrency,
+    read_timeout,
     base_path,
     return_origins,
     refresh_interval,

@@ -4,6 +4,7 @@ mod params;
 mod result;
 mod uninstall;
 
+use crate::log_safe::log_safe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -644,7 +645,7 @@ impl<'a> Audit<'a> {
                 kind,
                 outcome = "failure",
                 reason = err.reason().as_str(),
-                error = %err,
+                error = %log_safe(&err.to_string()),
                 subdomain = self.subdomain,
                 ip,
                 user_agent,

@@ -7,6 +7,7 @@ use super::{Flow, Requester};
 use crate::amocrm::AmoError;
 use crate::crypto::{constant_time_eq, hmac_sha256_hex};
 use crate::events::{ConnectionData, EventType};
+use crate::log_safe::log_safe;
 use crate::store::{
     Attempt, AttemptKind, ConnectionRow, Disconnect, Outcome, Records, StoreError, now,
 };
@@ -135,7 +136,7 @@ impl Flow {
                 "uninstall webhook handled"
             ),
             Err(err) => {
-                tracing::warn!(kind = "webhook", account_id, reason, error = %err, ip = requester.ip.as_deref(), "uninstall webhook refused")
+                tracing::warn!(kind = "webhook", account_id, reason, error = %log_safe(&err.to_string()), ip = requester.ip.as_deref(), "uninstall webhook refused")
             }
         }
         let attempt = Attempt {

@@ -2,7 +2,7 @@
 
 use axum::Extension;
 use axum::Form;
-use axum::extract::{FromRequestParts, Query, State};
+use axum::extract::{FromRequestParts, OriginalUri, Query, State};
 use axum::http::header::{
     ACCEPT, AUTHORIZATION, COOKIE, LOCATION, RETRY_AFTER, SET_COOKIE, USER_AGENT, WWW_AUTHENTICATE,
 };
@@ -17,10 +17,23 @@ use super::pages::{self, Lang};
 use super::{AppState, local, store_unavailable};
 use crate::config::Secret;
 use crate::crypto::{constant_time_eq, hmac_sha256_hex, random_token, sha256_hex};
-use crate::store::now;
+use crate::store::{Store, StoreError, now};
 
 const SESSION_COOKIE: &str = "amoauth_session";
 const SESSION_LIFETIME: chrono::Duration = chrono::Duration::hours(12);
+/// A login link printed at start is for the operator reading it now.
+const LOGIN_LINK_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
+
+/// Makes a one-time login link under `site` (the public origin and base path): the link's
+/// token is random and only its hash is stored, in the database, so whichever replica the
+/// operator's browser reaches can redeem it, once.
+pub async fn new_login_link(store: &Store, site: &str) -> Result<String, StoreError> {
+    let token = random_token();
+    store
+        .insert_login_link(&sha256_hex(&token), now() + LOGIN_LINK_LIFETIME)
+        .await?;
+    Ok(format!("{site}/login?link={token}"))
+}
 
 /// Proof that the request comes from the administrator, and how: a browser session (whose
 /// forms need a CSRF token) or the Bearer admin token (no ambient credential to forge).
@@ -48,7 +61,13 @@ impl Admin {
 /// Why a request is not the administrator's: API clients get 401, browsers the login page.
 pub enum Unauthorized {
     Api,
-    Browser { next: String },
+    Browser {
+        next: String,
+    },
+    /// Too many failed admin authentications from this IP; retry after this many seconds.
+    Throttled {
+        seconds: u64,
+    },
     Store(crate::store::StoreError),
 }
 
@@ -65,6 +84,12 @@ impl IntoResponse for Unauthorized {
                 let location = format!("{}?next={}", local("/login"), url::form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>());
                 (StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response()
             }
+            Self::Throttled { seconds } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(RETRY_AFTER, seconds.to_string())],
+                format!("429 Too Many Requests: too many failed admin logins; try again in {seconds} s\n"),
+            )
+                .into_response(),
             Self::Store(err) => store_unavailable(Lang::Ru, &err),
         }
     }
@@ -78,9 +103,18 @@ impl FromRequestParts<AppState> for Admin {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         if let Some(token) = bearer_token(&parts.headers) {
+            // A Bearer guess counts like a wrong login form: one backoff for every form.
+            let ip = client_ip(parts);
+            if let Some(seconds) = throttled(state, ip) {
+                tracing::warn!(%ip, seconds, "admin token refused: too many failures");
+                return Err(Unauthorized::Throttled { seconds });
+            }
             return if constant_time_eq(token, state.admin_token.expose()) {
+                state.login_throttle.succeeded(ip);
                 Ok(Admin { session: None })
             } else {
+                state.login_throttle.failed(ip);
+                tracing::warn!(%ip, "wrong admin token in Authorization");
                 Err(Unauthorized::Api)
             };
         }
@@ -98,8 +132,12 @@ impl FromRequestParts<AppState> for Admin {
             }
         }
         if wants_html(&parts.headers) {
-            let next = parts
-                .uri
+            // The whole path, base path included: a nested router sees only its own part.
+            let uri = parts
+                .extensions
+                .get::<OriginalUri>()
+                .map_or(&parts.uri, |original| &original.0);
+            let next = uri
                 .path_and_query()
                 .map(|pq| pq.as_str())
                 .unwrap_or("/")
@@ -109,6 +147,19 @@ impl FromRequestParts<AppState> for Admin {
             Err(Unauthorized::Api)
         }
     }
+}
+
+/// The client's address as `client::identify` worked it out (the peer when it did not run).
+fn client_ip(parts: &Parts) -> IpAddr {
+    parts.extensions.get::<ClientIp>().map_or(
+        IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+        |ClientIp(ip)| *ip,
+    )
+}
+
+/// Seconds `ip` must wait before its next admin authentication, if it must.
+fn throttled(state: &AppState, ip: IpAddr) -> Option<u64> {
+    state.login_throttle.wait(ip).map(|wait| wait.as_secs() + 1)
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
@@ -141,21 +192,43 @@ pub(super) fn csrf_field(body: &[u8]) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
-/// Only local paths are followed after login, never another site.
-fn safe_next(next: Option<&str>) -> String {
-    match next {
-        Some(next) if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') => {
-            next.to_owned()
+/// Only this site's paths are followed after login, never another site: `next` is resolved
+/// as the browser would resolve it against this site and must stay on its origin. Control
+/// characters, whitespace and backslashes are refused outright, since browsers strip or
+/// rewrite them (`/\t/evil.example` becomes `//evil.example`).
+fn safe_next(next: Option<&str>, base_path: &str) -> String {
+    let home = || format!("{base_path}/");
+    let Some(next) = next else {
+        return home();
+    };
+    if next.is_empty()
+        || next
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '\\')
+    {
+        return home();
+    }
+    // A made-up origin stands for this site: only the path and query are kept.
+    let site = url::Url::parse(&format!("http://amoauth.invalid{base_path}/"))
+        .expect("the base path is a valid URL path");
+    match site.join(next) {
+        Ok(resolved) if resolved.origin() == site.origin() => {
+            let mut local = resolved.path().to_owned();
+            if let Some(query) = resolved.query() {
+                local.push('?');
+                local.push_str(query);
+            }
+            local
         }
-        _ => local("/"),
+        _ => home(),
     }
 }
 
 #[derive(Deserialize)]
 pub struct LoginQuery {
     next: Option<String>,
-    /// The login URL printed at start carries the generated token.
-    token: Option<String>,
+    /// The one-time login link printed at start.
+    link: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -171,9 +244,9 @@ pub async fn login_page(
     headers: HeaderMap,
 ) -> Response {
     let lang = Lang::from_headers(&headers);
-    let next = safe_next(query.next.as_deref());
-    match query.token {
-        Some(token) => log_in(&state, peer, &headers, &token, &next).await,
+    let next = safe_next(query.next.as_deref(), &state.base_path);
+    match query.link {
+        Some(link) => log_in(&state, peer, &headers, Credential::Link(&link), &next).await,
         None => Html(pages::login(lang, &next, false).into_string()).into_response(),
     }
 }
@@ -184,20 +257,49 @@ pub async fn login_submit(
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
-    let next = safe_next(form.next.as_deref());
-    log_in(&state, peer, &headers, &form.token, &next).await
+    let next = safe_next(form.next.as_deref(), &state.base_path);
+    log_in(
+        &state,
+        peer,
+        &headers,
+        Credential::Token(&form.token),
+        &next,
+    )
+    .await
+}
+
+/// What a browser logs in with.
+enum Credential<'a> {
+    /// The admin token, typed into the login form.
+    Token(&'a str),
+    /// A one-time login link's token.
+    Link(&'a str),
+}
+
+impl Credential<'_> {
+    async fn is_valid(&self, state: &AppState) -> Result<bool, StoreError> {
+        match self {
+            Self::Token(token) => Ok(constant_time_eq(token, state.admin_token.expose())),
+            Self::Link(link) => {
+                state
+                    .flow
+                    .store()
+                    .redeem_login_link(&sha256_hex(link), now())
+                    .await
+            }
+        }
+    }
 }
 
 async fn log_in(
     state: &AppState,
     peer: IpAddr,
     headers: &HeaderMap,
-    token: &str,
+    credential: Credential<'_>,
     next: &str,
 ) -> Response {
     let lang = Lang::from_headers(headers);
-    if let Some(wait) = state.login_throttle.wait(peer) {
-        let seconds = wait.as_secs() + 1;
+    if let Some(seconds) = throttled(state, peer) {
         tracing::warn!(ip = %peer, seconds, "admin login refused: too many failures");
         return (
             StatusCode::TOO_MANY_REQUESTS,
@@ -214,7 +316,11 @@ async fn log_in(
         )
             .into_response();
     }
-    if !constant_time_eq(token, state.admin_token.expose()) {
+    let valid = match credential.is_valid(state).await {
+        Ok(valid) => valid,
+        Err(err) => return store_unavailable(lang, &err),
+    };
+    if !valid {
         state.login_throttle.failed(peer);
         tracing::warn!(ip = %peer, "admin login failed");
         return (
@@ -300,13 +406,44 @@ mod tests {
     #[test]
     fn next_stays_on_this_site() {
         assert_eq!(
-            safe_next(Some("/amocrm/install?subdomain=x")),
+            safe_next(Some("/amocrm/install?subdomain=x"), ""),
             "/amocrm/install?subdomain=x"
         );
-        assert_eq!(safe_next(Some("//evil.com/")), "/");
-        assert_eq!(safe_next(Some("https://evil.com/")), "/");
-        assert_eq!(safe_next(Some("/\\evil.com")), "/");
-        assert_eq!(safe_next(None), "/");
+        assert_eq!(safe_next(Some("//evil.com/"), ""), "/");
+        assert_eq!(safe_next(Some("https://evil.com/"), ""), "/");
+        assert_eq!(safe_next(Some("/\\evil.com"), ""), "/");
+        assert_eq!(safe_next(None, ""), "/");
+        assert_eq!(safe_next(None, "/amocrm"), "/amocrm/");
+    }
+
+    #[test]
+    fn next_with_characters_browsers_strip_is_refused() {
+        for next in [
+            "/\t/evil.example",
+            "/\n/evil.example",
+            "/\r/evil.example",
+            "/ /evil.example",
+            "/\u{0}/evil.example",
+            "/\u{a0}/evil.example",
+            "/x\\y",
+            "\t//evil.example",
+            "http://evil.example",
+            "https:/evil.example",
+            "///evil.example",
+            "javascript:alert(1)",
+        ] {
+            assert_eq!(safe_next(Some(next), "/amocrm"), "/amocrm/", "{next:?}");
+        }
+    }
+
+    #[test]
+    fn next_resolves_against_the_base_path() {
+        assert_eq!(safe_next(Some("/amocrm/"), "/amocrm"), "/amocrm/");
+        assert_eq!(
+            safe_next(Some("install?a=b"), "/amocrm"),
+            "/amocrm/install?a=b"
+        );
+        assert_eq!(safe_next(Some("/a/../b"), ""), "/b");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 mod api;
 mod api_error;
 mod auth;
+mod body_deadline;
+mod bounded;
 pub mod client;
 mod dashboard;
 mod oauth;
@@ -28,8 +30,11 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
+pub use auth::new_login_link;
+
 use crate::config::Secret;
 use crate::flow::Flow;
+use crate::log_safe::log_safe;
 use crate::metrics::{Metrics, StoredGauges};
 use crate::store::{StoreError, now};
 use crate::tokens::TokenService;
@@ -50,6 +55,8 @@ pub(crate) fn local(path: &str) -> String {
 
 /// Requests handled at once, across all routes.
 const MAX_IN_FLIGHT: usize = 512;
+/// The largest request body any route takes.
+pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -62,13 +69,15 @@ pub struct AppState {
     pub secure_cookies: bool,
     pub login_throttle: Arc<throttle::LoginThrottle>,
     pub rate_limiter: Arc<client::RateLimiter>,
+    pub per_ip_requests: Arc<client::PerIpRequests>,
     pub trusted_proxies: Arc<Vec<std::net::IpAddr>>,
     /// `AMOAUTH_BASE_PATH` without its trailing slash: "" or e.g. "/amocrm".
     pub base_path: Arc<str>,
 }
 
-/// The whole application. `request_timeout` bounds every route, amoCRM calls included.
-pub fn router(state: AppState, request_timeout: Duration) -> Router {
+/// The whole application. `request_timeout` bounds every route, amoCRM calls included;
+/// `read_timeout` bounds reading a request's body.
+pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration) -> Router {
     let secure = state.secure_cookies;
     let base = Arc::clone(&state.base_path);
     let api_base = Arc::clone(&base);
@@ -109,10 +118,6 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             .merge(dashboard_slash)
     };
     let router = routes
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            client::identify,
-        ))
         .layer(axum::middleware::from_fn(
             move |request, next: axum::middleware::Next| {
                 let base = Arc::clone(&base);
@@ -123,12 +128,22 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             state.clone(),
             time_request,
         ))
-        .with_state(state)
-        .layer(DefaultBodyLimit::max(16 * 1024))
+        .with_state(state.clone())
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         // Past this many requests in flight, new ones wait: memory and database connections
         // stay bounded however many clients arrive at once.
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
             MAX_IN_FLIGHT,
+        ))
+        // The body is read before a shared slot is taken, within its own deadline.
+        .layer(axum::middleware::from_fn_with_state(
+            read_timeout,
+            body_deadline::read_body,
+        ))
+        // Per client IP, before anything shared: one client cannot take every slot.
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            client::identify,
         ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
@@ -181,7 +196,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
                     tracing::info_span!(
                         "request",
                         method = %request.method(),
-                        path = %request.uri().path(),
+                        path = %log_safe(request.uri().path()),
                         route,
                         request_id,
                         account = tracing::field::Empty,

@@ -1,16 +1,20 @@
-//! Backoff after failed admin logins, per client IP: guessing the admin token gets slower
-//! with every failure beyond a few honest typos.
+//! Backoff after failed admin authentications (login form, login link, Bearer token), per
+//! client IP: guessing the admin token gets slower with every failure beyond a few honest typos.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::bounded::make_room;
+
 /// Failures allowed before the backoff starts.
 const FREE_FAILURES: u32 = 5;
 const MAX_LOCK: Duration = Duration::from_secs(15 * 60);
 /// An IP with no failure for this long starts afresh.
 const FORGET_AFTER: Duration = Duration::from_secs(60 * 60);
+/// IPs remembered at most; past this, the longest quiet ones are forgotten first.
+const MAX_TRACKED: usize = 10_000;
 
 #[derive(Default)]
 pub struct LoginThrottle {
@@ -42,6 +46,9 @@ impl LoginThrottle {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
         failures.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
+        if !failures.contains_key(&ip) {
+            make_room(&mut failures, MAX_TRACKED, |f| f.last);
+        }
         let entry = failures.entry(ip).or_insert(Failures {
             count: 0,
             last: now,
@@ -84,5 +91,14 @@ mod tests {
         assert_eq!(throttle.wait(other), None);
         throttle.succeeded(ip);
         assert_eq!(throttle.wait(ip), None);
+    }
+
+    #[test]
+    fn the_failure_map_stays_bounded() {
+        let throttle = LoginThrottle::default();
+        for n in 0..(MAX_TRACKED as u32 + 100) {
+            throttle.failed(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n)));
+        }
+        assert!(throttle.failures.lock().unwrap().len() <= MAX_TRACKED);
     }
 }

@@ -67,11 +67,12 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
 /// The tables amoauth's migrations create.
-const OWN_TABLES: [&str; 6] = [
+const OWN_TABLES: [&str; 7] = [
     "amocrm_oauth_states",
     "amocrm_tokens",
     "amocrm_oauth_attempts",
     "amoauth_sessions",
+    "amoauth_login_links",
     "amoauth_api_keys",
     "amoauth_events",
 ];

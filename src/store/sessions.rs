@@ -1,4 +1,5 @@
-//! `amoauth_sessions`: admin browser logins, stored as hashes of the cookie value.
+//! `amoauth_sessions`: admin browser logins, stored as hashes of the cookie value; and
+//! `amoauth_login_links`: one-time links that open such a session, stored as hashes too.
 
 use super::{Context as _, Store, StoreError, Timestamp, on_pool};
 
@@ -49,9 +50,47 @@ impl Store {
             .during("deleting the admin session")
     }
 
+    /// Deletes expired sessions and login links; returns how many sessions went.
     pub async fn delete_expired_sessions(&self, now: Timestamp) -> Result<u64, StoreError> {
+        let sql = self.sql("DELETE FROM amoauth_login_links WHERE expires_at <= ?");
+        on_pool!(self, pool => sqlx::query(sql).bind(now).execute(pool).await.map(drop))
+            .during("deleting expired login links")?;
         let sql = self.sql("DELETE FROM amoauth_sessions WHERE expires_at <= ?");
         on_pool!(self, pool => sqlx::query(sql).bind(now).execute(pool).await.map(|done| done.rows_affected()))
             .during("deleting expired admin sessions")
+    }
+
+    pub async fn insert_login_link(
+        &self,
+        token_hash: &str,
+        expires_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let sql =
+            self.sql("INSERT INTO amoauth_login_links (token_hash, expires_at) VALUES (?, ?)");
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(token_hash)
+            .bind(expires_at)
+            .execute(pool)
+            .await
+            .map(drop))
+        .during("saving the login link")
+    }
+
+    /// Uses up a login link: true for the one caller (on any replica) that deleted it unexpired.
+    pub async fn redeem_login_link(
+        &self,
+        token_hash: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let sql =
+            self.sql("DELETE FROM amoauth_login_links WHERE token_hash = ? AND expires_at > ?");
+        let deleted = on_pool!(self, pool => sqlx::query(sql)
+            .bind(token_hash)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))
+        .during("using the login link")?;
+        Ok(deleted == 1)
     }
 }

@@ -250,7 +250,8 @@ async fn serve_cleans_up_expired_states_periodically() {
     app.stop().await;
 }
 
-/// Without AMOAUTH_ADMIN_TOKEN, `serve` makes one and prints a login URL that works.
+/// Without AMOAUTH_ADMIN_TOKEN, `serve` makes one and prints a one-time login link that works
+/// once and does not carry the token.
 #[tokio::test]
 async fn serve_without_an_admin_token_prints_a_working_login_url() {
     let dir = tempfile::tempdir().unwrap();
@@ -272,8 +273,9 @@ async fn serve_without_an_admin_token_prints_a_working_login_url() {
         .find_map(|line| line.strip_prefix("Log in at: "))
         .unwrap_or_else(|| panic!("no login URL printed:\n{output}"))
         .to_owned();
-    let token = query_param(&url, "token").unwrap();
-    assert_eq!(token.len(), 64, "a 256-bit token");
+    let link = query_param(&url, "link").unwrap();
+    assert_eq!(link.len(), 64, "a 256-bit link token");
+    assert_eq!(query_param(&url, "token"), None, "not the admin token");
 
     // The printed URL points at the redirect URI's origin, which is this server.
     let login = http_client().get(&url).send().await.unwrap();
@@ -285,9 +287,11 @@ async fn serve_without_an_admin_token_prints_a_working_login_url() {
             .unwrap()
             .starts_with("amoauth_session=")
     );
+    let again = http_client().get(&url).send().await.unwrap();
+    assert_eq!(again.status(), 401, "a login link works once");
     let output = process.stop();
     assert_eq!(
-        output.matches(token.as_str()).count(),
+        output.matches(link.as_str()).count(),
         1,
         "printed once, in no log line"
     );
@@ -380,7 +384,7 @@ async fn demo_prints_a_url_that_connects_the_demo_account() {
     let login_url = demo.printed("1. Open ").await;
     let base = format!("http://127.0.0.1:{port}");
     assert!(
-        login_url.starts_with(&format!("{base}/login?token=")),
+        login_url.starts_with(&format!("{base}/login?link=")),
         "{login_url}"
     );
     let client = http_client();

@@ -3,7 +3,7 @@
 use crate::support::*;
 
 /// Every flag that has a variable, and the variable (README's configuration table).
-const FLAG_VARIABLES: [(&str, &str); 24] = [
+const FLAG_VARIABLES: [(&str, &str); 26] = [
     ("--database-url", "DATABASE_URL"),
     ("--encryption-key", "AMOAUTH_ENCRYPTION_KEY"),
     ("--client-id", "AMOCRM_CLIENT_ID"),
@@ -18,6 +18,8 @@ const FLAG_VARIABLES: [(&str, &str); 24] = [
     ("--widget-installs", "AMOAUTH_WIDGET_INSTALLS"),
     ("--rate-limit", "AMOAUTH_RATE_LIMIT"),
     ("--trusted-proxies", "AMOAUTH_TRUSTED_PROXIES"),
+    ("--per-ip-concurrency", "AMOAUTH_PER_IP_CONCURRENCY"),
+    ("--read-timeout", "AMOAUTH_READ_TIMEOUT"),
     ("--base-path", "AMOAUTH_BASE_PATH"),
     ("--return-origins", "AMOAUTH_RETURN_ORIGINS"),
     ("--refresh-interval", "AMOAUTH_REFRESH_INTERVAL"),

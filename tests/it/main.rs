@@ -42,6 +42,7 @@ mod flow;
 mod flow_security;
 mod host_app;
 mod hostile;
+mod http_security;
 mod import;
 mod keys;
 mod logs;

@@ -318,6 +318,10 @@ pub struct Options {
     pub rate_limit: Option<&'static str>,
     /// AMOAUTH_TRUSTED_PROXIES
     pub trusted_proxies: Option<&'static str>,
+    /// AMOAUTH_PER_IP_CONCURRENCY
+    pub per_ip_concurrency: Option<&'static str>,
+    /// AMOAUTH_READ_TIMEOUT
+    pub read_timeout: Option<&'static str>,
     /// Send amoCRM requests here instead of the sandbox (the sandbox still issues codes).
     pub amocrm_url: Option<String>,
     /// AMOAUTH_BASE_PATH
@@ -418,6 +422,8 @@ impl TestApp {
             return_origins: options.return_origins.map(Into::into),
             rate_limit: Some(options.rate_limit.unwrap_or("off").into()),
             trusted_proxies: options.trusted_proxies.map(Into::into),
+            per_ip_concurrency: options.per_ip_concurrency.map(Into::into),
+            read_timeout: options.read_timeout.map(Into::into),
             base_path: options.base_path.map(Into::into),
             cleanup_interval: options.cleanup_interval.map(Into::into),
             events_url: options.events_url.clone(),

@@ -1,0 +1,62 @@
+//! A deadline for reading a request's body: a client trickling its body a byte at a time is
+//! answered 408 and cut off after `AMOAUTH_READ_TIMEOUT`, instead of holding a request slot
+//! for the whole route timeout. (tower-http's body timeout restarts with every byte read.)
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::http::header::CONNECTION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::MAX_BODY_BYTES;
+
+/// Middleware: reads the whole body (at most `MAX_BODY_BYTES`) within `read_timeout`, before
+/// the request takes one of the shared slots, then hands it on.
+pub async fn read_body(
+    State(read_timeout): State<Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(read_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(err)) if is_too_large(&err) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            [(CONNECTION, "close")],
+            format!("413 Payload Too Large: the body exceeds {MAX_BODY_BYTES} bytes\n"),
+        )
+            .into_response(),
+        Ok(Err(_)) => (
+            StatusCode::BAD_REQUEST,
+            [(CONNECTION, "close")],
+            "400 Bad Request: the request body could not be read\n",
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            [(CONNECTION, "close")],
+            format!(
+                "408 Request Timeout: the body did not arrive within {} s\n",
+                read_timeout.as_secs_f64()
+            ),
+        )
+            .into_response(),
+    }
+}
+
+fn is_too_large(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(error) = source {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}

@@ -36,6 +36,7 @@ pub struct Settings {
     pub keepalive_age: Option<String>,
     pub refresh_interval: Option<String>,
     pub cleanup_interval: Option<String>,
+    pub audit_retention: Option<String>,
     pub events_url: Option<String>,
     pub events_secret: Option<String>,
     pub events_refreshed: Option<String>,
@@ -190,6 +191,8 @@ pub struct ServerConfig {
     pub admin_token: Option<Secret>,
     pub widget_installs: bool,
     pub cleanup_interval: Duration,
+    /// Cleanup deletes audit rows older than this.
+    pub audit_retention: Duration,
     pub refresh: RefreshConfig,
     /// Exact origins (`https://app.example.com`) a connect link may return to.
     pub return_origins: Vec<String>,
@@ -412,6 +415,7 @@ impl Settings {
         let widget_installs = parse_switch(&self.widget_installs, "AMOAUTH_WIDGET_INSTALLS");
         let cleanup_interval =
             parse_duration_var(&self.cleanup_interval, "AMOAUTH_CLEANUP_INTERVAL", "1h");
+        let audit_retention = self.audit_retention();
         let refresh_margin =
             parse_duration_var(&self.refresh_margin, "AMOAUTH_REFRESH_MARGIN", "1h");
         let keepalive_age = parse_duration_var(&self.keepalive_age, "AMOAUTH_KEEPALIVE_AGE", "30d");
@@ -432,6 +436,7 @@ impl Settings {
             admin_token,
             widget_installs,
             cleanup_interval,
+            audit_retention,
             refresh_margin,
             keepalive_age,
             refresh_interval,
@@ -449,6 +454,7 @@ impl Settings {
             admin_token,
             widget_installs,
             cleanup_interval,
+            audit_retention,
             refresh_margin,
             keepalive_age,
             refresh_interval,
@@ -472,6 +478,7 @@ impl Settings {
             admin_token,
             widget_installs,
             cleanup_interval,
+            audit_retention,
             refresh,
             return_origins,
             events,
@@ -479,6 +486,11 @@ impl Settings {
             rate_limit,
             trusted_proxies,
         })
+    }
+
+    /// How long audit rows are kept (`AMOAUTH_AUDIT_RETENTION`, default 90 days).
+    pub fn audit_retention(&self) -> Result<Duration, ConfigError> {
+        parse_duration_var(&self.audit_retention, "AMOAUTH_AUDIT_RETENTION", "90d")
     }
 
     pub fn events(&self) -> Result<Option<EventsConfig>, ConfigErrors> {

@@ -141,30 +141,32 @@ impl TokenService {
         usable(&row)?;
         let at = now();
         let still_valid = row.expires_at > at;
-        let row = if row.expires_at - at > MIN_VALIDITY {
-            row
-        } else if let Some(backoff) = backing_off(&row, at) {
-            if !still_valid {
-                return Err(backoff);
-            }
-            row
-        } else if still_valid && self.refresh_in_progress(&row, at) {
-            row
-        } else {
-            match self.refresh_with(row.id, row.version, Backoff::Respect).await {
-                Ok(refreshed) => {
-                    usable(&refreshed)?;
-                    refreshed
+        let row =
+            if row.expires_at - at > MIN_VALIDITY {
+                row
+            } else if let Some(backoff) = backing_off(&row, at) {
+                if !still_valid {
+                    return Err(backoff);
                 }
-                // The refresh failed, but the stored token still works until it expires.
-                Err(TokenError::Amo { .. } | TokenError::Busy | TokenError::BackingOff { .. })
-                    if now() < row.expires_at =>
+                row
+            } else if still_valid && self.refresh_in_progress(&row, at) {
+                row
+            } else {
+                match self
+                    .refresh_with(row.id, row.version, Backoff::Respect)
+                    .await
                 {
-                    row
+                    Ok(refreshed) => {
+                        usable(&refreshed)?;
+                        refreshed
+                    }
+                    // The refresh failed, but the stored token still works until it expires.
+                    Err(
+                        TokenError::Amo { .. } | TokenError::Busy | TokenError::BackingOff { .. },
+                    ) if now() < row.expires_at => row,
+                    Err(err) => return Err(err),
                 }
-                Err(err) => return Err(err),
-            }
-        };
+            };
         let access_token = self.open(&row, "access_token")?;
         Ok(FreshToken {
             account_id: row.account_id,
@@ -217,12 +219,12 @@ impl TokenService {
                     this.refresh_across_processes(id, seen_version, backoff)
                         .await
                 })
-                    .await
-                    .unwrap_or_else(|err| {
-                        Err(TokenError::Database(format!(
-                            "the refresh task failed: {err}"
-                        )))
-                    })
+                .await
+                .unwrap_or_else(|err| {
+                    Err(TokenError::Database(format!(
+                        "the refresh task failed: {err}"
+                    )))
+                })
             })
             .await
             .clone();

@@ -3,7 +3,7 @@
 use crate::support::*;
 
 /// Every flag that has a variable, and the variable (README's configuration table).
-const FLAG_VARIABLES: [(&str, &str); 24] = [
+const FLAG_VARIABLES: [(&str, &str); 25] = [
     ("--database-url", "DATABASE_URL"),
     ("--encryption-key", "AMOAUTH_ENCRYPTION_KEY"),
     ("--client-id", "AMOCRM_CLIENT_ID"),
@@ -22,6 +22,7 @@ const FLAG_VARIABLES: [(&str, &str); 24] = [
     ("--return-origins", "AMOAUTH_RETURN_ORIGINS"),
     ("--refresh-interval", "AMOAUTH_REFRESH_INTERVAL"),
     ("--cleanup-interval", "AMOAUTH_CLEANUP_INTERVAL"),
+    ("--audit-retention", "AMOAUTH_AUDIT_RETENTION"),
     ("--refresh-margin", "AMOAUTH_REFRESH_MARGIN"),
     ("--keepalive-age", "AMOAUTH_KEEPALIVE_AGE"),
     ("--events-url", "AMOAUTH_EVENTS_URL"),
@@ -82,7 +83,12 @@ const COMMANDS: [(&[&str], &[&str], &[&str]); 15] = [
     ),
     (
         &["cleanup"],
-        &["--grace", "--dry-run", "--database-url"],
+        &[
+            "--grace",
+            "--dry-run",
+            "--audit-retention",
+            "--database-url",
+        ],
         &["--listen", "--client-id", "--encryption-key", "--state-ttl"],
     ),
     // Opens tokens for their preview, so it needs the key; calls nobody.

@@ -49,5 +49,8 @@ mod php;
 mod proxy;
 mod refresh;
 mod result_page;
+mod retention;
+mod secrets_on_failures;
 mod security;
 mod support;
+mod token_service;

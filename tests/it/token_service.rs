@@ -25,9 +25,7 @@ async fn set_connection(db: &TestDb, column: &'static str, value: Option<NaiveDa
         TestDb::Postgres(_) => "$1",
         _ => "?",
     };
-    let sql = sqlx::AssertSqlSafe(format!(
-        "UPDATE amocrm_tokens SET {column} = {placeholder}"
-    ));
+    let sql = sqlx::AssertSqlSafe(format!("UPDATE amocrm_tokens SET {column} = {placeholder}"));
     match db {
         TestDb::Sqlite(pool) => sqlx::query(sql).bind(value).execute(pool).await.map(drop),
         TestDb::Postgres(pool) => sqlx::query(sql).bind(value).execute(pool).await.map(drop),
@@ -136,7 +134,11 @@ async fn token_api_waits_out_the_refresh_backoff_during_an_outage(backend: Backe
             "Retry-After {retry_after}, backoff {left} s"
         );
     }
-    assert_eq!(app.sandbox.stats().refreshes, 1, "no call inside the backoff");
+    assert_eq!(
+        app.sandbox.stats().refreshes,
+        1,
+        "no call inside the backoff"
+    );
 
     // The backoff is over: exactly one more try, which fails and doubles the backoff.
     set_connection(app.db(), "next_refresh_at", Some(from_now(-1))).await;
@@ -159,7 +161,10 @@ async fn token_api_waits_out_the_refresh_backoff_during_an_outage(backend: Backe
     set_connection(app.db(), "next_refresh_at", Some(from_now(-1))).await;
     let answer = ask(&app.client, &format!("{}{TOKEN_PATH}", app.base), &key).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
-    assert_eq!(answer.body["access_token"], newest_access_token(&app).as_str());
+    assert_eq!(
+        answer.body["access_token"],
+        newest_access_token(&app).as_str()
+    );
     assert_ne!(answer.body["access_token"], stored.as_str());
     let stats = app.sandbox.stats();
     assert_eq!((stats.refreshes, stats.successful_refreshes), (3, 1));
@@ -222,7 +227,11 @@ async fn a_valid_token_never_waits_for_someone_elses_refresh(backend: Backend) {
     );
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.body["access_token"], refreshed.as_str());
-    assert_eq!(app.sandbox.stats().refreshes, 1, "the lease holder refreshes");
+    assert_eq!(
+        app.sandbox.stats().refreshes,
+        1,
+        "the lease holder refreshes"
+    );
 
     // Expired: the call waits, but only until the dead holder's lease can be taken over.
     set_connection(app.db(), "expires_at", Some(from_now(-60))).await;
@@ -231,7 +240,10 @@ async fn a_valid_token_never_waits_for_someone_elses_refresh(backend: Backend) {
     let answer = ask(&app.client, &url, &key).await;
     let waited = started.elapsed();
     assert_eq!(answer.status, 200, "{}", answer.body);
-    assert_eq!(answer.body["access_token"], newest_access_token(&app).as_str());
+    assert_eq!(
+        answer.body["access_token"],
+        newest_access_token(&app).as_str()
+    );
     assert_ne!(answer.body["access_token"], refreshed.as_str());
     assert!(
         (Duration::from_secs(2)..Duration::from_secs(6)).contains(&waited),

@@ -21,7 +21,7 @@ use crate::store::{Backend, Store};
 use crate::store::{checked_earlier, now};
 use flags::{
     AmoCrmFlags, DatabaseFlags, EventsFlags, IntegrationFlags, KeyFlags, LogFlags, RefreshFlags,
-    ServerFlags,
+    RetentionFlags, ServerFlags,
 };
 
 #[derive(Parser)]
@@ -43,14 +43,14 @@ enum Command {
     Demo(DemoArgs),
     /// Apply the database schema and exit
     Migrate(StoreArgs),
-    /// Delete expired OAuth states and print how many were removed
+    /// Delete expired OAuth states, and audit rows and delivered events past their retention; print how many were removed
     Cleanup(CleanupArgs),
     /// List connections: status, expiry, hours left, last refresh, last error, masked token
     Tokens(SealedStoreArgs),
     /// List active OAuth states (never the states themselves)
     States(StoreArgs),
     /// List events for the host app still pending or failed, and count the delivered ones
-    Events(StoreArgs),
+    Events(EventsArgs),
     /// Refresh one connection now (by account id or subdomain), or every connection that is due
     Refresh(RefreshArgs),
     /// Take over the connections of an earlier integration's amocrm_tokens table
@@ -81,6 +81,8 @@ struct ServeArgs {
     #[command(flatten)]
     server: ServerFlags,
     #[command(flatten)]
+    retention: RetentionFlags,
+    #[command(flatten)]
     refresh: RefreshFlags,
     #[command(flatten)]
     events: EventsFlags,
@@ -97,6 +99,8 @@ struct DemoArgs {
     key: KeyFlags,
     #[command(flatten)]
     server: ServerFlags,
+    #[command(flatten)]
+    retention: RetentionFlags,
     #[command(flatten)]
     refresh: RefreshFlags,
     #[command(flatten)]
@@ -134,7 +138,26 @@ struct CleanupArgs {
     #[arg(long)]
     dry_run: bool,
     #[command(flatten)]
+    retention: RetentionFlags,
+    #[command(flatten)]
     store: StoreArgs,
+}
+
+#[derive(Args)]
+struct EventsArgs {
+    #[command(subcommand)]
+    action: Option<EventsAction>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Subcommand)]
+enum EventsAction {
+    /// Deliver the failed events again: pending, attempts reset, due now; prints how many
+    Retry {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Args)]
@@ -248,6 +271,7 @@ pub async fn run() -> anyhow::Result<()> {
                 &args.integration,
                 &args.amocrm,
                 &args.server,
+                &args.retention,
                 &args.refresh,
                 &args.events,
                 &args.log,
@@ -259,6 +283,7 @@ pub async fn run() -> anyhow::Result<()> {
                 &args.database,
                 &args.key,
                 &args.server,
+                &args.retention,
                 &args.refresh,
                 &args.events,
                 &args.log,
@@ -272,16 +297,23 @@ pub async fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup(args) => {
-            cleanup(
-                &with_logging(args.store.settings())?,
-                &args.grace,
-                args.dry_run,
-            )
-            .await
+            let settings =
+                flags::settings(&[&args.store.database, &args.store.log, &args.retention]);
+            cleanup(&with_logging(settings)?, &args.grace, args.dry_run).await
         }
         Command::Tokens(args) => tokens(&with_logging(args.settings())?).await,
         Command::States(args) => states(&with_logging(args.settings())?).await,
-        Command::Events(args) => events(&with_logging(args.settings())?).await,
+        Command::Events(EventsArgs {
+            action: Some(EventsAction::Retry { store }),
+            store: before,
+        }) => {
+            // Flags given before `retry` count too (`events --database-url … retry`).
+            let (mut settings, before) = (store.settings(), before.settings());
+            settings.database_url = settings.database_url.or(before.database_url);
+            settings.log_format = settings.log_format.or(before.log_format);
+            retry_events(&with_logging(settings)?).await
+        }
+        Command::Events(args) => events(&with_logging(args.store.settings())?).await,
         Command::Refresh(args) => {
             let settings = flags::settings(&[
                 &args.database,
@@ -434,16 +466,29 @@ async fn cleanup(settings: &Settings, grace: &str, dry_run: bool) -> anyhow::Res
         variable: "--grace",
         problem: format!("expected a duration such as 0s, 1h or 1d, got `{grace}`"),
     })?;
+    let audit_retention = settings.audit_retention()?;
     let store = server::open_store(&settings.store()?).await?;
     let cutoff = checked_earlier(now(), grace).context("--grace is too large")?;
+    let audit_age = format_duration(audit_retention);
+    let events_age = format_duration(server::DELIVERED_EVENTS_RETENTION);
     if dry_run {
         let expired = store.count_expired_states(cutoff).await?;
+        let audit_rows = match server::older_than(audit_retention) {
+            Some(cutoff) => store.count_attempts_before(cutoff).await?,
+            None => 0,
+        };
+        let delivered = match server::older_than(server::DELIVERED_EVENTS_RETENTION) {
+            Some(cutoff) => store.count_delivered_events_before(cutoff).await?,
+            None => 0,
+        };
         println!("would remove {expired} expired states (dry run; nothing was deleted)");
+        println!("would remove {audit_rows} audit rows older than {audit_age}");
+        println!("would remove {delivered} delivered events older than {events_age}");
         return Ok(());
     }
     // Small enough that one batch holds SQLite's write lock for milliseconds.
     const BATCH: i64 = 2_000;
-    // Long purges report progress on stderr, so stdout keeps the one-line result.
+    // Long purges report progress on stderr, so stdout keeps the one-line results.
     let mut progress = |removed: u64| {
         if removed >= BATCH.unsigned_abs() {
             eprintln!("… {removed} removed so far");
@@ -453,7 +498,28 @@ async fn cleanup(settings: &Settings, grace: &str, dry_run: bool) -> anyhow::Res
         .delete_expired_states(cutoff, BATCH, &mut progress)
         .await?;
     println!("removed {removed} expired states");
+    let purged =
+        server::delete_past_retention(&store, audit_retention, BATCH, &mut progress).await?;
+    println!(
+        "removed {} audit rows older than {audit_age}",
+        purged.audit_rows
+    );
+    println!(
+        "removed {} delivered events older than {events_age}",
+        purged.delivered_events
+    );
     Ok(())
+}
+
+/// A retention as people write it: in days, hours or seconds, whichever is whole.
+fn format_duration(duration: std::time::Duration) -> String {
+    let seconds = duration.as_secs();
+    match seconds {
+        0 => format!("{}ms", duration.as_millis()),
+        _ if seconds.is_multiple_of(86_400) => format!("{}d", seconds / 86_400),
+        _ if seconds.is_multiple_of(3_600) => format!("{}h", seconds / 3_600),
+        _ => format!("{seconds}s"),
+    }
 }
 
 async fn tokens(settings: &Settings) -> anyhow::Result<()> {
@@ -787,6 +853,13 @@ async fn events(settings: &Settings) -> anyhow::Result<()> {
             e.last_error.as_deref().unwrap_or("-"),
         );
     }
+    Ok(())
+}
+
+async fn retry_events(settings: &Settings) -> anyhow::Result<()> {
+    let store = server::open_store(&settings.store()?).await?;
+    let requeued = store.retry_failed_events(now()).await?;
+    println!("requeued {requeued} failed events; `amoauth serve` delivers them now");
     Ok(())
 }
 

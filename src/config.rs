@@ -38,6 +38,7 @@ pub struct Settings {
     pub keepalive_age: Option<String>,
     pub refresh_interval: Option<String>,
     pub cleanup_interval: Option<String>,
+    pub audit_retention: Option<String>,
     pub events_url: Option<String>,
     pub events_secret: Option<String>,
     pub events_refreshed: Option<String>,
@@ -192,6 +193,8 @@ pub struct ServerConfig {
     pub admin_token: Option<Secret>,
     pub widget_installs: bool,
     pub cleanup_interval: Duration,
+    /// Cleanup deletes audit rows older than this.
+    pub audit_retention: Duration,
     pub refresh: RefreshConfig,
     /// Exact origins (`https://app.example.com`) a connect link may return to.
     pub return_origins: Vec<String>,
@@ -436,6 +439,7 @@ impl Settings {
         let widget_installs = parse_switch(&self.widget_installs, "AMOAUTH_WIDGET_INSTALLS");
         let cleanup_interval =
             parse_duration_var(&self.cleanup_interval, "AMOAUTH_CLEANUP_INTERVAL", "1h");
+        let audit_retention = self.audit_retention();
         let refresh_margin =
             parse_duration_var(&self.refresh_margin, "AMOAUTH_REFRESH_MARGIN", "1h");
         let keepalive_age = parse_duration_var(&self.keepalive_age, "AMOAUTH_KEEPALIVE_AGE", "30d");
@@ -459,6 +463,7 @@ impl Settings {
             admin_token,
             widget_installs,
             cleanup_interval,
+            audit_retention,
             refresh_margin,
             keepalive_age,
             refresh_interval,
@@ -478,6 +483,7 @@ impl Settings {
             admin_token,
             widget_installs,
             cleanup_interval,
+            audit_retention,
             refresh_margin,
             keepalive_age,
             refresh_interval,
@@ -506,6 +512,7 @@ impl Settings {
             admin_token,
             widget_installs,
             cleanup_interval,
+            audit_retention,
             refresh,
             return_origins,
             events,
@@ -515,6 +522,11 @@ impl Settings {
             per_ip_concurrency,
             read_timeout,
         })
+    }
+
+    /// How long audit rows are kept (`AMOAUTH_AUDIT_RETENTION`, default 90 days).
+    pub fn audit_retention(&self) -> Result<Duration, ConfigError> {
+        parse_duration_var(&self.audit_retention, "AMOAUTH_AUDIT_RETENTION", "90d")
     }
 
     pub fn events(&self) -> Result<Option<EventsConfig>, ConfigErrors> {

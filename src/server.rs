@@ -24,6 +24,43 @@ use crate::tokens::{TokenService, run_worker};
 /// Expired states are kept this long, so a late callback is told "expired", not "unknown".
 pub const DEFAULT_CLEANUP_GRACE: Duration = Duration::from_secs(86_400);
 const CLEANUP_BATCH: i64 = 1000;
+/// Delivered events are kept this long (for `amoauth events` and the host app's questions).
+pub const DELIVERED_EVENTS_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+
+/// How many rows a retention pass deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    pub audit_rows: u64,
+    pub delivered_events: u64,
+}
+
+/// The moment before which rows older than `age` were written; None when `age` reaches past
+/// the calendar's start (nothing is that old).
+pub fn older_than(age: Duration) -> Option<crate::store::Timestamp> {
+    crate::store::checked_earlier(now(), age)
+}
+
+/// Deletes audit rows older than `audit_retention` and events delivered more than
+/// `DELIVERED_EVENTS_RETENTION` ago, in batches; `progress` hears running totals.
+pub async fn delete_past_retention(
+    store: &Store,
+    audit_retention: Duration,
+    batch: i64,
+    progress: &mut (dyn FnMut(u64) + Send),
+) -> anyhow::Result<Purged> {
+    let mut purged = Purged::default();
+    if let Some(cutoff) = older_than(audit_retention) {
+        purged.audit_rows = store
+            .delete_attempts_before(cutoff, batch, progress)
+            .await?;
+    }
+    if let Some(cutoff) = older_than(DELIVERED_EVENTS_RETENTION) {
+        purged.delivered_events = store
+            .delete_delivered_events_before(cutoff, batch, progress)
+            .await?;
+    }
+    Ok(purged)
+}
 
 /// Opens and migrates the database.
 pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
@@ -307,7 +344,11 @@ pub async fn start_with_listener(
         })
         .await
     });
-    let cleanup = tokio::spawn(cleanup_loop(store.clone(), config.cleanup_interval));
+    let cleanup = tokio::spawn(cleanup_loop(
+        store.clone(),
+        config.cleanup_interval,
+        config.audit_retention,
+    ));
     tracing::info!(%addr, "amoauth listening");
     Ok(Running {
         addr,
@@ -370,8 +411,9 @@ async fn serve_http(
     Ok(())
 }
 
-/// Deletes expired states and sessions periodically, so no cron is needed.
-async fn cleanup_loop(store: Store, interval: Duration) {
+/// Deletes expired states and sessions, and rows past their retention, periodically, so no
+/// cron is needed.
+async fn cleanup_loop(store: Store, interval: Duration, audit_retention: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -389,6 +431,20 @@ async fn cleanup_loop(store: Store, interval: Duration) {
         }
         if let Err(err) = store.delete_expired_sessions(now()).await {
             tracing::error!(error = %err, "periodic cleanup of admin sessions failed; will retry");
+        }
+        match delete_past_retention(&store, audit_retention, CLEANUP_BATCH, &mut |_| {}).await {
+            Ok(Purged {
+                audit_rows: 0,
+                delivered_events: 0,
+            }) => {}
+            Ok(purged) => tracing::info!(
+                audit_rows = purged.audit_rows,
+                delivered_events = purged.delivered_events,
+                "periodic cleanup removed rows past their retention"
+            ),
+            Err(err) => {
+                tracing::error!(error = %err, "periodic retention cleanup failed; will retry")
+            }
         }
     }
 }

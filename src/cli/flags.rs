@@ -132,6 +132,15 @@ fills!(
     cleanup_interval
 );
 
+/// How long cleanup keeps the audit trail.
+#[derive(Args)]
+pub struct RetentionFlags {
+    /// Cleanup deletes audit rows older than this (e.g. 90d); delivered events go after 30 days
+    #[arg(long, env = "AMOAUTH_AUDIT_RETENTION", hide_env_values = true)]
+    audit_retention: Option<String>,
+}
+fills!(RetentionFlags: audit_retention);
+
 /// Which connections are due for a refresh.
 #[derive(Args)]
 pub struct RefreshFlags {

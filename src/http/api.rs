@@ -274,6 +274,26 @@ fn token_error(err: &TokenError) -> Response {
             response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("2"));
             response
         }
+        TokenError::BackingOff {
+            reason, retry_at, ..
+        } => {
+            // Whole seconds, rounded up: a client that waits this long finds the backoff over.
+            let wait_ms = (*retry_at - crate::store::now()).num_milliseconds().max(0);
+            let seconds = (wait_ms + 999) / 1000;
+            let mut response = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "error": "refresh_backoff",
+                    "reason": reason,
+                    "message": err.to_string(),
+                })),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            response
+        }
         TokenError::Database(detail) => database_unavailable(detail),
         TokenError::Corrupt(_) => {
             tracing::error!(error = %err, "stored tokens cannot be decrypted");

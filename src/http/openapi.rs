@@ -173,7 +173,7 @@ pub fn document(contract: &Contract) -> Value {
                         "409": error_response("needs_reauth or disconnected: an admin must connect the account again."),
                         "500": error_response("The stored tokens cannot be decrypted with the configured key (corrupt)."),
                         "502": error_response("amoCRM refused or failed the refresh; the stored pair is kept."),
-                        "503": error_response_with("The database, or another replica's refresh, is in the way; retry.", "Retry-After", "Seconds to wait."),
+                        "503": error_response_with("refresh_backoff: the access token expired and refreshes are backing off after amoCRM failed them (`reason` says why; no call to amoCRM was made); or the database, or another replica's refresh, is in the way. Retry after `Retry-After`.", "Retry-After", "Seconds to wait."),
                         "504": error_response("amoCRM did not answer the refresh in time.")
                     }
                 }), true)
@@ -235,7 +235,7 @@ pub fn document(contract: &Contract) -> Value {
                     "properties": {
                         "error": { "type": "string", "description": "A stable code, e.g. invalid_request, unauthorized, not_found, method_not_allowed, payload_too_large, unsupported_media_type, rate_limited, timeout." },
                         "message": { "type": "string", "description": "What went wrong and what to do." },
-                        "reason": { "type": "string", "description": "amoCRM's words, for needs_reauth." }
+                        "reason": { "type": "string", "description": "Why, for needs_reauth (amoCRM's words) and refresh_backoff (the last refresh error)." }
                     }
                 },
                 "Connection": {

@@ -133,6 +133,36 @@ pub enum Fault {
     ExpiresIn(u64),
 }
 
+impl Fault {
+    /// One fault of every kind, for tests that must drive every failure the sandbox can
+    /// inject; `Delay` sleeps for `delay` (make it longer than the client's timeout). A new
+    /// variant does not compile until it is listed here.
+    pub fn every_kind(delay: Duration) -> Vec<Fault> {
+        let every = vec![
+            Fault::Problem {
+                status: 400,
+                hint: "Authorization code has been revoked".into(),
+            },
+            Fault::ServerError,
+            Fault::Garbage,
+            Fault::Delay(delay),
+            Fault::LoseReply,
+            Fault::ExpiresIn(u64::MAX),
+        ];
+        for fault in &every {
+            match fault {
+                Fault::Problem { .. }
+                | Fault::ServerError
+                | Fault::Garbage
+                | Fault::Delay(_)
+                | Fault::LoseReply
+                | Fault::ExpiresIn(_) => {}
+            }
+        }
+        every
+    }
+}
+
 /// Handle to a running or runnable sandbox; clones share the same state.
 #[derive(Clone)]
 pub struct Sandbox {

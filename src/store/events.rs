@@ -164,6 +164,21 @@ impl Store {
             .during("marking the event failed")
     }
 
+    /// `amoauth events retry`: every failed event is pending again, with its attempts reset
+    /// and due at `now`. Returns how many were requeued.
+    pub async fn retry_failed_events(&self, now: Timestamp) -> Result<u64, StoreError> {
+        let sql = self.sql(
+            "UPDATE amoauth_events SET status = 'pending', attempts = 0, next_attempt_at = ?, \
+             lease_until = NULL WHERE status = 'failed'",
+        );
+        on_pool!(self, pool => sqlx::query(sql)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))
+        .during("requeueing failed events")
+    }
+
     /// Pending and failed events, oldest first.
     pub async fn undelivered_events(&self, limit: i64) -> Result<Vec<EventRow>, StoreError> {
         let sql = self.sql(concat!(

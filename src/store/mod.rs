@@ -5,6 +5,7 @@
 mod api_keys;
 mod attempts;
 mod events;
+mod retention;
 mod seed;
 mod sessions;
 mod states;

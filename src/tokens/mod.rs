@@ -53,6 +53,16 @@ pub enum TokenError {
     },
     #[error("another process holds the refresh of this connection; try again shortly")]
     Busy,
+    /// Refreshes failed lately and the stored access token has expired: amoauth waits out
+    /// its backoff rather than call amoCRM on every request.
+    #[error(
+        "the access token expired and refreshing it at {host} failed ({reason}); the next try is not before {retry_at} UTC"
+    )]
+    BackingOff {
+        host: String,
+        reason: String,
+        retry_at: Timestamp,
+    },
     #[error("database unavailable: {0}")]
     Database(String),
     #[error("the stored tokens cannot be decrypted: {0}")]
@@ -118,7 +128,9 @@ impl TokenService {
     }
 
     /// A valid access token for the account (id, subdomain or host), refreshed first when
-    /// it is close to expiry.
+    /// it is close to expiry. A token that is still valid is served at once, without a
+    /// refresh, while refreshes back off after failures or someone else is refreshing; only
+    /// an expired token waits for a refresh, and inside the backoff it is refused at once.
     pub async fn access_token(self: &Arc<Self>, account: &str) -> Result<FreshToken, TokenError> {
         let row = self
             .store
@@ -126,13 +138,34 @@ impl TokenService {
             .await?
             .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
         usable(&row)?;
-        let row = if row.expires_at - now() > MIN_VALIDITY {
-            row
-        } else {
-            let refreshed = self.refresh(row.id, row.version).await?;
-            usable(&refreshed)?;
-            refreshed
-        };
+        let at = now();
+        let still_valid = row.expires_at > at;
+        let row =
+            if row.expires_at - at > MIN_VALIDITY {
+                row
+            } else if let Some(backoff) = backing_off(&row, at) {
+                if !still_valid {
+                    return Err(backoff);
+                }
+                row
+            } else if still_valid && self.refresh_in_progress(&row, at) {
+                row
+            } else {
+                match self
+                    .refresh_with(row.id, row.version, Backoff::Respect)
+                    .await
+                {
+                    Ok(refreshed) => {
+                        usable(&refreshed)?;
+                        refreshed
+                    }
+                    // The refresh failed, but the stored token still works until it expires.
+                    Err(
+                        TokenError::Amo { .. } | TokenError::Busy | TokenError::BackingOff { .. },
+                    ) if now() < row.expires_at => row,
+                    Err(err) => return Err(err),
+                }
+            };
         let access_token = self.open(&row, "access_token")?;
         Ok(FreshToken {
             account_id: row.account_id,
@@ -143,12 +176,32 @@ impl TokenService {
         })
     }
 
-    /// Refreshes the connection unless its pair changed since `seen_version` (then whoever
-    /// changed it already did the work). Callers in this process share one refresh.
+    /// Whether a refresh of this connection is under way here or in another process.
+    fn refresh_in_progress(&self, row: &ConnectionRow, at: Timestamp) -> bool {
+        let here = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(&row.id);
+        here || row.lease_until.is_some_and(|until| until > at)
+    }
+
+    /// Refreshes the connection now, backoff or not (an admin's explicit `amoauth refresh`),
+    /// unless its pair changed since `seen_version` (then whoever changed it already did the
+    /// work). Callers in this process share one refresh.
     pub async fn refresh(
         self: &Arc<Self>,
         id: i64,
         seen_version: i64,
+    ) -> Result<ConnectionRow, TokenError> {
+        self.refresh_with(id, seen_version, Backoff::Ignore).await
+    }
+
+    async fn refresh_with(
+        self: &Arc<Self>,
+        id: i64,
+        seen_version: i64,
+        backoff: Backoff,
     ) -> Result<ConnectionRow, TokenError> {
         let cell = Arc::clone(
             self.inflight
@@ -161,13 +214,16 @@ impl TokenService {
         let result = cell
             .get_or_init(|| async move {
                 // Spawned, so a caller that goes away cannot abandon a refresh half-way.
-                tokio::spawn(async move { this.refresh_across_processes(id, seen_version).await })
-                    .await
-                    .unwrap_or_else(|err| {
-                        Err(TokenError::Database(format!(
-                            "the refresh task failed: {err}"
-                        )))
-                    })
+                tokio::spawn(async move {
+                    this.refresh_across_processes(id, seen_version, backoff)
+                        .await
+                })
+                .await
+                .unwrap_or_else(|err| {
+                    Err(TokenError::Database(format!(
+                        "the refresh task failed: {err}"
+                    )))
+                })
             })
             .await
             .clone();
@@ -184,36 +240,43 @@ impl TokenService {
         result
     }
 
-    /// Takes the database lease, or waits for the process holding it to finish.
+    /// Takes the database lease, or waits for the process holding it to finish. A holder
+    /// that died is taken over when its lease expires. The pacer's turn is awaited before
+    /// the lease is taken, so no lease is held while waiting for it.
     async fn refresh_across_processes(
         &self,
         id: i64,
         seen_version: i64,
+        backoff: Backoff,
     ) -> Result<ConnectionRow, TokenError> {
         let deadline = tokio::time::Instant::now() + self.lease.saturating_mul(2);
+        let mut row = self.read(id).await?;
         loop {
-            let at = now();
-            if self
-                .store
-                .take_lease(id, &self.owner, at, saturating_later(at, self.lease))
-                .await?
-            {
-                let result = self.refresh_holding_lease(id, seen_version).await;
-                if result.is_err() {
-                    // Every write of the refresh releases the lease; this covers the paths
-                    // that fail before one (database or decryption errors).
-                    let _ = self.store.release_lease(id, &self.owner).await;
-                }
-                return result;
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-            let row = self.read(id).await?;
             if row.version != seen_version || row.status != "active" {
                 return Ok(row);
+            }
+            if row.lease_until.is_none_or(|until| until <= now()) {
+                self.amo.pace(&row.domain).await;
+                let at = now();
+                if self
+                    .store
+                    .take_lease(id, &self.owner, at, saturating_later(at, self.lease))
+                    .await?
+                {
+                    let result = self.refresh_holding_lease(id, seen_version, backoff).await;
+                    if result.is_err() {
+                        // Every write of the refresh releases the lease; this covers the paths
+                        // that fail before one (database or decryption errors, backoff).
+                        let _ = self.store.release_lease(id, &self.owner).await;
+                    }
+                    return result;
+                }
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(TokenError::Busy);
             }
+            tokio::time::sleep(POLL_INTERVAL).await;
+            row = self.read(id).await?;
         }
     }
 
@@ -228,12 +291,19 @@ impl TokenService {
         &self,
         id: i64,
         seen_version: i64,
+        backoff: Backoff,
     ) -> Result<ConnectionRow, TokenError> {
         // Re-read under the lease: another process may have refreshed since we looked.
         let row = self.read(id).await?;
         if row.version != seen_version || row.status != "active" {
             self.store.release_lease(id, &self.owner).await?;
             return Ok(row);
+        }
+        // Another process may have failed a refresh since we looked.
+        if backoff == Backoff::Respect
+            && let Some(backing_off) = backing_off(&row, now())
+        {
+            return Err(backing_off);
         }
         let refresh_token = self.open(&row, "refresh_token")?;
         match self.call_refresh(&row, &refresh_token).await {
@@ -264,7 +334,7 @@ impl TokenService {
         row: &ConnectionRow,
         refresh_token: &Secret,
     ) -> Result<(TokenSet, String), AmoError> {
-        self.amo.pace(&row.domain).await;
+        // The pacer's turn for this first call was awaited before the lease was taken.
         let err = match self.amo.refresh(&row.domain, refresh_token).await {
             Ok(tokens) => return Ok((tokens, row.domain.clone())),
             Err(err) if account_moved(&err) => err,
@@ -496,6 +566,28 @@ fn refresh_attempt<'a>(
 fn account_id_of(row: &ConnectionRow) -> Result<i64, TokenError> {
     row.account_id
         .ok_or_else(|| TokenError::Corrupt("the connection has no account id".into()))
+}
+
+/// Whether a refresh waits out the backoff after failures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backoff {
+    /// The token API and the worker: no call to amoCRM before `next_refresh_at`.
+    Respect,
+    /// An admin's explicit refresh.
+    Ignore,
+}
+
+/// The refusal to refresh while failed refreshes back off, or None outside a backoff.
+fn backing_off(row: &ConnectionRow, at: Timestamp) -> Option<TokenError> {
+    let retry_at = row.next_refresh_at.filter(|retry_at| *retry_at > at)?;
+    (row.refresh_failures > 0).then(|| TokenError::BackingOff {
+        host: row.domain.clone(),
+        reason: row
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "an earlier refresh failed".into()),
+        retry_at,
+    })
 }
 
 /// Errors that are about the connection, not the request.

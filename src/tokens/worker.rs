@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use super::{TokenError, TokenService};
+use super::{Backoff, TokenError, TokenService};
 use crate::store::{Timestamp, checked_earlier, now, saturating_later};
 
 /// Refreshes in flight at once, across all accounts.
@@ -51,7 +51,7 @@ impl TokenService {
                 let service = Arc::clone(self);
                 tasks.spawn(async move {
                     let _permit = permit;
-                    service.refresh(id, version).await
+                    service.refresh_with(id, version, Backoff::Respect).await
                 });
             }
             while let Some(joined) = tasks.join_next().await {

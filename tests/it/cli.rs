@@ -39,7 +39,7 @@ async fn cleanup_removes_exactly_the_states_expired_past_the_grace_period(backen
         .args(["cleanup", "--dry-run"]));
     assert!(ok);
     assert_eq!(
-        stdout.trim(),
+        stdout.lines().next().unwrap(),
         "would remove 3 expired states (dry run; nothing was deleted)"
     );
     assert_eq!(
@@ -55,7 +55,7 @@ async fn cleanup_removes_exactly_the_states_expired_past_the_grace_period(backen
         .arg("cleanup"));
 
     assert!(ok, "{stderr}");
-    assert_eq!(stdout.trim(), "removed 3 expired states");
+    assert_eq!(stdout.lines().next().unwrap(), "removed 3 expired states");
     let left = database
         .db
         .strings("SELECT state_hash FROM amocrm_oauth_states ORDER BY state_hash")
@@ -69,7 +69,7 @@ async fn cleanup_removes_exactly_the_states_expired_past_the_grace_period(backen
         .env("DATABASE_URL", &url)
         .args(["cleanup", "--grace", "0s"]));
     assert!(ok);
-    assert_eq!(stdout.trim(), "removed 1 expired states");
+    assert_eq!(stdout.lines().next().unwrap(), "removed 1 expired states");
 
     let (ok, stdout, _) = run(amoauth_command(&dir)
         .env("DATABASE_URL", &url)

@@ -3,7 +3,7 @@
 use crate::support::*;
 
 /// Every flag that has a variable, and the variable (README's configuration table).
-const FLAG_VARIABLES: [(&str, &str); 26] = [
+const FLAG_VARIABLES: [(&str, &str); 27] = [
     ("--database-url", "DATABASE_URL"),
     ("--encryption-key", "AMOAUTH_ENCRYPTION_KEY"),
     ("--client-id", "AMOCRM_CLIENT_ID"),
@@ -24,6 +24,7 @@ const FLAG_VARIABLES: [(&str, &str); 26] = [
     ("--return-origins", "AMOAUTH_RETURN_ORIGINS"),
     ("--refresh-interval", "AMOAUTH_REFRESH_INTERVAL"),
     ("--cleanup-interval", "AMOAUTH_CLEANUP_INTERVAL"),
+    ("--audit-retention", "AMOAUTH_AUDIT_RETENTION"),
     ("--refresh-margin", "AMOAUTH_REFRESH_MARGIN"),
     ("--keepalive-age", "AMOAUTH_KEEPALIVE_AGE"),
     ("--events-url", "AMOAUTH_EVENTS_URL"),
@@ -84,7 +85,12 @@ const COMMANDS: [(&[&str], &[&str], &[&str]); 15] = [
     ),
     (
         &["cleanup"],
-        &["--grace", "--dry-run", "--database-url"],
+        &[
+            "--grace",
+            "--dry-run",
+            "--audit-retention",
+            "--database-url",
+        ],
         &["--listen", "--client-id", "--encryption-key", "--state-ttl"],
     ),
     // Opens tokens for their preview, so it needs the key; calls nobody.

@@ -250,7 +250,10 @@ async fn refreshes_send_refreshed_refresh_failed_and_needs_reauth(backend: Backe
     app.sandbox.set_token_fault(Some(Fault::ServerError));
     assert_eq!(app.api(TOKEN_PATH, &key).await.0, 502);
     app.sandbox.set_token_fault(None);
-    // One amoCRM refuses for good.
+    // One amoCRM refuses for good, once the failure's backoff is over.
+    app.db()
+        .execute("UPDATE amocrm_tokens SET next_refresh_at = NULL")
+        .await;
     app.sandbox.revoke_tokens(ACCOUNT_ID);
     let (status, body) = app.api(TOKEN_PATH, &key).await;
     assert_eq!(status, 409, "{body}");

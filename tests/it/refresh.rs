@@ -294,6 +294,10 @@ async fn a_lost_refresh_reply_is_recovered_through_the_grace_rule(backend: Backe
         "amoCRM issued a pair we never saw"
     );
     app.sandbox.set_token_fault(None);
+    // The failure's backoff is over.
+    app.db()
+        .execute("UPDATE amocrm_tokens SET next_refresh_at = NULL")
+        .await;
 
     let (status, body) = app.api(TOKEN_PATH, &key).await;
 

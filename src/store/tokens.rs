@@ -156,7 +156,14 @@ impl Store {
             });
             let insert = self.sql(INSERT_CONNECTION);
             let saved: bool = on_pool!(self, pool => {
-                let mut tx = pool.begin_write().await.during(OPERATION)?;
+                // The callback's state is consumed by now: a pooled connection the server
+                // closed during a restart (they are not pinged at checkout) must not cost
+                // the user the install, so a failed BEGIN gets one more connection.
+                let tx = match pool.begin_write().await {
+                    Err(sqlx::Error::Io(_)) => pool.begin_write().await,
+                    begun => begun,
+                };
+                let mut tx = tx.during(OPERATION)?;
                 let query = sqlx::query(reconnect)
                     .bind(c.account_name)
                     .bind(c.domain)

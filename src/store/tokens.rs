@@ -106,6 +106,24 @@ macro_rules! disconnect_update {
     };
 }
 
+/// Binds what a (re)connect writes, from `account_name` to `raw`, in the column order that
+/// `reconnect_update!` and `INSERT_CONNECTION` share.
+macro_rules! bind_pair {
+    ($query:expr, $c:expr) => {
+        $query
+            .bind($c.account_name)
+            .bind($c.domain)
+            .bind($c.subdomain)
+            .bind(&$c.access_token.ciphertext)
+            .bind(&$c.refresh_token.ciphertext)
+            .bind(&$c.access_token.key_id)
+            .bind($c.expires_at)
+            .bind($c.refresh_expires_at)
+            .bind($c.now)
+            .bind($c.raw)
+    };
+}
+
 /// Without an `external_id` (the admin's install, a widget install) the owner stays.
 const RECONNECT_KEEPING_OWNER: &str = concat!(reconnect_update!(), " WHERE account_id = ?");
 /// With one, only an account without an owner or with the same one is taken.
@@ -164,18 +182,7 @@ impl Store {
                     begun => begun,
                 };
                 let mut tx = tx.during(OPERATION)?;
-                let query = sqlx::query(reconnect)
-                    .bind(c.account_name)
-                    .bind(c.domain)
-                    .bind(c.subdomain)
-                    .bind(&c.access_token.ciphertext)
-                    .bind(&c.refresh_token.ciphertext)
-                    .bind(&c.access_token.key_id)
-                    .bind(c.expires_at)
-                    .bind(c.refresh_expires_at)
-                    .bind(c.now)
-                    .bind(c.raw)
-                    .bind(c.now);
+                let query = bind_pair!(sqlx::query(reconnect), c).bind(c.now);
                 let query = match c.external_id {
                     Some(owner) => query.bind(owner).bind(c.account_id).bind(owner),
                     None => query.bind(c.account_id),
@@ -183,19 +190,8 @@ impl Store {
                 let mut saved =
                     query.execute(&mut *tx).await.during(OPERATION)?.rows_affected() == 1;
                 if !saved {
-                    let inserted = sqlx::query(insert)
-                        .bind(c.account_id)
-                        .bind(c.external_id)
-                        .bind(c.account_name)
-                        .bind(c.domain)
-                        .bind(c.subdomain)
-                        .bind(&c.access_token.ciphertext)
-                        .bind(&c.refresh_token.ciphertext)
-                        .bind(&c.access_token.key_id)
-                        .bind(c.expires_at)
-                        .bind(c.refresh_expires_at)
-                        .bind(c.now)
-                        .bind(c.raw)
+                    let query = sqlx::query(insert).bind(c.account_id).bind(c.external_id);
+                    let inserted = bind_pair!(query, c)
                         .bind(c.now)
                         .bind(c.now)
                         .execute(&mut *tx)

@@ -11,6 +11,7 @@ pub mod http;
 pub mod import;
 pub mod log_safe;
 pub mod metrics;
+mod named_values;
 pub mod sandbox;
 pub mod server;
 pub mod store;

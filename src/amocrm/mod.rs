@@ -2,6 +2,7 @@
 //! wrapper of reqwest (amoCRM's token URL differs per account and its errors are problem+json).
 
 mod host;
+mod pacer;
 mod problem;
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, HOST};
@@ -13,7 +14,7 @@ pub use host::{AccountHost, account_host, is_dns_label, shared_api_host};
 pub use problem::{AmoError, AmoFailure, Problem, ProblemKind};
 
 use crate::config::{AmoCrmConfig, Secret};
-use crate::tokens::Pacer;
+use pacer::Pacer;
 
 /// amoCRM refresh tokens live 3 months from issue.
 pub const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);

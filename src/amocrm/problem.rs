@@ -110,7 +110,7 @@ pub enum AmoError {
     BadResponse(String),
 }
 
-crate::metrics::named_values! {
+crate::named_values::named_values! {
     /// Why a call to amoCRM failed, as audit rows, events, logs and metrics name it.
     pub enum AmoFailure {
         Rejected => "amocrm_rejected",

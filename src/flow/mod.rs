@@ -1,6 +1,7 @@
 //! Install and callback: the seed's flow with the state in the database, independent of HTTP.
 
 mod params;
+pub mod reason;
 mod result;
 mod uninstall;
 
@@ -11,12 +12,13 @@ use std::time::Duration;
 use url::Url;
 
 pub use params::{CallbackParams, MAX_EXTERNAL_ID, is_valid_external_id};
+pub use reason::CallbackReason;
 pub use result::{Failure, Settled};
 pub use uninstall::{UninstallError, Uninstalled};
 
 use crate::amocrm::{
-    Account, AccountHost, AmoClient, AmoError, AmoFailure, ConsentMode, REFRESH_TOKEN_LIFETIME,
-    TokenSet, account_host, is_dns_label,
+    Account, AccountHost, AmoClient, AmoError, ConsentMode, REFRESH_TOKEN_LIFETIME, TokenSet,
+    account_host, is_dns_label,
 };
 use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
@@ -130,41 +132,6 @@ pub enum CallbackError {
     AccountLookup { host: String, source: AmoError },
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-crate::metrics::named_values! {
-    /// Why a callback failed: the audit row's `reason`, the page's reason code and the
-    /// `reason` label of `amoauth_flows_failed_total`.
-    pub enum CallbackReason {
-        AccessDenied => "access_denied",
-        AmoCrmCallbackError => "amocrm_callback_error",
-        InvalidRequest => "invalid_request",
-        BadReferer => "bad_referer",
-        RefererMismatch => "referer_mismatch",
-        AccountTaken => "account_taken",
-        UnknownState => "unknown_state",
-        UsedState => "used_state",
-        ExpiredState => "expired_state",
-        WidgetInstallsOff => "widget_installs_off",
-        AmoCrmRejected => "amocrm_rejected",
-        AmoCrmError => "amocrm_error",
-        AmoCrmTimeout => "amocrm_timeout",
-        AmoCrmUnreachable => "amocrm_unreachable",
-        AmoCrmBadResponse => "amocrm_bad_response",
-        DatabaseError => "database_error",
-    }
-}
-
-impl From<AmoFailure> for CallbackReason {
-    fn from(failure: AmoFailure) -> Self {
-        match failure {
-            AmoFailure::Rejected => Self::AmoCrmRejected,
-            AmoFailure::Error => Self::AmoCrmError,
-            AmoFailure::Timeout => Self::AmoCrmTimeout,
-            AmoFailure::Unreachable => Self::AmoCrmUnreachable,
-            AmoFailure::BadResponse => Self::AmoCrmBadResponse,
-        }
-    }
 }
 
 impl CallbackError {

@@ -21,7 +21,7 @@ pub struct NewConnection<'a> {
     pub now: Timestamp,
 }
 
-crate::metrics::named_values! {
+crate::named_values::named_values! {
     /// The values of `amocrm_tokens.status` (`ConnectionRow::status`).
     pub enum ConnectionStatus {
         Active => "active",

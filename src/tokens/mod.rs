@@ -2,7 +2,6 @@
 //! single flight, a database lease, a re-read, a version-checked write), amoCRM's grace rule,
 //! `needs_reauth`, subdomain rename recovery, and fresh access tokens for the token API.
 
-mod pacer;
 mod worker;
 
 use std::collections::HashMap;
@@ -25,7 +24,6 @@ use crate::store::{
     Attempt, AttemptKind, ConnectionRow, Outcome, Records, RefreshedPair, Store, StoreError,
     Timestamp, checked_later, now, saturating_later,
 };
-pub(crate) use pacer::Pacer;
 
 /// The token API refreshes first when less than this is left of the access token.
 const MIN_VALIDITY: chrono::Duration = chrono::Duration::minutes(5);

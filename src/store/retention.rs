@@ -1,15 +1,15 @@
-//! Retention: audit rows and delivered events older than their keep-time are deleted in
-//! batches, so neither table grows without bound from requests anyone can make.
+//! Purges in batches: expired states, and (retention) audit rows and delivered events older
+//! than their keep-time, so no table grows without bound from requests anyone can make.
 
 use super::{Context as _, Store, StoreError, Timestamp, on_pool};
 
-/// What a retention pass deletes, in each dialect: MySQL allows LIMIT on DELETE but not in
-/// an IN subquery; SQLite and PostgreSQL the reverse.
-struct Purge {
-    in_subquery: &'static str,
-    mysql: &'static str,
-    count: &'static str,
-    operation: &'static str,
+/// What a purge deletes, in each dialect: MySQL allows LIMIT on DELETE but not in an IN
+/// subquery; SQLite and PostgreSQL the reverse. Each statement binds the cutoff, then the batch.
+pub(super) struct Purge {
+    pub in_subquery: &'static str,
+    pub mysql: &'static str,
+    pub count: &'static str,
+    pub operation: &'static str,
 }
 
 const OLD_ATTEMPTS: Purge = Purge {
@@ -63,9 +63,11 @@ impl Store {
         self.count_purgeable(&OLD_DELIVERED_EVENTS, cutoff).await
     }
 
-    /// As `delete_expired_states`: batch after batch, each followed by a pause as long as it
-    /// took, so SQLite's waiting writers get the lock in between.
-    async fn purge(
+    /// Deletes what `purge` names before `cutoff`, `batch` rows at a time, so a large purge
+    /// never holds a lock for long; `progress` hears the running total after each batch.
+    /// After each batch it waits as long as the batch took: SQLite's waiting writers only
+    /// poll for the lock, so back-to-back batches starved installs for seconds (BENCHMARKS.md).
+    pub(super) async fn purge(
         &self,
         purge: &Purge,
         cutoff: Timestamp,
@@ -92,7 +94,11 @@ impl Store {
         }
     }
 
-    async fn count_purgeable(&self, purge: &Purge, cutoff: Timestamp) -> Result<i64, StoreError> {
+    pub(super) async fn count_purgeable(
+        &self,
+        purge: &Purge,
+        cutoff: Timestamp,
+    ) -> Result<i64, StoreError> {
         let sql = self.sql(purge.count);
         on_pool!(self, pool => sqlx::query_scalar(sql).bind(cutoff).fetch_one(pool).await)
             .during(purge.operation)

@@ -1,6 +1,7 @@
 //! `amocrm_oauth_states`: create, consume once, list, purge.
 
 use super::attempts::{Attempt, bind_attempt};
+use super::retention::Purge;
 use super::{BeginWrite as _, Context as _, Store, StoreError, Timestamp, on_pool};
 
 pub struct NewState<'a> {
@@ -41,6 +42,14 @@ pub enum Consumption {
     Used,
     Unknown,
 }
+
+const EXPIRED_STATES: Purge = Purge {
+    in_subquery: "DELETE FROM amocrm_oauth_states WHERE state_hash IN \
+         (SELECT state_hash FROM amocrm_oauth_states WHERE expires_at < ? LIMIT ?)",
+    mysql: "DELETE FROM amocrm_oauth_states WHERE expires_at < ? LIMIT ?",
+    count: "SELECT COUNT(*) FROM amocrm_oauth_states WHERE expires_at < ?",
+    operation: "deleting expired states",
+};
 
 impl Store {
     pub async fn insert_state(&self, state: &NewState<'_>) -> Result<(), StoreError> {
@@ -146,47 +155,17 @@ impl Store {
 
     /// How many states expired before `cutoff` (what a cleanup would remove).
     pub async fn count_expired_states(&self, cutoff: Timestamp) -> Result<i64, StoreError> {
-        let sql = self.sql("SELECT COUNT(*) FROM amocrm_oauth_states WHERE expires_at < ?");
-        on_pool!(self, pool => sqlx::query_scalar(sql).bind(cutoff).fetch_one(pool).await)
-            .during("counting expired states")
+        self.count_purgeable(&EXPIRED_STATES, cutoff).await
     }
 
-    /// Deletes states that expired before `cutoff`, in batches so a large purge never holds
-    /// a lock for long; `progress` hears the running total after each batch. Returns how
-    /// many rows were removed.
-    ///
-    /// After each batch it waits as long as the batch took: SQLite's waiting writers only
-    /// poll for the lock, so back-to-back batches starved installs for seconds (BENCHMARKS.md).
+    /// Deletes states that expired before `cutoff`, `batch` rows at a time (see `purge`);
+    /// returns how many rows were removed.
     pub async fn delete_expired_states(
         &self,
         cutoff: Timestamp,
         batch: i64,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<u64, StoreError> {
-        // MySQL allows LIMIT on DELETE but not in an IN subquery; the others the reverse.
-        let in_subquery = "DELETE FROM amocrm_oauth_states WHERE state_hash IN \
-             (SELECT state_hash FROM amocrm_oauth_states WHERE expires_at < ? LIMIT ?)";
-        let mut removed = 0;
-        loop {
-            let started = std::time::Instant::now();
-            let sql = self.dialect(
-                in_subquery,
-                in_subquery,
-                "DELETE FROM amocrm_oauth_states WHERE expires_at < ? LIMIT ?",
-            );
-            let deleted = on_pool!(self, pool => sqlx::query(sql)
-                .bind(cutoff)
-                .bind(batch)
-                .execute(pool)
-                .await
-                .map(|done| done.rows_affected()))
-            .during("deleting expired states")?;
-            removed += deleted;
-            progress(removed);
-            if deleted < batch.unsigned_abs() {
-                return Ok(removed);
-            }
-            tokio::time::sleep(started.elapsed()).await;
-        }
+        self.purge(&EXPIRED_STATES, cutoff, batch, progress).await
     }
 }

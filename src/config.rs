@@ -84,11 +84,11 @@ impl From<ConfigError> for ConfigErrors {
     }
 }
 
-/// The values of several checks when all passed; otherwise returns every problem they found.
-/// Each argument is a `Result` whose error is a `ConfigError` or `ConfigErrors`.
+/// Rebinds each named check (a `Result` whose error is a `ConfigError` or `ConfigErrors`) to
+/// its value when all passed; otherwise returns every problem they found.
 macro_rules! all_valid {
     ($($check:ident),+ $(,)?) => {
-        match ($($check,)+) {
+        let ($($check,)+) = match ($($check,)+) {
             ($(Ok($check),)+) => ($($check,)+),
             ($($check,)+) => {
                 let mut problems = Vec::new();
@@ -97,7 +97,7 @@ macro_rules! all_valid {
                 })+
                 return Err(ConfigErrors(problems));
             }
-        }
+        };
     };
 }
 
@@ -368,7 +368,7 @@ impl Settings {
         let encryption_key = non_empty(&self.encryption_key)
             .map(|keys| decode_keys(keys).map(|_| Secret::new(keys)))
             .transpose();
-        let (database_url, encryption_key) = all_valid!(database_url, encryption_key);
+        all_valid!(database_url, encryption_key);
         Ok(StoreConfig {
             database_url,
             encryption_key,
@@ -385,7 +385,7 @@ impl Settings {
             .map(|raw| parse_http_url(raw, "AMOAUTH_AMOCRM_URL"))
             .transpose();
         let timeout = parse_duration_var(&self.amocrm_timeout, "AMOAUTH_AMOCRM_TIMEOUT", "10s");
-        let (client_id, client_secret, redirect_uri, domains, override_origin, timeout) = all_valid!(
+        all_valid!(
             client_id,
             client_secret,
             redirect_uri,
@@ -406,7 +406,7 @@ impl Settings {
     /// Everything `serve` needs; every problem is reported, not only the first.
     pub fn server(&self) -> Result<ServerConfig, ConfigErrors> {
         let store = self.store();
-        let key_present = match &store {
+        let _key_present = match &store {
             Ok(store)
                 if store.encryption_key.is_none() && store.database_url.sqlite_path().is_none() =>
             {
@@ -454,29 +454,9 @@ impl Settings {
         let per_ip_concurrency =
             parse_per_ip_concurrency(non_empty(&self.per_ip_concurrency).unwrap_or("64"));
         let read_timeout = parse_duration_var(&self.read_timeout, "AMOAUTH_READ_TIMEOUT", "10s");
-        let (
+        all_valid!(
             store,
-            (),
-            amocrm,
-            listen,
-            state_ttl,
-            admin_token,
-            widget_installs,
-            cleanup_interval,
-            audit_retention,
-            refresh_margin,
-            keepalive_age,
-            refresh_interval,
-            return_origins,
-            events,
-            base_path,
-            rate_limit,
-            trusted_proxies,
-            per_ip_concurrency,
-            read_timeout,
-        ) = all_valid!(
-            store,
-            key_present,
+            _key_present,
             amocrm,
             listen,
             state_ttl,
@@ -544,7 +524,7 @@ impl Settings {
             });
         let refreshed = parse_switch(&self.events_refreshed, "AMOAUTH_EVENTS_REFRESHED");
         let interval = parse_duration_var(&self.events_interval, "AMOAUTH_EVENTS_INTERVAL", "1s");
-        let (url, secret, refreshed, interval) = all_valid!(url, secret, refreshed, interval);
+        all_valid!(url, secret, refreshed, interval);
         Ok(Some(EventsConfig {
             url,
             secret,

@@ -168,3 +168,40 @@ async fn text_logs_never_contain_secrets() {
 async fn json_logs_never_contain_secrets() {
     secrets_stay_out_of_logs("json").await;
 }
+
+/// Colours on a terminal, and never with `NO_COLOR`: the sandbox's start-up log line read
+/// through a pseudo-terminal (`script` from util-linux, essential on Debian).
+#[test]
+fn text_logs_are_coloured_only_on_a_terminal_without_no_color() {
+    let on_a_terminal = |no_color: Option<&str>| {
+        let mut command = std::process::Command::new("script");
+        command
+            .args(["-qec"])
+            .arg(format!(
+                "timeout 2 {} sandbox --listen 127.0.0.1:0",
+                env!("CARGO_BIN_EXE_amoauth")
+            ))
+            .arg("/dev/null")
+            .env("AMOCRM_CLIENT_ID", CLIENT_ID)
+            .env("AMOCRM_CLIENT_SECRET", CLIENT_SECRET)
+            .env("AMOCRM_REDIRECT_URI", "http://127.0.0.1:1/amocrm/callback")
+            .env_remove("NO_COLOR");
+        if let Some(value) = no_color {
+            command.env("NO_COLOR", value);
+        }
+        let output = command.output().expect("script(1) from util-linux");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let coloured = on_a_terminal(None);
+    assert!(coloured.contains("amoCRM sandbox listening"), "{coloured}");
+    assert!(
+        coloured.contains("\x1b["),
+        "a terminal gets colours: {coloured:?}"
+    );
+    let plain = on_a_terminal(Some("1"));
+    assert!(plain.contains("amoCRM sandbox listening"), "{plain}");
+    assert!(
+        !plain.contains("\x1b["),
+        "NO_COLOR turns them off: {plain:?}"
+    );
+}

@@ -257,15 +257,20 @@ impl Flow {
     /// `disconnected` and releases it from its `external_id`; the event is written in the
     /// same transaction. False when there was nothing to do.
     pub async fn disconnect(&self, account_id: i64) -> Result<bool, StoreError> {
-        // Read first only for the event's subdomain and domain.
-        let data = match self.store.find_connection(&account_id.to_string()).await? {
-            Some(row) => ConnectionData::of(&row),
-            None => ConnectionData::new(Some(account_id), "", ""),
+        // The row is read only for the event's subdomain and domain.
+        let event = match self.events.is_enabled() {
+            true => {
+                let data = match self.store.find_connection(&account_id.to_string()).await? {
+                    Some(row) => ConnectionData::of(&row),
+                    None => ConnectionData::new(Some(account_id), "", ""),
+                };
+                self.events.prepare(
+                    EventType::ConnectionDisconnected,
+                    data.because("disconnected_by_admin", None),
+                )
+            }
+            false => None,
         };
-        let event = self.events.prepare(
-            EventType::ConnectionDisconnected,
-            data.because("disconnected_by_admin", None),
-        );
         let records = Records {
             event: event.as_ref(),
             ..Records::default()

@@ -9,6 +9,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use url::Url;
 
+use crate::amocrm::ClientConfig;
+
 /// Raw settings, from the flags of a command (each of which falls back to its variable).
 /// Everything is a string here so that validation can name the variable in its error;
 /// a command leaves unset what it does not read, and defaults apply.
@@ -101,24 +103,7 @@ macro_rules! all_valid {
     };
 }
 
-/// A secret string: its Debug and Display never show the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+pub use crate::amocrm::Secret;
 
 /// A database URL whose Debug and Display mask the password.
 #[derive(Clone)]
@@ -186,7 +171,7 @@ pub struct StoreConfig {
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub store: StoreConfig,
-    pub amocrm: AmoCrmConfig,
+    pub amocrm: ClientConfig,
     pub listen: SocketAddr,
     pub state_ttl: Duration,
     /// None: generate one at start and print a login URL.
@@ -322,19 +307,6 @@ pub struct RefreshConfig {
     pub lease: Duration,
 }
 
-/// How to reach amoCRM and who we are there.
-#[derive(Clone, Debug)]
-pub struct AmoCrmConfig {
-    pub client_id: String,
-    pub client_secret: Secret,
-    pub redirect_uri: Url,
-    /// Lowercase account domains allowed in `referer`, e.g. `amocrm.ru`.
-    pub domains: Vec<String>,
-    /// Development override: every request goes to this origin.
-    pub override_origin: Option<Url>,
-    pub timeout: Duration,
-}
-
 const DEFAULT_DATABASE_URL: &str = "sqlite://amoauth.db";
 const DEFAULT_DOMAINS: &str = "amocrm.ru,amocrm.com,kommo.com";
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -375,7 +347,7 @@ impl Settings {
         })
     }
 
-    pub fn amocrm(&self) -> Result<AmoCrmConfig, ConfigErrors> {
+    pub fn amocrm(&self) -> Result<ClientConfig, ConfigErrors> {
         let client_id = required(&self.client_id, "AMOCRM_CLIENT_ID").map(str::to_owned);
         let client_secret = required(&self.client_secret, "AMOCRM_CLIENT_SECRET").map(Secret::new);
         let redirect_uri = required(&self.redirect_uri, "AMOCRM_REDIRECT_URI")
@@ -393,7 +365,7 @@ impl Settings {
             override_origin,
             timeout
         );
-        Ok(AmoCrmConfig {
+        Ok(ClientConfig {
             client_id,
             client_secret,
             redirect_uri,

@@ -16,3 +16,5 @@ pub mod sandbox;
 pub mod server;
 pub mod store;
 pub mod tokens;
+
+pub use amocrm::Secret;

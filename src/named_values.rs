@@ -14,6 +14,8 @@ macro_rules! named_values {
 
         impl $name {
             /// Every value, in declaration order.
+            // Some lists are read only by tests (metrics' label checks).
+            #[allow(dead_code)]
             pub const ALL: &'static [Self] = &[$(Self::$variant),+];
 
             pub fn as_str(self) -> &'static str {

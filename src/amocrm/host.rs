@@ -13,18 +13,23 @@ const MAX_HOST: usize = 253;
 /// Extend it when amoCRM documents another such host.
 const NOT_ACCOUNT_LABELS: &[&str] = &["www", "developers", "es-developers", "api"];
 
-/// An amoCRM account host that passed the allow-list, e.g. `fastis02.amocrm.ru`.
+/// An amoCRM account host that passed the allow-list, e.g. `fastis02.amocrm.ru`, from
+/// [`AmoClient::account_host`](super::AmoClient::account_host).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AccountHost {
+    /// The whole host, `{subdomain}.{domain}`.
     pub host: String,
+    /// The account's subdomain, e.g. `fastis02`.
     pub subdomain: String,
+    /// The allowed domain, e.g. `amocrm.ru`.
     pub domain: String,
 }
 
 /// Accepts exactly `<label>.<domain>` with `domain` from the allow-list and `label` a
 /// lowercase DNS label. No scheme, port, path, userinfo, uppercase or extra labels: the
 /// client secret is posted to this host, so anything unusual is refused.
-pub fn account_host(candidate: &str, domains: &[String]) -> Option<AccountHost> {
+pub(crate) fn account_host(candidate: &str, domains: &[String]) -> Option<AccountHost> {
     if candidate.is_empty() || candidate.len() > MAX_HOST {
         return None;
     }
@@ -45,7 +50,7 @@ pub fn account_host(candidate: &str, domains: &[String]) -> Option<AccountHost> 
 
 /// amoCRM's shared API hosts (`api_domain`), e.g. `api-b.amocrm.ru`: the only place a refresh
 /// token goes for host rediscovery, and never an account host.
-pub fn shared_api_host(candidate: &str, domains: &[String]) -> Option<String> {
+pub(super) fn shared_api_host(candidate: &str, domains: &[String]) -> Option<String> {
     let (label, domain) = candidate.split_once('.')?;
     (is_shared_api_label(label) && domains.iter().any(|allowed| allowed == domain))
         .then(|| candidate.to_owned())
@@ -59,7 +64,7 @@ fn is_shared_api_label(label: &str) -> bool {
 }
 
 /// `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`
-pub fn is_dns_label(label: &str) -> bool {
+pub(crate) fn is_dns_label(label: &str) -> bool {
     let bytes = label.as_bytes();
     let edge_ok = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     !bytes.is_empty()

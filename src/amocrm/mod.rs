@@ -1,41 +1,75 @@
-//! The amoCRM client: consent URL, code exchange and account lookup, over a small typed
-//! wrapper of reqwest (amoCRM's token URL differs per account and its errors are problem+json).
+//! amoCRM's OAuth 2.0 client, usable on its own: the consent URL, the code exchange, refreshes
+//! with amoCRM's rotation and rename rules, the account lookup and typed problem+json errors.
+//!
+//! [`AmoClient`] is built from a [`ClientConfig`] (the integration's ID, secret key and
+//! Redirect URI); amoauth's server uses the same client. The rules it follows:
+//!
+//! - **Hosts.** Token requests go to the account's own host (`{subdomain}.amocrm.ru`, from the
+//!   callback's `referer`), never `www.`; the client refuses any host that is not one label on
+//!   an allowed domain ([`AmoClient::account_host`]), so the secret key and tokens go nowhere
+//!   else.
+//! - **Pacing.** amoCRM allows 7 requests a second per account; a client spaces its requests
+//!   to each host accordingly, whichever task makes them.
+//! - **Rotation.** Every refresh returns a new refresh token. The old one stays valid until
+//!   the new one is first used, so after a lost reply or a timeout the same old token may be
+//!   sent again; after the new one was used, the old one gets "Token has been revoked".
+//!   [`AmoClient::refresh_grant`] updates a [`Grant`] only on success, which is this rule.
+//! - **Renames.** An account's subdomain can change. When a refresh at the stored host answers
+//!   401 or 404 (and not about the token), [`AmoClient::refresh_grant`] asks amoCRM where the
+//!   account lives now (the shared API host named in the access token, with the refresh
+//!   token) and retries there once.
+//! - **Errors.** amoCRM answers problem+json (`title`, `type`, `status`, `detail`, `hint`);
+//!   [`AmoError::Rejected`] carries it as a [`Problem`], classified by [`ProblemKind`].
+//! - **Secrets.** Codes, tokens and the secret key are [`Secret`]s: no `Debug` or error
+//!   message of this module shows one.
+//!
+//! The crate-level guide walks through a whole authorization against the
+//! [sandbox](crate::sandbox).
 
+mod config;
 mod host;
 mod pacer;
 mod problem;
+mod secret;
 
 use reqwest::header::{ACCEPT, AUTHORIZATION, HOST};
 use serde::Deserialize;
 use serde_json::Value;
 use url::Url;
 
-pub use host::{AccountHost, account_host, is_dns_label, shared_api_host};
-pub use problem::{AmoError, AmoFailure, Problem, ProblemKind};
+pub use config::ClientConfig;
+pub use host::AccountHost;
+pub(crate) use host::{account_host, is_dns_label};
+pub(crate) use problem::AmoFailure;
+pub use problem::{AmoError, Problem, ProblemKind};
+pub use secret::Secret;
 
-use crate::config::{AmoCrmConfig, Secret};
+use host::shared_api_host;
 use pacer::Pacer;
 
 /// amoCRM refresh tokens live 3 months from issue.
-pub const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);
+pub(crate) const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);
 
 /// The longest access-token lifetime believed: amoCRM issues 24 hours (`expires_in` 86400);
 /// a longer one is a broken answer, and an absurd one must not overflow a timestamp.
-pub const MAX_EXPIRES_IN: i64 = 10 * 366 * 86_400;
+const MAX_EXPIRES_IN: i64 = 10 * 366 * 86_400;
 
 /// Largest response body we read from amoCRM; real ones are a few kilobytes.
 const MAX_BODY: usize = 256 * 1024;
 
-/// How the consent window hands control back (amoCRM's `mode`): `popup` or `post_message`.
+/// How the consent window hands control back (amoCRM's `mode` parameter).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConsentMode {
+    /// The consent window closes and the main window goes to the Redirect URI.
     #[default]
     Popup,
+    /// The consent window itself goes to the Redirect URI; the page there closes it.
     PostMessage,
 }
 
 impl ConsentMode {
+    /// The value of the `mode` parameter: `popup` or `post_message`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Popup => "popup",
@@ -44,36 +78,72 @@ impl ConsentMode {
     }
 }
 
-/// A fresh token pair. `raw` is amoCRM's response with the token values removed.
+/// A fresh token pair from the token endpoint.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct TokenSet {
+    /// The access token (a JWT), sent as `Authorization: Bearer …`; amoCRM issues it for 24 hours.
     pub access_token: Secret,
+    /// The refresh token: it lives 3 months and is replaced by every refresh.
     pub refresh_token: Secret,
+    /// Seconds the access token lives, between 1 and ten years (longer answers are refused).
     pub expires_in: i64,
+    /// amoCRM's whole answer with the token values removed (`token_type`, `server_time`, …).
     pub raw: Value,
 }
 
-/// The account behind a token, from `/api/v4/account`.
+/// The account behind an access token, from `GET /api/v4/account`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Account {
+    /// The account's numeric id: the key that survives subdomain renames.
     pub id: i64,
+    /// The account's display name.
     pub name: String,
+    /// The account's current subdomain, e.g. `fastis02`.
     pub subdomain: String,
+    /// amoCRM's whole answer.
     pub raw: Value,
+}
+
+/// One account's authorization as a program keeps it between refreshes; give it to
+/// [`AmoClient::refresh_grant`], which applies amoCRM's rotation and rename rules to it.
+#[derive(Clone, Debug)]
+pub struct Grant {
+    /// The account host the tokens are used at, e.g. `fastis02.amocrm.ru`.
+    pub host: String,
+    /// The account's id ([`Account::id`]), when known: a rediscovered host is believed only
+    /// when it belongs to this account.
+    pub account_id: Option<i64>,
+    /// The current access token; its `api_domain` claim says where to rediscover the host.
+    pub access_token: Secret,
+    /// The current refresh token.
+    pub refresh_token: Secret,
+}
+
+/// What a successful [`AmoClient::refresh_grant`] did, besides updating the [`Grant`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Refreshed {
+    /// Seconds the new access token lives.
+    pub expires_in: i64,
+    /// amoCRM's answer with the token values removed.
+    pub raw: Value,
+    /// The host the grant had before, when the account was found under a new subdomain.
+    pub moved_from: Option<String>,
 }
 
 /// Where an account lives now, from `/oauth2/account/current/subdomain`.
 #[derive(Debug, Clone, Deserialize)]
-pub struct AccountDomain {
-    pub id: i64,
-    pub subdomain: String,
+struct AccountDomain {
+    id: i64,
     /// The account's host, e.g. `fastis02.amocrm.ru`.
-    pub domain: String,
+    domain: String,
 }
 
 /// The `api_domain` claim of an amoCRM access token (a JWT), read without verifying it:
 /// it only says where to ask, and the answer is checked against the allow-list.
-pub fn jwt_api_domain(access_token: &str) -> Option<String> {
+fn jwt_api_domain(access_token: &str) -> Option<String> {
     use base64::Engine as _;
     let payload = access_token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -83,17 +153,22 @@ pub fn jwt_api_domain(access_token: &str) -> Option<String> {
     claims.get("api_domain")?.as_str().map(str::to_owned)
 }
 
+/// amoCRM's OAuth 2.0 client for one integration. Cheap to share behind an `Arc`; one client
+/// per process keeps the per-account pacing right.
+///
+/// Its `Debug` shows the configuration with the secret key masked.
 #[derive(Debug)]
 pub struct AmoClient {
     http: reqwest::Client,
-    config: AmoCrmConfig,
+    config: ClientConfig,
     /// Shared by every caller (callbacks, widget installs, refreshes, webhook checks), so all
     /// requests to one account count against its 7 a second.
     pacer: Pacer,
 }
 
 impl AmoClient {
-    pub fn new(config: AmoCrmConfig) -> Self {
+    /// A client for the integration `config` describes. Makes no request.
+    pub fn new(config: ClientConfig) -> Self {
         // reqwest is built without a bundled crypto provider; ring serves both it and sqlx.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
@@ -110,20 +185,30 @@ impl AmoClient {
         }
     }
 
-    /// Waits for the account host's next free request slot (amoCRM allows 7 a second).
-    pub async fn pace(&self, host: &str) {
-        self.pacer.wait(host).await;
-    }
-
-    pub fn config(&self) -> &AmoCrmConfig {
+    /// The configuration the client was built with.
+    pub fn config(&self) -> &ClientConfig {
         &self.config
     }
 
-    /// The consent page: `www.<first domain>` unless the account's host is known.
+    /// Checks a callback's `referer` (or any host) against the allow-list: exactly
+    /// `{subdomain}.{domain}` with `domain` from [`ClientConfig::domains`], no scheme, port,
+    /// path, userinfo or uppercase, and not one of amoCRM's own sites (`www`, `api-b`, …).
+    pub fn account_host(&self, candidate: &str) -> Option<AccountHost> {
+        account_host(candidate, &self.config.domains)
+    }
+
+    /// The consent page to send the user to: `https://www.{first domain}/oauth` (or the
+    /// account's own host when known) with `client_id`, `state` and `mode`. amoCRM returns
+    /// `state` unchanged to the Redirect URI with `code` and `referer`.
     pub fn consent_url(&self, state: &str, account_host: Option<&str>, mode: ConsentMode) -> Url {
-        let host = account_host
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("www.{}", self.config.domains[0]));
+        let host = account_host.map(str::to_owned).unwrap_or_else(|| {
+            let domain = self
+                .config
+                .domains
+                .first()
+                .map_or("amocrm.ru", String::as_str);
+            format!("www.{domain}")
+        });
         let mut url = self.base_url(&host);
         url.set_path("/oauth");
         url.query_pairs_mut()
@@ -156,14 +241,26 @@ impl AmoClient {
         }
     }
 
-    /// Exchanges an authorization code at the account's own host.
+    /// The secret key and tokens go only to account hosts on the allow-list.
+    fn allowed(&self, host: &str) -> Result<(), AmoError> {
+        match self.account_host(host) {
+            Some(_) => Ok(()),
+            None => Err(AmoError::HostNotAllowed {
+                host: host.chars().take(100).collect(),
+            }),
+        }
+    }
+
+    /// Exchanges an authorization code (single use, valid 20 minutes) at the account's own
+    /// host, the callback's `referer`.
     #[tracing::instrument(skip(self, code), fields(host = %host))]
     pub async fn exchange_code(&self, host: &str, code: &str) -> Result<TokenSet, AmoError> {
         self.token_grant(host, "authorization_code", ("code", code))
             .await
     }
 
-    /// Trades the refresh token for a new pair (amoCRM rotates refresh tokens).
+    /// Trades a refresh token for a new pair at `host`: one request, no rename handling.
+    /// [`refresh_grant`](Self::refresh_grant) adds amoCRM's rename rule.
     #[tracing::instrument(skip(self, refresh_token), fields(host = %host))]
     pub async fn refresh(&self, host: &str, refresh_token: &Secret) -> Result<TokenSet, AmoError> {
         self.token_grant(
@@ -174,6 +271,59 @@ impl AmoClient {
         .await
     }
 
+    /// Refreshes the grant following amoCRM's rules, and on success replaces its tokens with
+    /// the new pair: store the grant before using the new tokens, since the first use of the
+    /// new refresh token revokes the old one.
+    ///
+    /// - **Grace rule.** On any error the grant's tokens stay as they were, and the old
+    ///   refresh token stays valid until the new one is first used: after a timeout or a lost
+    ///   reply, call again with the same grant. Only when [`AmoError::revokes_grant`] is true
+    ///   is the authorization gone; the user must consent again.
+    /// - **Renames.** When the stored host answers 401 or 404 not about the token, the account
+    ///   may have a new subdomain: the client asks `GET https://{api_domain}/oauth2/account/current/subdomain`
+    ///   (`api_domain` from the access token, the refresh token in `X-Refresh-Token`),
+    ///   believes the answer only for an allowed host of the grant's account, sets
+    ///   [`Grant::host`] to it (even if the retry there then fails, so store it) and retries
+    ///   there once. [`Refreshed::moved_from`] tells the old host.
+    #[tracing::instrument(skip(self, grant), fields(host = %grant.host))]
+    pub async fn refresh_grant(&self, grant: &mut Grant) -> Result<Refreshed, AmoError> {
+        let err = match self.refresh(&grant.host, &grant.refresh_token).await {
+            Ok(tokens) => return Ok(grant.rotate(tokens, None)),
+            Err(err) if err.account_may_have_moved() => err,
+            Err(err) => return Err(err),
+        };
+        let Some(new_host) = self.find_new_host(grant).await else {
+            return Err(err);
+        };
+        tracing::info!(account_id = grant.account_id, from = %grant.host, to = %new_host, "account moved to a new subdomain");
+        let old_host = std::mem::replace(&mut grant.host, new_host);
+        let tokens = self.refresh(&grant.host, &grant.refresh_token).await?;
+        Ok(grant.rotate(tokens, Some(old_host)))
+    }
+
+    /// Asks amoCRM where the grant's account lives now; only an allowed host of the same
+    /// account, other than the current one, is believed.
+    async fn find_new_host(&self, grant: &Grant) -> Option<String> {
+        let api_domain = jwt_api_domain(grant.access_token.expose())?;
+        // The refresh token goes in a header: never to a host outside the allow-list.
+        let api_domain = shared_api_host(&api_domain, &self.config.domains)?;
+        let found = match self
+            .current_subdomain(&api_domain, &grant.refresh_token)
+            .await
+        {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(error = %err, account_id = grant.account_id, "subdomain lookup failed");
+                return None;
+            }
+        };
+        if grant.account_id.is_some_and(|id| id != found.id) {
+            return None;
+        }
+        let host = self.account_host(&found.domain)?;
+        (host.host != grant.host).then_some(host.host)
+    }
+
     /// `POST /oauth2/access_token`, form-encoded, with the registered redirect URI (amoCRM
     /// wants it on refreshes too).
     async fn token_grant(
@@ -182,6 +332,7 @@ impl AmoClient {
         grant_type: &str,
         (field, value): (&str, &str),
     ) -> Result<TokenSet, AmoError> {
+        self.allowed(host)?;
         let form = [
             ("client_id", self.config.client_id.as_str()),
             ("client_secret", self.config.client_secret.expose()),
@@ -198,9 +349,9 @@ impl AmoClient {
     }
 
     /// Finds the account's current host after a subdomain rename, through the shared API
-    /// host named in the access token (`api_domain`).
+    /// host named in the access token (`api_domain`), which the caller checked.
     #[tracing::instrument(skip(self, refresh_token), fields(api_domain = %api_domain))]
-    pub async fn current_subdomain(
+    async fn current_subdomain(
         &self,
         api_domain: &str,
         refresh_token: &Secret,
@@ -221,9 +372,10 @@ impl AmoClient {
         })
     }
 
-    /// Looks up the account the access token belongs to.
+    /// Looks up the account the access token belongs to, at its host.
     #[tracing::instrument(skip(self, access_token), fields(host = %host))]
     pub async fn account(&self, host: &str, access_token: &Secret) -> Result<Account, AmoError> {
+        self.allowed(host)?;
         let request = self
             .request(reqwest::Method::GET, host, "/api/v4/account")
             .header(ACCEPT, "application/hal+json, application/json")
@@ -250,12 +402,14 @@ impl AmoClient {
         })
     }
 
-    /// Sends the request and returns a 2xx body, or the typed error.
+    /// Waits for the host's turn (amoCRM allows 7 requests a second), sends the request and
+    /// returns a 2xx body, or the typed error.
     async fn send(
         &self,
         host: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<Vec<u8>, AmoError> {
+        self.pacer.wait(host).await;
         let transport = |err: reqwest::Error| {
             if err.is_timeout() {
                 AmoError::Timeout(self.config.timeout)
@@ -298,7 +452,7 @@ impl AmoClient {
 }
 
 /// The error and its causes on one line (reqwest hides the useful part in `source`).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
@@ -307,6 +461,19 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+impl Grant {
+    /// Takes the new pair of a successful refresh.
+    fn rotate(&mut self, tokens: TokenSet, moved_from: Option<String>) -> Refreshed {
+        self.access_token = tokens.access_token;
+        self.refresh_token = tokens.refresh_token;
+        Refreshed {
+            expires_in: tokens.expires_in,
+            raw: tokens.raw,
+            moved_from,
+        }
+    }
 }
 
 fn parse_token_set(body: &[u8]) -> Result<TokenSet, AmoError> {

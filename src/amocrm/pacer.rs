@@ -10,8 +10,9 @@ use tokio::time::Instant;
 /// same as none, are dropped once the map holds this many.
 const MAX_TRACKED: usize = 10_000;
 
+/// The next free request slot of each host.
 #[derive(Debug)]
-pub struct Pacer {
+pub(super) struct Pacer {
     spacing: Duration,
     next_slot: Mutex<HashMap<String, Instant>>,
 }

@@ -419,14 +419,12 @@ impl Flow {
             host: host.host.clone(),
             source,
         };
-        self.amo.pace(&host.host).await;
         let tokens = self
             .amo
             .exchange_code(&host.host, code.expose())
             .await
             .map_err(exchange_failed)?;
         let issued = expiry(&tokens).map_err(exchange_failed)?;
-        self.amo.pace(&host.host).await;
         let account = self
             .amo
             .account(&host.host, &tokens.access_token)

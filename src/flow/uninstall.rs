@@ -243,7 +243,6 @@ impl Flow {
             .cipher
             .open_token(sealed, "access_token", account_id)
             .map_err(|err| UninstallError::Corrupt(err.to_string()))?;
-        self.amo.pace(&row.domain).await;
         match self.amo.account(&row.domain, &access_token).await {
             Ok(_) => Ok(false),
             Err(AmoError::Rejected { status: 401, .. } | AmoError::Http { status: 401 }) => {

@@ -248,6 +248,10 @@ fn amo_detail(lang: Lang, err: &AmoError) -> String {
         AmoError::Rejected { status, problem } => format!("HTTP {status}, {}", problem.summary()),
         AmoError::Http { status } => format!("HTTP {status}"),
         AmoError::Redirect { status } => format!("HTTP {status} (redirect)"),
+        AmoError::HostNotAllowed { host } => format!(
+            "{host}: {}",
+            lang.pick("не адрес аккаунта amoCRM", "not an amoCRM account host")
+        ),
         AmoError::BadResponse(what) => what.clone(),
     }
 }

@@ -12,10 +12,7 @@ use tokio::sync::OnceCell;
 
 pub use worker::{RefreshSummary, run_worker};
 
-use crate::amocrm::{
-    AmoClient, AmoError, ProblemKind, REFRESH_TOKEN_LIFETIME, TokenSet, account_host,
-    jwt_api_domain, shared_api_host,
-};
+use crate::amocrm::{AmoClient, AmoError, Grant, REFRESH_TOKEN_LIFETIME, TokenSet, account_host};
 use crate::config::Secret;
 use crate::crypto::{Cipher, fill_random, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
@@ -239,8 +236,7 @@ impl TokenService {
     }
 
     /// Takes the database lease, or waits for the process holding it to finish. A holder
-    /// that died is taken over when its lease expires. The pacer's turn is awaited before
-    /// the lease is taken, so no lease is held while waiting for it.
+    /// that died is taken over when its lease expires.
     async fn refresh_across_processes(
         &self,
         id: i64,
@@ -254,7 +250,6 @@ impl TokenService {
                 return Ok(row);
             }
             if row.lease_until.is_none_or(|until| until <= now()) {
-                self.amo.pace(&row.domain).await;
                 let at = now();
                 if self
                     .store
@@ -309,7 +304,7 @@ impl TokenService {
                 Ok(expires_at) => self.save(&row, &tokens, &host, expires_at).await,
                 Err(err) => self.failed(&row, err).await,
             },
-            Err(err) if revokes_the_grant(&err) => self.grant_rejected(&row, &err).await,
+            Err(err) if err.revokes_grant() => self.grant_rejected(&row, &err).await,
             Err(err) => self.failed(&row, err).await,
         }
     }
@@ -325,24 +320,28 @@ impl TokenService {
             .map_err(|err| TokenError::Corrupt(err.to_string()))
     }
 
-    /// The refresh itself, with one retry at the account's new host after a rename.
-    /// Returns the new pair and the host it came from.
+    /// The refresh with amoCRM's rename rule (one retry at the account's new host), which
+    /// the client applies; a new host is saved as soon as it is known, even if the retry
+    /// there fails. Returns the new pair and the host it came from.
     async fn call_refresh(
         &self,
         row: &ConnectionRow,
         refresh_token: &Secret,
     ) -> Result<(TokenSet, String), AmoError> {
-        // The pacer's turn for this first call was awaited before the lease was taken.
-        let err = match self.amo.refresh(&row.domain, refresh_token).await {
-            Ok(tokens) => return Ok((tokens, row.domain.clone())),
-            Err(err) if account_moved(&err) => err,
-            Err(err) => return Err(err),
+        // Without the access token (its `api_domain`) a rename cannot be followed, but the
+        // refresh itself can still be made.
+        let access_token = self
+            .open(row, "access_token")
+            .unwrap_or_else(|_| Secret::new(""));
+        let mut grant = Grant {
+            host: row.domain.clone(),
+            account_id: row.account_id,
+            access_token,
+            refresh_token: refresh_token.clone(),
         };
-        let Some(new_host) = self.find_new_host(row, refresh_token).await else {
-            return Err(err);
-        };
-        tracing::info!(account_id = row.account_id, from = %row.domain, to = %new_host, "account moved to a new subdomain");
-        if let Some(host) = account_host(&new_host, &self.amo.config().domains)
+        let result = self.amo.refresh_grant(&mut grant).await;
+        if grant.host != row.domain
+            && let Some(host) = account_host(&grant.host, &self.amo.config().domains)
             && let Err(store_err) = self
                 .store
                 .update_host(row.id, &host.host, &host.subdomain, now())
@@ -350,33 +349,14 @@ impl TokenService {
         {
             tracing::error!(error = %store_err, "could not save the account's new host");
         }
-        self.amo.pace(&new_host).await;
-        self.amo
-            .refresh(&new_host, refresh_token)
-            .await
-            .map(|tokens| (tokens, new_host))
-    }
-
-    /// Asks amoCRM where the account lives now; only an allowed amoCRM host is believed.
-    async fn find_new_host(&self, row: &ConnectionRow, refresh_token: &Secret) -> Option<String> {
-        let domains = &self.amo.config().domains;
-        let access_token = self.open(row, "access_token").ok()?;
-        let api_domain = jwt_api_domain(access_token.expose())?;
-        // The refresh token goes in a header: never to a host outside the allow-list.
-        shared_api_host(&api_domain, domains)?;
-        self.amo.pace(&api_domain).await;
-        let found = match self.amo.current_subdomain(&api_domain, refresh_token).await {
-            Ok(found) => found,
-            Err(err) => {
-                tracing::warn!(error = %err, account_id = row.account_id, "subdomain lookup failed");
-                return None;
-            }
+        let refreshed = result?;
+        let tokens = TokenSet {
+            access_token: grant.access_token,
+            refresh_token: grant.refresh_token,
+            expires_in: refreshed.expires_in,
+            raw: refreshed.raw,
         };
-        if row.account_id.is_some_and(|id| id != found.id) {
-            return None;
-        }
-        let host = account_host(&found.domain, domains)?;
-        (host.host != row.domain).then_some(host.host)
+        Ok((tokens, grant.host))
     }
 
     /// Stores the new pair before anyone uses it, with its audit row and event in the same
@@ -599,28 +579,6 @@ fn usable(row: &ConnectionRow) -> Result<(), TokenError> {
     }
 }
 
-/// A refresh token amoCRM will never accept again: revoked (superseded) or expired.
-fn revokes_the_grant(err: &AmoError) -> bool {
-    matches!(
-        err.problem_kind(),
-        Some(ProblemKind::TokenRevoked | ProblemKind::TokenExpired)
-    )
-}
-
-/// A 401 or 404 that is not about the token: the account may have moved to a new subdomain.
-fn account_moved(err: &AmoError) -> bool {
-    match err {
-        AmoError::Rejected { status: 404, .. }
-        | AmoError::Http { status: 404 }
-        | AmoError::Http { status: 401 } => true,
-        AmoError::Rejected {
-            status: 401,
-            problem,
-        } => matches!(problem.kind(), ProblemKind::Other),
-        _ => false,
-    }
-}
-
 /// `BACKOFF_BASE_SECS · 2^(failures-1)`, capped, times a random factor in [0.5, 1.5) so
 /// replicas that failed together do not retry together.
 fn backoff(failures: i64) -> chrono::Duration {
@@ -646,7 +604,6 @@ pub(crate) fn expiry(tokens: &TokenSet) -> Result<(Timestamp, Timestamp), AmoErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::amocrm::Problem;
 
     #[test]
     fn backoff_doubles_with_jitter_and_is_capped() {
@@ -657,24 +614,5 @@ mod tests {
             assert!((60_000..180_000).contains(&third), "{third}");
             assert!(backoff(40).num_milliseconds() < 5_400_000);
         }
-    }
-
-    #[test]
-    fn only_revoked_or_expired_grants_need_a_new_install() {
-        let rejected = |status, hint: &str| AmoError::Rejected {
-            status,
-            problem: Problem {
-                hint: Some(hint.into()),
-                ..Problem::default()
-            },
-        };
-        assert!(revokes_the_grant(&rejected(401, "Token has been revoked")));
-        assert!(revokes_the_grant(&rejected(401, "Token has expired")));
-        assert!(!revokes_the_grant(&AmoError::Http { status: 500 }));
-        assert!(!revokes_the_grant(&AmoError::Timeout(Duration::from_secs(
-            1
-        ))));
-        assert!(account_moved(&AmoError::Http { status: 404 }));
-        assert!(!account_moved(&rejected(401, "Token has been revoked")));
     }
 }

@@ -1,4 +1,4 @@
-//! amoauth: connects web applications to amoCRM and Kommo accounts through OAuth 2.0.
+#![doc = include_str!("lib.md")]
 
 pub mod amocrm;
 pub mod api_keys;

@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 /// ```
 /// use amoauth::amocrm::{Problem, ProblemKind};
 ///
-/// let body = br#"{"hint":"Token has been revoked","title":"Некорректный запрос",
+/// let body = r#"{"hint":"Token has been revoked","title":"Некорректный запрос",
 ///   "type":"https://developers.amocrm.ru/v3/errors/OAuthProblemJson","status":401,
 ///   "detail":"В запросе отсутствует ряд параметров или параметры невалидны"}"#;
-/// let problem = Problem::parse(body).unwrap();
+/// let problem = Problem::parse(body.as_bytes()).unwrap();
 /// assert_eq!(problem.status, Some(401));
 /// assert_eq!(problem.kind(), ProblemKind::TokenRevoked);
 /// ```

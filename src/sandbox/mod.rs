@@ -3,6 +3,13 @@
 //! so the demo and the tests run offline. This file owns the public handle, its configuration
 //! and the webhook signature; `state` holds the token logic, `routes` the HTTP surface and
 //! `page` the consent page markup.
+//!
+//! Public so that programs test against it offline: one origin serves every account, told
+//! apart by the `Host` header, so point [`ClientConfig::with_override_origin`] at
+//! [`Sandbox::spawn`]'s address and use the accounts' hosts as usual. The crate-level guide
+//! runs a whole authorization against it.
+//!
+//! [`ClientConfig::with_override_origin`]: crate::amocrm::ClientConfig::with_override_origin
 
 mod page;
 mod routes;
@@ -28,12 +35,16 @@ const UNINSTALL_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 /// grant it access to.
 #[derive(Clone, Debug)]
 pub struct SandboxConfig {
+    /// The integration's ID, which the client must send.
     pub client_id: String,
+    /// The integration's secret key, which the client must send and which signs the
+    /// uninstall webhook.
     pub client_secret: String,
     /// The integration's registered Redirect URI, e.g. `http://127.0.0.1:8080/amocrm/callback`.
     pub redirect_uri: String,
     /// Lifetime of access tokens (amoCRM: 24 hours).
     pub access_token_ttl: Duration,
+    /// The accounts a user can grant access to; the first is preselected on the consent page.
     pub accounts: Vec<SandboxAccount>,
 }
 
@@ -70,8 +81,11 @@ impl SandboxConfig {
 /// A fake amoCRM account.
 #[derive(Clone, Debug)]
 pub struct SandboxAccount {
+    /// The numeric account id, as `/api/v4/account` and the uninstall webhook give it.
     pub id: i64,
+    /// The display name.
     pub name: String,
+    /// The subdomain at the start, e.g. `demo` (see [`Sandbox::rename_account`]).
     pub subdomain: String,
     /// `amocrm.ru`, `amocrm.com`, `kommo.com`, ...
     pub domain: String,
@@ -100,9 +114,11 @@ pub struct SandboxStats {
     pub requests: u64,
     /// Token requests with `grant_type=authorization_code`, failed ones included.
     pub code_exchanges: u64,
+    /// Code exchanges that issued a pair.
     pub successful_code_exchanges: u64,
     /// Token requests with `grant_type=refresh_token`, failed ones included.
     pub refreshes: u64,
+    /// Refreshes that issued a pair.
     pub successful_refreshes: u64,
     /// Requests to `GET /api/v4/account`, failed ones included.
     pub account_lookups: u64,
@@ -116,7 +132,12 @@ pub struct SandboxStats {
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// Answer problem+json with this status and hint.
-    Problem { status: u16, hint: String },
+    Problem {
+        /// The HTTP status, also put in the body.
+        status: u16,
+        /// The body's `hint`, e.g. `Token has been revoked`.
+        hint: String,
+    },
     /// Plain 500 with a text body.
     ServerError,
     /// 200 with a body that is not JSON (`<html>oops</html>`, `text/html`).
@@ -176,6 +197,7 @@ struct Shared {
 }
 
 impl Sandbox {
+    /// A sandbox with this integration and these accounts; [`spawn`](Self::spawn) serves it.
     pub fn new(config: SandboxConfig) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -204,6 +226,7 @@ impl Sandbox {
         Ok(bound)
     }
 
+    /// What reached the sandbox so far.
     pub fn stats(&self) -> SandboxStats {
         self.state().stats.clone()
     }

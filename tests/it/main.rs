@@ -31,6 +31,7 @@ macro_rules! on_all_backends {
     )+};
 }
 
+mod amocrm_client;
 mod backends;
 mod browser;
 mod cli;

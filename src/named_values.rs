@@ -18,6 +18,7 @@ macro_rules! named_values {
             #[allow(dead_code)]
             pub const ALL: &'static [Self] = &[$(Self::$variant),+];
 
+            /// The stable snake_case name.
             pub fn as_str(self) -> &'static str {
                 match self {
                     $(Self::$variant => $value),+

@@ -17,7 +17,8 @@
 //! - **Renames.** An account's subdomain can change. When a refresh at the stored host answers
 //!   401 or 404 (and not about the token), [`AmoClient::refresh_grant`] asks amoCRM where the
 //!   account lives now (the shared API host named in the access token, with the refresh
-//!   token) and retries there once.
+//!   token) and retries there once. [`AmoClient::moved_host`] is that lookup alone, for an
+//!   API call's 404.
 //! - **Errors.** amoCRM answers problem+json (`title`, `type`, `status`, `detail`, `hint`);
 //!   [`AmoError::Rejected`] carries it as a [`Problem`], classified by [`ProblemKind`].
 //! - **Secrets.** Codes, tokens and the secret key are [`Secret`]s: no `Debug` or error
@@ -292,18 +293,21 @@ impl AmoClient {
             Err(err) if err.account_may_have_moved() => err,
             Err(err) => return Err(err),
         };
-        let Some(new_host) = self.find_new_host(grant).await else {
+        let Some(new_host) = self.moved_host(grant).await else {
             return Err(err);
         };
-        tracing::info!(account_id = grant.account_id, from = %grant.host, to = %new_host, "account moved to a new subdomain");
-        let old_host = std::mem::replace(&mut grant.host, new_host);
+        tracing::info!(account_id = grant.account_id, from = %grant.host, to = %new_host.host, "account moved to a new subdomain");
+        let old_host = std::mem::replace(&mut grant.host, new_host.host);
         let tokens = self.refresh(&grant.host, &grant.refresh_token).await?;
         Ok(grant.rotate(tokens, Some(old_host)))
     }
 
-    /// Asks amoCRM where the grant's account lives now; only an allowed host of the same
-    /// account, other than the current one, is believed.
-    async fn find_new_host(&self, grant: &Grant) -> Option<String> {
+    /// Asks amoCRM where the grant's account lives now, for when its host answers 401 or 404
+    /// as if the account were not there ([`refresh_grant`](Self::refresh_grant) does this
+    /// itself): `GET https://{api_domain}/oauth2/account/current/subdomain` with the refresh
+    /// token. The new host, or `None` when amoCRM names no allowed host of the grant's
+    /// account other than [`Grant::host`] (a failed lookup is logged as a warning).
+    pub async fn moved_host(&self, grant: &Grant) -> Option<AccountHost> {
         let api_domain = jwt_api_domain(grant.access_token.expose())?;
         // The refresh token goes in a header: never to a host outside the allow-list.
         let api_domain = shared_api_host(&api_domain, &self.config.domains)?;
@@ -321,7 +325,7 @@ impl AmoClient {
             return None;
         }
         let host = self.account_host(&found.domain)?;
-        (host.host != grant.host).then_some(host.host)
+        (host.host != grant.host).then_some(host)
     }
 
     /// `POST /oauth2/access_token`, form-encoded, with the registered redirect URI (amoCRM

@@ -86,11 +86,22 @@ async fn a_renamed_account_is_refreshed_at_its_new_host_and_only_for_the_same_ac
     assert_eq!(foreign.host, HOST);
     assert_eq!(foreign.refresh_token, grant.refresh_token);
 
+    // The lookup alone, as after an API call's 404.
+    let moved = client.moved_host(&grant).await.expect("a new host");
+    assert_eq!(
+        (moved.host.as_str(), moved.subdomain.as_str()),
+        ("renamed.amocrm.ru", "renamed")
+    );
+
     let refreshed = client.refresh_grant(&mut grant).await.unwrap();
     assert_eq!(refreshed.moved_from.as_deref(), Some(HOST));
     assert_eq!(grant.host, "renamed.amocrm.ru");
+    assert!(
+        client.moved_host(&grant).await.is_none(),
+        "it is where it is"
+    );
     let stats = sandbox.stats();
-    assert_eq!(stats.subdomain_lookups, 2);
+    assert_eq!(stats.subdomain_lookups, 4);
     assert_eq!(
         stats.token_hosts,
         [HOST, HOST, HOST, "renamed.amocrm.ru"],

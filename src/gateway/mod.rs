@@ -24,6 +24,8 @@ use crate::store::{Reservation, Store, StoreError, now, rfc3339, saturating_late
 use crate::tokens::{FreshToken, TokenError, TokenService};
 use circuit::{Circuits, Open, Scope};
 
+/// Slots given up for a later one after waking too late, per send.
+const MAX_RESLOTS: u32 = 2;
 /// Retries of one call after 429s, 5xx answers and timeouts, together.
 pub const MAX_RETRIES: u32 = 3;
 /// First backoff after a 5xx or timeout; doubles per retry, times a jitter in [0.5, 1.5).
@@ -115,8 +117,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     events: Arc<Events>,
     circuits: Circuits,
-    /// Between two sends to one account: a second divided by the rate, plus a twentieth so
-    /// network jitter between amoauth and amoCRM cannot squeeze one more into a second.
+    /// Between two sends to one account: a second divided by the rate, plus a tenth, so a
+    /// send that leaves (or arrives) up to ~100 ms late cannot squeeze one more into a second.
     spacing: Duration,
     max_wait: Duration,
 }
@@ -137,7 +139,7 @@ impl Gateway {
             metrics,
             events,
             circuits: Circuits::default(),
-            spacing: spacing + spacing / 20,
+            spacing: spacing + spacing / 10,
             max_wait: config.max_wait,
         }
     }
@@ -234,21 +236,41 @@ impl Gateway {
         }
     }
 
-    /// Reserves the account's next send slot in the database and sleeps until it.
+    /// Reserves the account's next send slot in the database and sleeps until it. The slot's
+    /// moment is known only within the statement's round trip: the sleep ends at its latest
+    /// reading (never early), and a wake-up later than `spacing / 4` after its earliest one
+    /// (a starved process) gives the slot up for a later one, so late sends cannot bunch up
+    /// with punctual ones. After `MAX_RESLOTS` the call goes anyway.
     async fn wait_for_slot(&self, account_id: i64) -> Result<(), GatewayError> {
-        match self
-            .store
-            .reserve_send_slot(account_id, self.spacing, self.max_wait)
-            .await?
-        {
-            Reservation::Reserved { wait } => {
-                tokio::time::sleep(wait).await;
-                Ok(())
+        let tolerance = self.spacing / 4;
+        for reslot in 0..=MAX_RESLOTS {
+            let asked = tokio::time::Instant::now();
+            let reservation = self
+                .store
+                .reserve_send_slot(account_id, self.spacing, self.max_wait)
+                .await?;
+            let answered = tokio::time::Instant::now();
+            match reservation {
+                Reservation::Reserved { wait } => {
+                    tokio::time::sleep_until(answered + wait).await;
+                    let late = asked.elapsed().saturating_sub(wait);
+                    if late <= tolerance || reslot == MAX_RESLOTS {
+                        return Ok(());
+                    }
+                    tracing::debug!(
+                        account_id,
+                        late_ms = late.as_millis(),
+                        "woke late for the slot; taking a later one"
+                    );
+                }
+                Reservation::Full { next_free_in } => {
+                    return Err(GatewayError::PacedOut {
+                        retry_after: next_free_in.saturating_sub(self.max_wait),
+                    });
+                }
             }
-            Reservation::Full { next_free_in } => Err(GatewayError::PacedOut {
-                retry_after: next_free_in.saturating_sub(self.max_wait),
-            }),
         }
+        Ok(())
     }
 
     async fn send(

@@ -70,7 +70,7 @@ impl Store {
             Pool::MySql(pool) => async {
                 let mut tx = pool.begin().await?;
                 // Locks the row exclusively at once (INSERT IGNORE's shared lock would deadlock
-                // two callers upgrading it together).
+                // two callers upgrading it together); the locking read then sees the latest.
                 sqlx::query(
                     "INSERT INTO amoauth_gateway_pace (account_id, next_free_us) VALUES (?, 0) \
                      ON DUPLICATE KEY UPDATE next_free_us = next_free_us",
@@ -80,7 +80,7 @@ impl Store {
                 .await?;
                 let (next_free, now): (i64, i64) = sqlx::query_as(
                     "SELECT next_free_us, CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED) \
-                     FROM amoauth_gateway_pace WHERE account_id = ?",
+                     FROM amoauth_gateway_pace WHERE account_id = ? FOR UPDATE",
                 )
                 .bind(account_id)
                 .fetch_one(&mut *tx)
@@ -133,7 +133,7 @@ impl Store {
             Pool::MySql(pool) => {
                 sqlx::query_scalar(
                     "SELECT next_free_us - CAST(UNIX_TIMESTAMP(NOW(6)) * 1000000 AS SIGNED) \
-                     FROM amoauth_gateway_pace WHERE account_id = ?",
+                     FROM amoauth_gateway_pace WHERE account_id = ? FOR UPDATE",
                 )
                 .bind(account_id)
                 .fetch_optional(pool)

@@ -40,6 +40,7 @@ mod events;
 mod faults;
 mod flow;
 mod flow_security;
+mod gateway;
 mod host_app;
 mod hostile;
 mod http_security;

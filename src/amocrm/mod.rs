@@ -156,6 +156,26 @@ impl AmoClient {
         }
     }
 
+    /// A call to the account's API for the gateway: `path_and_query` as the host app sent it
+    /// (already checked), at the account's host or the development override.
+    pub fn api_request(
+        &self,
+        method: reqwest::Method,
+        host: &str,
+        path: &str,
+        query: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut url = self.base_url(host);
+        url.set_path(path);
+        url.set_query(query);
+        let request = self.http.request(method, url);
+        if self.config.override_origin.is_some() {
+            request.header(HOST, host)
+        } else {
+            request
+        }
+    }
+
     /// Exchanges an authorization code at the account's own host.
     #[tracing::instrument(skip(self, code), fields(host = %host))]
     pub async fn exchange_code(&self, host: &str, code: &str) -> Result<TokenSet, AmoError> {

@@ -4,6 +4,7 @@
 //! and the webhook signature; `state` holds the token logic, `routes` the HTTP surface and
 //! `page` the consent page markup.
 
+mod api;
 mod page;
 mod routes;
 mod state;
@@ -16,6 +17,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use url::Url;
 
+pub use api::{ApiAccountStats, ApiFault, ApiLimits, ApiStats};
 use state::State;
 
 /// amoCRM's `User-Agent` on the uninstall webhook.
@@ -35,6 +37,8 @@ pub struct SandboxConfig {
     /// Lifetime of access tokens (amoCRM: 24 hours).
     pub access_token_ttl: Duration,
     pub accounts: Vec<SandboxAccount>,
+    /// The leads and contacts API's rate limit and IP block.
+    pub api: ApiLimits,
 }
 
 impl SandboxConfig {
@@ -63,6 +67,7 @@ impl SandboxConfig {
                     domain: "kommo.com".to_owned(),
                 },
             ],
+            api: ApiLimits::default(),
         }
     }
 }
@@ -196,7 +201,9 @@ impl Sandbox {
         let bound = listener.local_addr()?;
         let router = self.router();
         tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, router).await {
+            // The client's address is what the API's IP block keys on.
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(error) = axum::serve(listener, service).await {
                 tracing::error!(%error, "amoCRM sandbox server stopped");
             }
         });

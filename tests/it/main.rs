@@ -53,6 +53,7 @@ mod proxy;
 mod refresh;
 mod result_page;
 mod retention;
+mod sandbox_api;
 mod secrets_on_failures;
 mod security;
 mod store_integrity;

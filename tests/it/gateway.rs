@@ -560,6 +560,48 @@ async fn callers_beyond_the_wait_get_amoauths_own_429(backend: Backend) {
     app.stop().await;
 }
 
+/// Leads created and listed through two replicas at once: amoCRM (the sandbox, which counts
+/// in a sliding second) never sees more than 7 a second and never answers 429.
+async fn leads_through_two_replicas_never_meet_amocrms_429(backend: Backend) {
+    let (app, _relay, key) = gateway_app(&backend, Options::default()).await;
+    let replica = app.replica().await;
+    let bases = [app.base.clone(), format!("http://{}", replica.addr)];
+    let calls = (0..24).map(|n| {
+        let base = bases[n % 2].clone();
+        let (client, key) = (app.client.clone(), key.clone());
+        async move {
+            let request = if n % 3 == 0 {
+                client
+                    .post(proxy_url(&base, "api/v4/leads"))
+                    .json(&serde_json::json!([{ "name": format!("lead {n}"), "price": n }]))
+            } else {
+                client.get(proxy_url(&base, "api/v4/leads?limit=5&page=1"))
+            };
+            request.bearer_auth(key).send().await.unwrap().status()
+        }
+    });
+    let statuses = futures_join_all(calls).await;
+    assert!(
+        statuses.iter().all(|status| status.is_success()),
+        "{statuses:?}"
+    );
+    let listed: serde_json::Value = call(&app, &key, Method::GET, "api/v4/leads?limit=50")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["_embedded"]["leads"].as_array().unwrap().len(),
+        8,
+        "every POST created its lead once"
+    );
+    let stats = app.sandbox.api_stats().account(ACCOUNT_ID);
+    assert_eq!(stats.too_many_requests, 0, "{stats:?}");
+    assert!(stats.max_per_second <= 7, "{stats:?}");
+    replica.stop().await.unwrap();
+    app.stop().await;
+}
+
 /// Runs the futures concurrently (spawned) and collects their outputs, in completion order.
 async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
@@ -582,4 +624,5 @@ on_all_backends!(
     a_403_burst_opens_the_accounts_circuit,
     two_replicas_share_the_accounts_pace,
     callers_beyond_the_wait_get_amoauths_own_429,
+    leads_through_two_replicas_never_meet_amocrms_429,
 );

@@ -602,6 +602,87 @@ async fn leads_through_two_replicas_never_meet_amocrms_429(backend: Backend) {
     app.stop().await;
 }
 
+/// The store's reservation: one account's full pace takes nothing and slows no other account.
+/// Also prints what a reservation costs (`--nocapture`), sequential and 16 at once.
+async fn a_full_pace_takes_no_slot_and_slows_no_other_account(backend: Backend) {
+    use amoauth::store::Reservation;
+    let app = TestApp::spawn(&backend).await;
+    let store = app.store().clone();
+    // Half a spacing between the wait allowed and the next slot: time for the refused calls.
+    let (spacing, max_wait) = (Duration::from_secs(1), Duration::from_millis(2500));
+    let mut reserved = 0;
+    let first_full = loop {
+        match store.reserve_send_slot(1, spacing, max_wait).await.unwrap() {
+            Reservation::Reserved { .. } => reserved += 1,
+            Reservation::Full { next_free_in } => break next_free_in,
+        }
+        assert!(reserved < 100, "the pace never filled");
+    };
+    assert_eq!(reserved, 3, "slots now, in 1 s and in 2 s fit in 2.5 s");
+    assert!(first_full > max_wait);
+    // Refused calls consume nothing: the next free slot only comes closer.
+    for _ in 0..5 {
+        let Reservation::Full { next_free_in } =
+            store.reserve_send_slot(1, spacing, max_wait).await.unwrap()
+        else {
+            panic!("a refused call made room")
+        };
+        assert!(next_free_in <= first_full);
+    }
+    assert_eq!(
+        store.reserve_send_slot(2, spacing, max_wait).await.unwrap(),
+        Reservation::Reserved {
+            wait: Duration::ZERO
+        },
+        "another account is not slowed"
+    );
+
+    let rounds = 200;
+    let started = Instant::now();
+    for account in 0..rounds {
+        store
+            .reserve_send_slot(1000 + account, spacing, max_wait)
+            .await
+            .unwrap();
+    }
+    let sequential = started.elapsed() / rounds as u32;
+    let started = Instant::now();
+    let concurrent = (0..16).map(|task| {
+        let store = store.clone();
+        async move {
+            for n in 0..rounds / 16 {
+                let account = 5000 + task * 100 + n;
+                store
+                    .reserve_send_slot(account, spacing, max_wait)
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    futures_join_all(concurrent).await;
+    let per_call_concurrent = started.elapsed() / (16 * (rounds / 16)) as u32;
+    // One hot row: 16 callers on one account, as a busy account's callers are.
+    let started = Instant::now();
+    let hot = (0..16).map(|_| {
+        let store = store.clone();
+        async move {
+            for _ in 0..rounds / 16 {
+                let reservation = store
+                    .reserve_send_slot(9999, Duration::from_micros(1), Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                assert!(matches!(reservation, Reservation::Reserved { .. }));
+            }
+        }
+    });
+    futures_join_all(hot).await;
+    let per_call_hot = started.elapsed() / (16 * (rounds / 16)) as u32;
+    eprintln!(
+        "reservation cost on {backend:?}: {sequential:?} per call sequential, {per_call_concurrent:?} per call amortised with 16 at once on 16 accounts, {per_call_hot:?} with 16 at once on one account"
+    );
+    app.stop().await;
+}
+
 /// Runs the futures concurrently (spawned) and collects their outputs, in completion order.
 async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
@@ -625,4 +706,5 @@ on_all_backends!(
     two_replicas_share_the_accounts_pace,
     callers_beyond_the_wait_get_amoauths_own_429,
     leads_through_two_replicas_never_meet_amocrms_429,
+    a_full_pace_takes_no_slot_and_slows_no_other_account,
 );

@@ -387,6 +387,20 @@ async fn server_errors_are_retried_for_get_and_not_for_post(backend: Backend) {
     );
     app.sandbox.set_account_fault(None);
 
+    // amoCRM's 429 (no Retry-After: a second) is waited out and the GET retried.
+    relay.answer_with(Some(429));
+    let before = relay.api_calls().len();
+    let response = call(&app, &key, Method::GET, "api/v4/account").await;
+    assert_eq!(response.status(), 429, "amoCRM's last answer");
+    assert_eq!(
+        relay.api_calls().len(),
+        before + 1 + amoauth::gateway::MAX_RETRIES as usize
+    );
+    assert_eq!(
+        recoveries(&app, "retry_after_429").await,
+        f64::from(amoauth::gateway::MAX_RETRIES)
+    );
+
     relay.answer_with(Some(502));
     let before = relay.api_calls().len();
     let response = call(&app, &key, Method::POST, "api/v4/leads").await;
@@ -404,7 +418,12 @@ async fn server_errors_are_retried_for_get_and_not_for_post(backend: Backend) {
 }
 
 async fn a_403_burst_opens_the_accounts_circuit(backend: Backend) {
-    let (app, relay, key) = gateway_app(&backend, Options::default()).await;
+    // Events go to the outbox whether or not this receiver (nobody) takes them.
+    let options = Options {
+        events_url: Some(format!("http://127.0.0.1:{}/events", free_port())),
+        ..Options::default()
+    };
+    let (app, relay, key) = gateway_app(&backend, options).await;
     relay.answer_with(Some(403));
     for _ in 0..amoauth::gateway::circuit::BURST {
         assert_eq!(
@@ -432,6 +451,18 @@ async fn a_403_burst_opens_the_accounts_circuit(backend: Backend) {
         "no more calls while the circuit is open"
     );
     assert_eq!(recoveries(&app, "circuit_open_account").await, 1.0);
+    let payload = app
+        .db()
+        .string("SELECT payload FROM amoauth_events WHERE event_type = 'gateway.circuit_opened'")
+        .await;
+    let data: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(
+        (&data["account_id"], &data["scope"]),
+        (
+            &serde_json::json!(ACCOUNT_ID),
+            &serde_json::json!("account")
+        )
+    );
     let page = app
         .client
         .get(format!("{}/", app.base))

@@ -473,6 +473,18 @@ mod tests {
                     .iter()
                     .copied()
                     .map(Count::EventDelivery),
+            )
+            .chain(
+                GatewayOutcome::ALL
+                    .iter()
+                    .copied()
+                    .map(Count::GatewayRequest),
+            )
+            .chain(
+                GatewayRecovery::ALL
+                    .iter()
+                    .copied()
+                    .map(Count::GatewayRecovery),
             );
         for count in every_count {
             metrics.count(count);

@@ -417,6 +417,40 @@ async fn server_errors_are_retried_for_get_and_not_for_post(backend: Backend) {
     app.stop().await;
 }
 
+async fn a_timeout_is_retried_for_get_and_answered_504_for_post(backend: Backend) {
+    use amoauth::sandbox::ApiFault;
+    let options = Options {
+        amocrm_timeout: Some("2s"),
+        ..Options::default()
+    };
+    let (app, _relay, key) = gateway_app(&backend, options).await;
+    let slow = || Some(ApiFault::times(Fault::Delay(Duration::from_secs(5)), 1));
+    app.sandbox.set_api_fault(slow());
+    let response = call(&app, &key, Method::GET, "api/v4/leads").await;
+    assert!(response.status().is_success(), "{}", response.status());
+    assert_eq!(app.sandbox.api_stats().account(ACCOUNT_ID).requests, 2);
+    assert_eq!(recoveries(&app, "retry_on_timeout").await, 1.0);
+
+    app.sandbox.set_api_fault(slow());
+    let response = app
+        .client
+        .post(proxy_url(&app.base, "api/v4/leads"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!([{ "name": "sent once" }]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "amocrm_timeout");
+    assert_eq!(
+        app.sandbox.api_stats().account(ACCOUNT_ID).requests,
+        3,
+        "the POST was not sent again"
+    );
+    app.stop().await;
+}
+
 async fn a_403_burst_opens_the_accounts_circuit(backend: Backend) {
     // Events go to the outbox whether or not this receiver (nobody) takes them.
     let options = Options {
@@ -733,6 +767,7 @@ on_all_backends!(
     a_stale_token_is_refreshed_once_and_the_call_retried,
     a_renamed_account_is_found_at_its_new_host,
     server_errors_are_retried_for_get_and_not_for_post,
+    a_timeout_is_retried_for_get_and_answered_504_for_post,
     a_403_burst_opens_the_accounts_circuit,
     two_replicas_share_the_accounts_pace,
     callers_beyond_the_wait_get_amoauths_own_429,

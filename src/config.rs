@@ -45,6 +45,8 @@ pub struct Settings {
     pub events_secret: Option<String>,
     pub events_refreshed: Option<String>,
     pub events_interval: Option<String>,
+    pub proxy_rate: Option<String>,
+    pub proxy_max_wait: Option<String>,
 }
 
 /// A configuration problem, printed as one line: the variable and what is wrong.
@@ -194,6 +196,36 @@ pub struct ServerConfig {
     pub per_ip_concurrency: Option<usize>,
     /// How long a client may take to send a request's head, and then its body.
     pub read_timeout: Duration,
+    pub gateway: GatewayConfig,
+}
+
+/// The amoCRM API gateway's pace (`AMOAUTH_PROXY_RATE`, `AMOAUTH_PROXY_MAX_WAIT`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// Requests per second per account, across every replica.
+    pub rate: u32,
+    /// How long a call may wait for its account's slot before amoauth answers 429.
+    pub max_wait: Duration,
+}
+
+/// The longest `AMOAUTH_PROXY_MAX_WAIT`: well inside the route timeout, so a caller that
+/// waited its turn still has time for amoCRM's answer.
+const MAX_PROXY_WAIT: Duration = Duration::from_secs(30);
+
+/// amoCRM allows 7 requests a second per account.
+const DEFAULT_PROXY_RATE: &str = "7";
+
+fn parse_proxy_rate(raw: &str) -> Result<u32, ConfigError> {
+    raw.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|rate| (1..=1000).contains(rate))
+        .ok_or_else(|| {
+            invalid(
+                "AMOAUTH_PROXY_RATE",
+                format!("expected requests per second per account from 1 to 1000, such as 7, got `{raw}`"),
+            )
+        })
 }
 
 /// At most `requests` per `per_seconds` seconds per client IP.
@@ -426,6 +458,19 @@ impl Settings {
         let per_ip_concurrency =
             parse_per_ip_concurrency(non_empty(&self.per_ip_concurrency).unwrap_or("64"));
         let read_timeout = parse_duration_var(&self.read_timeout, "AMOAUTH_READ_TIMEOUT", "10s");
+        let proxy_rate =
+            parse_proxy_rate(non_empty(&self.proxy_rate).unwrap_or(DEFAULT_PROXY_RATE));
+        let proxy_max_wait =
+            parse_duration_var(&self.proxy_max_wait, "AMOAUTH_PROXY_MAX_WAIT", "10s").and_then(
+                |wait| {
+                    // A caller waiting longer would meet the request timeout's 504 instead.
+                    if wait > MAX_PROXY_WAIT {
+                        Err(invalid("AMOAUTH_PROXY_MAX_WAIT", "must be at most 30s"))
+                    } else {
+                        Ok(wait)
+                    }
+                },
+            );
         all_valid!(
             store,
             _key_present,
@@ -445,7 +490,9 @@ impl Settings {
             rate_limit,
             trusted_proxies,
             per_ip_concurrency,
-            read_timeout
+            read_timeout,
+            proxy_rate,
+            proxy_max_wait
         );
         let refresh = RefreshConfig {
             margin: refresh_margin,
@@ -473,6 +520,10 @@ impl Settings {
             trusted_proxies,
             per_ip_concurrency,
             read_timeout,
+            gateway: GatewayConfig {
+                rate: proxy_rate,
+                max_wait: proxy_max_wait,
+            },
         })
     }
 
@@ -783,6 +834,38 @@ mod tests {
             assert_eq!(
                 the_only_problem(s.server()).variable,
                 "AMOAUTH_BASE_PATH",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_gateway_pace_defaults_to_amocrms_limit_and_is_checked() {
+        let mut s = settings();
+        let gateway = s.server().unwrap().gateway;
+        assert_eq!(gateway.rate, 7);
+        assert_eq!(gateway.max_wait, Duration::from_secs(10));
+        s.proxy_rate = Some("3".into());
+        s.proxy_max_wait = Some("500ms".into());
+        let gateway = s.server().unwrap().gateway;
+        assert_eq!(
+            (gateway.rate, gateway.max_wait),
+            (3, Duration::from_millis(500))
+        );
+        for bad in ["0", "fast", "-1", "1001"] {
+            s.proxy_rate = Some(bad.into());
+            assert_eq!(
+                the_only_problem(s.server()).variable,
+                "AMOAUTH_PROXY_RATE",
+                "{bad}"
+            );
+        }
+        s.proxy_rate = None;
+        for bad in ["31s", "1h", "soon"] {
+            s.proxy_max_wait = Some(bad.into());
+            assert_eq!(
+                the_only_problem(s.server()).variable,
+                "AMOAUTH_PROXY_MAX_WAIT",
                 "{bad}"
             );
         }

@@ -1,5 +1,6 @@
 //! Outgoing events to the host app: `connection.created`, `connection.refresh_failed`,
-//! `connection.needs_reauth`, `connection.disconnected` and (opt-in) `connection.refreshed`.
+//! `connection.needs_reauth`, `connection.disconnected`, `gateway.circuit_opened` and (opt-in)
+//! `connection.refreshed`.
 //!
 //! An event is written to the outbox (`amoauth_events`) where it happens, and `serve`
 //! delivers it: a signed POST to `AMOAUTH_EVENTS_URL`, retried with backoff until the
@@ -38,6 +39,8 @@ pub enum EventType {
     ConnectionDisconnected,
     /// Opt-in (`AMOAUTH_EVENTS_REFRESHED`): every successful refresh.
     ConnectionRefreshed,
+    /// The gateway paused calls to an account (or all) after a burst of 403s from amoCRM.
+    GatewayCircuitOpened,
 }
 
 impl EventType {
@@ -48,6 +51,7 @@ impl EventType {
             Self::ConnectionNeedsReauth => "connection.needs_reauth",
             Self::ConnectionDisconnected => "connection.disconnected",
             Self::ConnectionRefreshed => "connection.refreshed",
+            Self::GatewayCircuitOpened => "gateway.circuit_opened",
         }
     }
 }

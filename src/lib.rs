@@ -7,6 +7,7 @@ pub mod config;
 pub mod crypto;
 pub mod events;
 pub mod flow;
+pub mod gateway;
 pub mod http;
 pub mod import;
 pub mod log_safe;

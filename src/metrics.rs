@@ -32,6 +32,32 @@ named_values! {
         Refreshes => "amoauth_refreshes_total",
         TokenApiRequests => "amoauth_token_api_requests_total",
         EventDeliveries => "amoauth_event_deliveries_total",
+        GatewayRequests => "amoauth_gateway_requests_total",
+        GatewayRecoveries => "amoauth_gateway_recoveries_total",
+    }
+}
+
+named_values! {
+    /// How a gateway call ended (`amoauth_gateway_requests_total{outcome}`).
+    pub enum GatewayOutcome {
+        Answered => "answered",
+        PacedOut => "paced_out",
+        CircuitOpen => "circuit_open",
+        Refused => "refused",
+        Failed => "failed",
+    }
+}
+
+named_values! {
+    /// What the gateway did to recover (`amoauth_gateway_recoveries_total{action}`).
+    pub enum GatewayRecovery {
+        RefreshOn401 => "refresh_on_401",
+        RetryAfter429 => "retry_after_429",
+        RetryOn5xx => "retry_on_5xx",
+        RetryOnTimeout => "retry_on_timeout",
+        RediscoverHost => "rediscover_host",
+        CircuitOpenAccount => "circuit_open_account",
+        CircuitOpenAll => "circuit_open_all",
     }
 }
 
@@ -72,6 +98,8 @@ impl Counter {
             Self::Refreshes => "Token refreshes attempted, by outcome.",
             Self::TokenApiRequests => "Token API requests, by outcome.",
             Self::EventDeliveries => "Event delivery attempts, by outcome.",
+            Self::GatewayRequests => "Calls through the amoCRM API gateway, by outcome.",
+            Self::GatewayRecoveries => "Gateway recoveries from amoCRM failures, by action.",
         }
     }
 
@@ -97,6 +125,14 @@ impl Counter {
                 "outcome",
                 names(DeliveryOutcome::ALL, DeliveryOutcome::as_str),
             )),
+            Self::GatewayRequests => Some((
+                "outcome",
+                names(GatewayOutcome::ALL, GatewayOutcome::as_str),
+            )),
+            Self::GatewayRecoveries => Some((
+                "action",
+                names(GatewayRecovery::ALL, GatewayRecovery::as_str),
+            )),
         }
     }
 }
@@ -111,6 +147,8 @@ pub enum Count {
     Refresh(RefreshOutcome),
     TokenApiRequest(TokenApiOutcome),
     EventDelivery(DeliveryOutcome),
+    GatewayRequest(GatewayOutcome),
+    GatewayRecovery(GatewayRecovery),
 }
 
 impl Count {
@@ -123,6 +161,8 @@ impl Count {
             Self::Refresh(outcome) => (Counter::Refreshes, Some(outcome.as_str())),
             Self::TokenApiRequest(outcome) => (Counter::TokenApiRequests, Some(outcome.as_str())),
             Self::EventDelivery(outcome) => (Counter::EventDeliveries, Some(outcome.as_str())),
+            Self::GatewayRequest(outcome) => (Counter::GatewayRequests, Some(outcome.as_str())),
+            Self::GatewayRecovery(action) => (Counter::GatewayRecoveries, Some(action.as_str())),
         }
     }
 }
@@ -433,6 +473,18 @@ mod tests {
                     .iter()
                     .copied()
                     .map(Count::EventDelivery),
+            )
+            .chain(
+                GatewayOutcome::ALL
+                    .iter()
+                    .copied()
+                    .map(Count::GatewayRequest),
+            )
+            .chain(
+                GatewayRecovery::ALL
+                    .iter()
+                    .copied()
+                    .map(Count::GatewayRecovery),
             );
         for count in every_count {
             metrics.count(count);

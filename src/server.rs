@@ -15,6 +15,7 @@ use crate::config::{Secret, ServerConfig, StoreConfig};
 use crate::crypto::{Cipher, Sealed, load_or_create_keys, random_token};
 use crate::events::{Events, run_delivery};
 use crate::flow::Flow;
+use crate::gateway::Gateway;
 use crate::http::client::{PerIpRequests, RateLimiter};
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
@@ -307,7 +308,7 @@ pub async fn start_with_listener(
     ));
     let tokens = Arc::new(TokenService::new(
         store.clone(),
-        amo,
+        Arc::clone(&amo),
         cipher,
         config.refresh.lease,
         Arc::clone(&metrics),
@@ -319,7 +320,15 @@ pub async fn start_with_listener(
         config.refresh.margin,
         config.refresh.keepalive_age,
     ));
+    let gateway = Arc::new(Gateway::new(
+        Arc::clone(&tokens),
+        Arc::clone(&amo),
+        Arc::clone(&metrics),
+        Arc::clone(&events),
+        config.gateway,
+    ));
     let state = AppState {
+        gateway,
         flow,
         tokens,
         metrics,

@@ -1,5 +1,5 @@
 <?php
-// A client for amoauth's token API and its signed events. Plain PHP 8 (json and hash only,
+// A client for amoauth's token API, its amoCRM API gateway and its signed events. Plain PHP 8 (json and hash only,
 // no curl, no Composer): copy it into a Laravel app as app/Services/Amoauth.php.
 
 declare(strict_types=1);
@@ -44,6 +44,26 @@ final class Amoauth
     }
 
     /**
+     * Calls amoCRM's API for an account through amoauth, e.g. ($id, 'GET', 'api/v4/leads', ['limit' => 50]).
+     * amoauth adds the token, paces calls to 7 a second and retries what is safe to retry.
+     * Returns ['status' => amoCRM's HTTP status, 'body' => its decoded JSON, or null for an empty
+     * body (204)]; throws AmoauthException when amoauth itself answers (rate_limited, circuit_open,
+     * needs_reauth, path_not_forwarded…).
+     */
+    public function amocrm(string|int $account, string $method, string $path, array $query = [], ?array $json = null): array
+    {
+        $url = '/api/v1/connections/' . rawurlencode((string) $account) . '/proxy/' . ltrim($path, '/')
+            . ($query === [] ? '' : '?' . http_build_query($query));
+        [$status, $contentType, $body] = $this->send($method, $url, $json, 'application/hal+json, application/json');
+        $decoded = $body === '' ? null : json_decode($body, true);
+        // amoauth's own errors are application/json; amoCRM's are hal+json or problem+json.
+        if ($status >= 400 && $contentType === 'application/json' && isset($decoded['error'])) {
+            throw new AmoauthException($status, $decoded['error'], $decoded['message'] ?? "HTTP {$status}");
+        }
+        return ['status' => $status, 'body' => $decoded];
+    }
+
+    /**
      * Checks an event amoauth POSTed: the signature over the raw body and a recent timestamp.
      * Returns the decoded event, or null when it must be refused (answer 401 then).
      */
@@ -62,7 +82,18 @@ final class Amoauth
 
     private function request(string $method, string $path, ?array $json = null): array
     {
-        $headers = ["Authorization: Bearer {$this->apiKey}", 'Accept: application/json'];
+        [$status, , $body] = $this->send($method, $path, $json, 'application/json');
+        $decoded = json_decode($body, true);
+        if ($status >= 400 || !is_array($decoded)) {
+            throw new AmoauthException($status, $decoded['error'] ?? 'bad_response', $decoded['message'] ?? "HTTP {$status}");
+        }
+        return $decoded;
+    }
+
+    /** @return array{int, string, string} the status, the media type and the body */
+    private function send(string $method, string $path, ?array $json, string $accept): array
+    {
+        $headers = ["Authorization: Bearer {$this->apiKey}", "Accept: {$accept}"];
         $options = ['method' => $method, 'timeout' => $this->timeout, 'ignore_errors' => true, 'follow_location' => 0];
         if ($json !== null) {
             $headers[] = 'Content-Type: application/json';
@@ -74,10 +105,12 @@ final class Amoauth
             throw new AmoauthException(0, 'unreachable', "no answer from {$this->baseUrl}");
         }
         $status = (int) explode(' ', $http_response_header[0])[1];
-        $decoded = json_decode($body, true);
-        if ($status >= 400 || !is_array($decoded)) {
-            throw new AmoauthException($status, $decoded['error'] ?? 'bad_response', $decoded['message'] ?? "HTTP {$status}");
+        $contentType = '';
+        foreach ($http_response_header as $line) {
+            if (stripos($line, 'content-type:') === 0) {
+                $contentType = strtolower(trim(explode(';', substr($line, 13))[0]));
+            }
         }
-        return $decoded;
+        return [$status, $contentType, $body];
     }
 }

@@ -1,6 +1,7 @@
 <?php
 // The client from the command line: AMOAUTH_URL=… AMOAUTH_API_KEY=… php cli.php token 31337001
 //   php cli.php token ACCOUNT | connections [EXTERNAL_ID] | connect-link EXTERNAL_ID RETURN_URL
+//             | amocrm ACCOUNT METHOD PATH [JSON_BODY]
 
 declare(strict_types=1);
 
@@ -15,7 +16,8 @@ try {
         'token' => $amoauth->token($argv[2]),
         'connections' => $amoauth->connections($argv[2] ?? null),
         'connect-link' => $amoauth->connectLink($argv[2], $argv[3]),
-        default => throw new InvalidArgumentException('usage: cli.php token ACCOUNT | connections [EXTERNAL_ID] | connect-link EXTERNAL_ID RETURN_URL'),
+        'amocrm' => $amoauth->amocrm($argv[2], $argv[3], $argv[4], [], isset($argv[5]) ? json_decode($argv[5], true, 512, JSON_THROW_ON_ERROR) : null),
+        default => throw new InvalidArgumentException('usage: cli.php token ACCOUNT | connections [EXTERNAL_ID] | connect-link EXTERNAL_ID RETURN_URL | amocrm ACCOUNT METHOD PATH [JSON_BODY]'),
     };
     echo json_encode($answer, JSON_UNESCAPED_SLASHES), "\n";
 } catch (AmoauthException $e) {

@@ -252,6 +252,26 @@ impl AmoClient {
         }
     }
 
+    /// A call to the account's API for the gateway: `path_and_query` as the host app sent it
+    /// (already checked), at the account's host or the development override.
+    pub(crate) fn api_request(
+        &self,
+        method: reqwest::Method,
+        host: &str,
+        path: &str,
+        query: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let mut url = self.base_url(host);
+        url.set_path(path);
+        url.set_query(query);
+        let request = self.http.request(method, url);
+        if self.config.override_origin.is_some() {
+            request.header(HOST, host)
+        } else {
+            request
+        }
+    }
+
     /// Exchanges an authorization code (single use, valid 20 minutes) at the account's own
     /// host, the callback's `referer`.
     #[tracing::instrument(skip(self, code), fields(host = %host))]

@@ -1,4 +1,7 @@
-//! At most 7 requests per second to each amoCRM account host, as amoCRM allows (per process).
+//! At most 7 requests per second to each amoCRM account host, as amoCRM allows (per process),
+//! for amoauth's own calls (code exchanges, refreshes, account lookups): few, and each already
+//! single-flighted. The gateway's calls for host apps, which come in bulk and from every
+//! replica, are paced across replicas through the database instead (`store::pace`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -116,6 +116,12 @@ pub struct ServerFlags {
     /// How often expired states and sessions are deleted (e.g. 1h)
     #[arg(long, env = "AMOAUTH_CLEANUP_INTERVAL", hide_env_values = true)]
     cleanup_interval: Option<String>,
+    /// Gateway: requests per second per amoCRM account, across every replica (e.g. 7)
+    #[arg(long, env = "AMOAUTH_PROXY_RATE", hide_env_values = true)]
+    proxy_rate: Option<String>,
+    /// Gateway: how long a call waits for its account's slot before answering 429 (e.g. 10s)
+    #[arg(long, env = "AMOAUTH_PROXY_MAX_WAIT", hide_env_values = true)]
+    proxy_max_wait: Option<String>,
 }
 fills!(
     ServerFlags: listen,
@@ -129,7 +135,9 @@ fills!(
     base_path,
     return_origins,
     refresh_interval,
-    cleanup_interval
+    cleanup_interval,
+    proxy_rate,
+    proxy_max_wait
 );
 
 /// How long cleanup keeps the audit trail.

@@ -70,7 +70,7 @@ impl FromRequestParts<AppState> for ApiKey {
     }
 }
 
-fn database_unavailable(detail: &str) -> Response {
+pub(super) fn database_unavailable(detail: &str) -> Response {
     tracing::error!(error = %detail, "database unavailable");
     let mut response = error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -214,14 +214,8 @@ pub async fn token(
     State(state): State<AppState>,
     Path(account): Path<String>,
 ) -> Response {
-    if !is_valid_account(&account) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!(
-                "`account` must be an account id or subdomain of 1 to {MAX_ACCOUNT} characters, none of them NUL"
-            ),
-        );
+    if let Some(refused) = account_invalid(&account) {
+        return refused;
     }
     tracing::Span::current().record("account", account.as_str());
     let result = state.tokens.access_token(&account).await;
@@ -250,11 +244,22 @@ pub async fn token(
 /// Longest `{account}`: an account host is at most a DNS name's 253 characters.
 pub const MAX_ACCOUNT: usize = 253;
 
-fn is_valid_account(account: &str) -> bool {
-    !account.is_empty() && account.chars().count() <= MAX_ACCOUNT && !account.contains('\0')
+/// The 400 for an `{account}` that cannot name one, or None when it can.
+pub(super) fn account_invalid(account: &str) -> Option<Response> {
+    let valid =
+        !account.is_empty() && account.chars().count() <= MAX_ACCOUNT && !account.contains('\0');
+    (!valid).then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "`account` must be an account id or subdomain of 1 to {MAX_ACCOUNT} characters, none of them NUL"
+            ),
+        )
+    })
 }
 
-fn token_error(err: &TokenError) -> Response {
+pub(super) fn token_error(err: &TokenError) -> Response {
     match err {
         TokenError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", err.to_string()),
         TokenError::NeedsReauth { reason } => (

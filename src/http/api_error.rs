@@ -46,7 +46,15 @@ pub async fn json_errors(base: Arc<str>, request: Request, next: Next) -> Respon
         .is_some_and(|path| path.starts_with("/api/"));
     let response = next.run(request).await;
     let status = response.status();
-    if !is_api || !(status.is_client_error() || status.is_server_error()) || is_json(&response) {
+    let from_amocrm = response
+        .extensions()
+        .get::<super::gateway::Forwarded>()
+        .is_some();
+    if !is_api
+        || from_amocrm
+        || !(status.is_client_error() || status.is_server_error())
+        || is_json(&response)
+    {
         return response;
     }
     let (mut parts, body) = response.into_parts();

@@ -13,15 +13,20 @@ use axum::response::{IntoResponse, Response};
 
 use super::MAX_BODY_BYTES;
 
-/// Middleware: reads the whole body (at most `MAX_BODY_BYTES`) within `read_timeout`, before
-/// the request takes one of the shared slots, then hands it on.
+/// Middleware: reads the whole body (at most `MAX_BODY_BYTES`, the gateway's own limit on its
+/// route) within `read_timeout`, before the request takes one of the shared slots, then hands
+/// it on.
 pub async fn read_body(
     State(read_timeout): State<Duration>,
     request: Request,
     next: Next,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    match tokio::time::timeout(read_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+    let limit = match super::gateway::proxied_path(parts.uri.path()) {
+        Some(_) => super::gateway::MAX_BODY_BYTES,
+        None => MAX_BODY_BYTES,
+    };
+    match tokio::time::timeout(read_timeout, axum::body::to_bytes(body, limit)).await {
         Ok(Ok(bytes)) => {
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
@@ -29,7 +34,7 @@ pub async fn read_body(
         Ok(Err(err)) if is_too_large(&err) => (
             StatusCode::PAYLOAD_TOO_LARGE,
             [(CONNECTION, "close")],
-            format!("413 Payload Too Large: the body exceeds {MAX_BODY_BYTES} bytes\n"),
+            format!("413 Payload Too Large: the body exceeds {limit} bytes\n"),
         )
             .into_response(),
         Ok(Err(_)) => (

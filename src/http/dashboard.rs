@@ -112,6 +112,7 @@ pub async fn home(
         now(),
         csrf.as_deref(),
         notice,
+        &state.gateway.circuits().open_now(),
     );
     Html(page.into_string()).into_response()
 }

@@ -7,6 +7,7 @@ mod body_deadline;
 mod bounded;
 pub mod client;
 mod dashboard;
+mod gateway;
 mod oauth;
 pub mod openapi;
 pub mod pages;
@@ -73,6 +74,7 @@ pub struct AppState {
     pub trusted_proxies: Arc<Vec<std::net::IpAddr>>,
     /// `AMOAUTH_BASE_PATH` without its trailing slash: "" or e.g. "/amocrm".
     pub base_path: Arc<str>,
+    pub gateway: Arc<crate::gateway::Gateway>,
 }
 
 /// The whole application. `request_timeout` bounds every route, amoCRM calls included;
@@ -99,6 +101,14 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
         .route("/api/v1/connect-links", post(api::connect_link))
         .route("/api/v1/openapi.json", get(openapi::serve))
         .route("/api/v1/connections/{account}/token", get(api::token))
+        .route(
+            "/api/v1/connections/{account}/proxy/{*path}",
+            get(gateway::proxy)
+                .post(gateway::proxy)
+                .patch(gateway::proxy)
+                .put(gateway::proxy)
+                .delete(gateway::proxy),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
@@ -129,6 +139,8 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
             time_request,
         ))
         .with_state(state.clone())
+        // The gateway takes its body whole (`Request`), to its own limit, so this limit of
+        // the extractors does not apply to it.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         // Past this many requests in flight, new ones wait: memory and database connections
         // stay bounded however many clients arrive at once.

@@ -77,6 +77,45 @@ fn operation(mut operation: Value, secured: bool) -> Value {
     operation
 }
 
+/// The gateway: the same operation under every method it forwards.
+fn gateway_operations() -> Value {
+    let operation = operation(
+        json!({
+            "summary": "Call amoCRM's API for the account: paced, with its access token",
+            "description": "Forwards the method, query, headers (not Authorization, cookies or hop-by-hop ones) and body (at most 2 MiB) to the account's current host, at most AMOAUTH_PROXY_RATE requests a second per account across replicas, and answers with amoCRM's status, headers (not Set-Cookie) and body. amoauth's own errors are the JSON error.",
+            "parameters": [
+                {
+                    "name": "account", "in": "path", "required": true,
+                    "description": "The amoCRM account id or subdomain (or host).",
+                    "schema": { "type": "string", "minLength": 1, "maxLength": MAX_ACCOUNT, "pattern": NO_NUL }
+                },
+                {
+                    "name": "path", "in": "path", "required": true,
+                    "description": "amoCRM's API path, e.g. `api/v4/leads`: `api/v4/…` or `api/v2/…`, with `/` between segments; never the OAuth endpoints, no `.`/`..`/empty segments or encoded `/`, `\\`, `.`.",
+                    "schema": { "type": "string", "pattern": "^api/v[24]/[^\\u0000]+$" }
+                }
+            ],
+            "responses": {
+                "default": { "description": "amoCRM's answer, passed on: its status, headers and body." },
+                "400": error_response("path_not_forwarded or path_refused: not an amoCRM API path, or a traversal; or a malformed account."),
+                "404": error_response("No connection for this account."),
+                "409": error_response("needs_reauth or disconnected: an admin must connect the account again."),
+                "413": error_response("The body exceeds 2 MiB."),
+                "429": error_response_with("rate_limited: the account's pace is full for longer than AMOAUTH_PROXY_MAX_WAIT (amoauth's answer; amoCRM was not called), or over AMOAUTH_RATE_LIMIT.", "Retry-After", "Seconds to wait."),
+                "502": error_response("amoCRM could not be reached, or refused the token refresh."),
+                "503": error_response_with("circuit_open: amoCRM answered 403 repeatedly and calls are paused; or refresh_backoff, or the database is in the way.", "Retry-After", "Seconds to wait."),
+                "504": error_response("amoCRM did not answer in time.")
+            }
+        }),
+        true,
+    );
+    let mut operations = serde_json::Map::new();
+    for method in ["get", "post", "patch", "put", "delete"] {
+        operations.insert(method.into(), operation.clone());
+    }
+    Value::Object(operations)
+}
+
 /// `text` matched literally in a regular expression.
 fn regex_literal(text: &str) -> String {
     text.chars()
@@ -178,6 +217,7 @@ pub fn document(contract: &Contract) -> Value {
                     }
                 }), true)
             },
+            "/api/v1/connections/{account}/proxy/{path}": gateway_operations(),
             "/api/v1/connect-links": {
                 "post": operation(json!({
                     "summary": "Start a connection for one tenant of the host app",

@@ -462,6 +462,7 @@ pub fn home(
     now: Timestamp,
     csrf: Option<&str>,
     notice: Option<Notice>,
+    paused: &[(Option<i64>, std::time::Duration)],
 ) -> Markup {
     let title = lang.pick("Подключения amoCRM", "amoCRM connections");
     layout(
@@ -472,6 +473,16 @@ pub fn home(
             @if let Some(notice) = notice {
                 @let (text, ok) = notice.text(lang);
                 div.card.ok[ok].err[!ok] { p { (text) } }
+            }
+            // The gateway's open circuits: amoCRM answered 403 repeatedly.
+            @for (account, left) in paused {
+                div.card.err { p {
+                    @match account {
+                        Some(id) => { (lang.pick("Шлюз API приостановлен для аккаунта ", "API gateway paused for account ")) (id) }
+                        None => { (lang.pick("Шлюз API приостановлен для всех аккаунтов (похоже на блокировку IP)", "API gateway paused for all accounts (looks like an IP block)")) }
+                    }
+                    (lang.pick(": amoCRM отвечает 403; ещё ", ": amoCRM answers 403; for ")) (left.as_secs()) (lang.pick(" с", " s more"))
+                } }
             }
             // A div, not a p: a form inside a p closes it in the HTML parser.
             div.toolbar {

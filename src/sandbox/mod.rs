@@ -11,6 +11,7 @@
 //!
 //! [`ClientConfig::with_override_origin`]: crate::amocrm::ClientConfig::with_override_origin
 
+mod api;
 mod page;
 mod routes;
 mod state;
@@ -23,6 +24,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use url::Url;
 
+pub use api::{ApiAccountStats, ApiFault, ApiLimits, ApiStats};
 use state::State;
 
 /// amoCRM's `User-Agent` on the uninstall webhook.
@@ -46,6 +48,8 @@ pub struct SandboxConfig {
     pub access_token_ttl: Duration,
     /// The accounts a user can grant access to; the first is preselected on the consent page.
     pub accounts: Vec<SandboxAccount>,
+    /// The leads and contacts API's rate limit and IP block.
+    pub api: ApiLimits,
 }
 
 impl SandboxConfig {
@@ -74,6 +78,7 @@ impl SandboxConfig {
                     domain: "kommo.com".to_owned(),
                 },
             ],
+            api: ApiLimits::default(),
         }
     }
 }
@@ -218,7 +223,9 @@ impl Sandbox {
         let bound = listener.local_addr()?;
         let router = self.router();
         tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, router).await {
+            // The client's address is what the API's IP block keys on.
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(error) = axum::serve(listener, service).await {
                 tracing::error!(%error, "amoCRM sandbox server stopped");
             }
         });

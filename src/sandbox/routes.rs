@@ -8,7 +8,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{FormRejection, QueryRejection};
 use axum::extract::{Form, Query, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION};
+use axum::http::header::{CONTENT_TYPE, HOST, LOCATION};
 use axum::http::uri::Authority;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::state::{ApiError, CURRENT_USER_ID, GrantType, TokenError, TokenRequest};
-use super::{Fault, Sandbox, SandboxAccount, page};
+use super::{Fault, Sandbox, SandboxAccount, api, page};
 
 const OAUTH_PROBLEM_TYPE: &str = "https://developers.amocrm.ru/v3/errors/OAuthProblemJson";
 const BAD_REQUEST_TITLE: &str = "Некорректный запрос";
@@ -40,6 +40,7 @@ pub(super) fn router(sandbox: Sandbox) -> Router {
         .route("/api/v4/account", get(account))
         // amoCRM serves this on the shared `api_domain` host; the sandbox on any host.
         .route("/oauth2/account/current/subdomain", get(current_subdomain))
+        .merge(api::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -130,7 +131,7 @@ impl IntoResponse for TokenError {
 /// Plays an injected fault before the request is handled: `Some` is the answer to send
 /// instead, `None` means go on (after sleeping, for a delay). `LoseReply` acts after handling,
 /// in `deliver`.
-async fn play(fault: Option<&Fault>) -> Option<Response> {
+pub(super) async fn play(fault: Option<&Fault>) -> Option<Response> {
     match fault? {
         Fault::Problem { status, hint } => {
             Some(oauth_problem(*status, Some(hint.clone())).into_response())
@@ -149,7 +150,7 @@ async fn play(fault: Option<&Fault>) -> Option<Response> {
 
 /// Sends the handled request's answer, or for `LoseReply` holds it back until the client has
 /// long given up. The state lock is not held here: other requests go on meanwhile.
-async fn deliver(fault: Option<&Fault>, response: Response) -> Response {
+pub(super) async fn deliver(fault: Option<&Fault>, response: Response) -> Response {
     if matches!(fault, Some(Fault::LoseReply)) {
         tokio::time::sleep(LOST_REPLY_HOLD).await;
     }
@@ -158,7 +159,7 @@ async fn deliver(fault: Option<&Fault>, response: Response) -> Response {
 
 /// The `Host` header as amoCRM routes by it: lowercase, without port or trailing dot. `None`
 /// if absent or malformed; such requests are not host-checked.
-fn request_host(headers: &HeaderMap) -> Option<String> {
+pub(super) fn request_host(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(HOST)?.to_str().ok()?;
     let authority = value.parse::<Authority>().ok()?;
     Some(authority.host().trim_end_matches('.').to_ascii_lowercase())
@@ -357,12 +358,7 @@ async fn account(State(sandbox): State<Sandbox>, headers: HeaderMap) -> Response
 }
 
 fn account_answer(sandbox: &Sandbox, headers: &HeaderMap) -> Response {
-    let token = headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
-        .map(|(_, token)| token.trim());
+    let token = api::bearer_token(headers);
     let host = request_host(headers);
     let account = token
         .ok_or(ApiError::Unauthorized)

@@ -12,6 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::api::ApiState;
 use super::{Fault, SandboxAccount, SandboxConfig, SandboxStats};
 
 /// amoCRM: "The code expires after 20 minutes."
@@ -37,6 +38,7 @@ pub(super) struct State {
     pub(super) stats: SandboxStats,
     pub(super) token_fault: Option<Fault>,
     pub(super) account_fault: Option<Fault>,
+    pub(super) api: ApiState,
 }
 
 struct Code {
@@ -211,7 +213,7 @@ impl State {
     }
 
     /// Sandbox time: the wall clock plus whatever tests skipped ahead.
-    fn now(&self) -> DateTime<Utc> {
+    pub(super) fn now(&self) -> DateTime<Utc> {
         Utc::now()
             .checked_add_signed(self.clock_offset)
             .unwrap_or(DateTime::<Utc>::MAX_UTC)

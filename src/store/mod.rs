@@ -5,6 +5,7 @@
 mod api_keys;
 mod attempts;
 mod events;
+mod pace;
 mod retention;
 mod seed;
 mod sessions;
@@ -24,6 +25,7 @@ use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 pub use api_keys::ApiKeyRow;
 pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome, Records};
 pub use events::{EventRow, NewEvent};
+pub use pace::Reservation;
 pub use seed::SeedToken;
 pub use states::{Consumption, NewState, StateRow};
 pub use tokens::{
@@ -68,7 +70,7 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 static MYSQL_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
 
 /// The tables amoauth's migrations create.
-const OWN_TABLES: [&str; 7] = [
+const OWN_TABLES: [&str; 8] = [
     "amocrm_oauth_states",
     "amocrm_tokens",
     "amocrm_oauth_attempts",
@@ -76,6 +78,7 @@ const OWN_TABLES: [&str; 7] = [
     "amoauth_login_links",
     "amoauth_api_keys",
     "amoauth_events",
+    "amoauth_gateway_pace",
 ];
 
 /// How long a request waits for a pooled connection before it is told the database is down.

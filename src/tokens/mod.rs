@@ -161,6 +161,10 @@ impl TokenService {
                     Err(err) => return Err(err),
                 }
             };
+        self.fresh(row)
+    }
+
+    fn fresh(&self, row: ConnectionRow) -> Result<FreshToken, TokenError> {
         let access_token = self.open(&row, "access_token")?;
         Ok(FreshToken {
             account_id: row.account_id,
@@ -169,6 +173,57 @@ impl TokenService {
             access_token,
             expires_at: row.expires_at,
         })
+    }
+
+    /// After amoCRM refused `rejected` with a 401 (the gateway): a newer stored token if
+    /// there is one, else one refresh through the single flight (respecting the backoff).
+    pub async fn replace_rejected(
+        self: &Arc<Self>,
+        account: &str,
+        rejected: &Secret,
+    ) -> Result<FreshToken, TokenError> {
+        let row = self
+            .store
+            .find_connection(account)
+            .await?
+            .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
+        usable(&row)?;
+        if self.open(&row, "access_token")? != *rejected {
+            return self.fresh(row);
+        }
+        let refreshed = self
+            .refresh_with(row.id, row.version, Backoff::Respect)
+            .await?;
+        usable(&refreshed)?;
+        self.fresh(refreshed)
+    }
+
+    /// After amoCRM answered as if the account were not at its host (the gateway): asks where
+    /// it lives now (the rename rule of refreshes) and saves the new host. None when amoCRM
+    /// names no other host.
+    pub async fn follow_move(&self, account: &str) -> Result<Option<FreshToken>, TokenError> {
+        let row = self
+            .store
+            .find_connection(account)
+            .await?
+            .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
+        usable(&row)?;
+        let grant = Grant {
+            host: row.domain.clone(),
+            account_id: row.account_id,
+            access_token: self.open(&row, "access_token")?,
+            refresh_token: self.open(&row, "refresh_token")?,
+        };
+        let Some(host) = self.amo.moved_host(&grant).await else {
+            return Ok(None);
+        };
+        tracing::info!(account_id = row.account_id, from = %row.domain, to = %host.host, "account moved to a new subdomain");
+        self.store
+            .update_host(row.id, &host.host, &host.subdomain, now())
+            .await?;
+        let mut token = self.fresh(row)?;
+        (token.domain, token.subdomain) = (host.host, host.subdomain);
+        Ok(Some(token))
     }
 
     /// Whether a refresh of this connection is under way here or in another process.

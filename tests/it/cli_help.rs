@@ -3,7 +3,7 @@
 use crate::support::*;
 
 /// Every flag that has a variable, and the variable (README's configuration table).
-const FLAG_VARIABLES: [(&str, &str); 27] = [
+const FLAG_VARIABLES: [(&str, &str); 29] = [
     ("--database-url", "DATABASE_URL"),
     ("--encryption-key", "AMOAUTH_ENCRYPTION_KEY"),
     ("--client-id", "AMOCRM_CLIENT_ID"),
@@ -24,6 +24,8 @@ const FLAG_VARIABLES: [(&str, &str); 27] = [
     ("--return-origins", "AMOAUTH_RETURN_ORIGINS"),
     ("--refresh-interval", "AMOAUTH_REFRESH_INTERVAL"),
     ("--cleanup-interval", "AMOAUTH_CLEANUP_INTERVAL"),
+    ("--proxy-rate", "AMOAUTH_PROXY_RATE"),
+    ("--proxy-max-wait", "AMOAUTH_PROXY_MAX_WAIT"),
     ("--audit-retention", "AMOAUTH_AUDIT_RETENTION"),
     ("--refresh-margin", "AMOAUTH_REFRESH_MARGIN"),
     ("--keepalive-age", "AMOAUTH_KEEPALIVE_AGE"),
@@ -47,6 +49,8 @@ const COMMANDS: [(&[&str], &[&str], &[&str]); 15] = [
             "--domains",
             "--amocrm-url",
             "--listen",
+            "--proxy-rate",
+            "--proxy-max-wait",
             "--admin-token",
             "--refresh-margin",
             "--events-url",
@@ -59,6 +63,8 @@ const COMMANDS: [(&[&str], &[&str], &[&str]); 15] = [
         &["demo"],
         &[
             "--listen",
+            "--proxy-rate",
+            "--proxy-max-wait",
             "--database-url",
             "--admin-token",
             "--log-format",

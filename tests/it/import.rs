@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use amoauth::sandbox::{Sandbox, SandboxAccount, SandboxConfig};
+use amoauth::sandbox::{ApiLimits, Sandbox, SandboxAccount, SandboxConfig};
 
 use crate::support::*;
 
@@ -164,6 +164,7 @@ async fn import_takes_over_the_seed_apps_connections(source_backend: Backend) {
             account(BETA, "beta"),
             account(GAMMA, "gamma"),
         ],
+        api: ApiLimits::default(),
     });
     let addr = sandbox.spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let origin = format!("http://localhost:{}", addr.port());

@@ -36,6 +36,16 @@ const FAILURE_REASONS: [&str; 16] = [
 const REFRESH_OUTCOMES: [&str; 3] = ["success", "needs_reauth", "failure"];
 const TOKEN_API_OUTCOMES: [&str; 5] = ["ok", "not_found", "needs_reauth", "error", "unauthorized"];
 const DELIVERY_OUTCOMES: [&str; 2] = ["delivered", "failed_attempt"];
+const GATEWAY_OUTCOMES: [&str; 5] = ["answered", "paced_out", "circuit_open", "refused", "failed"];
+const GATEWAY_RECOVERIES: [&str; 7] = [
+    "refresh_on_401",
+    "retry_after_429",
+    "retry_on_5xx",
+    "retry_on_timeout",
+    "rediscover_host",
+    "circuit_open_account",
+    "circuit_open_all",
+];
 const CONNECTION_STATUSES: [&str; 3] = ["active", "needs_reauth", "disconnected"];
 
 /// Every documented series but the histogram, as a new process with no connection shows it.
@@ -75,6 +85,16 @@ fn documented_at_start() -> BTreeMap<String, f64> {
         "amoauth_event_deliveries_total",
         "outcome",
         &DELIVERY_OUTCOMES,
+    ));
+    series.extend(labelled(
+        "amoauth_gateway_requests_total",
+        "outcome",
+        &GATEWAY_OUTCOMES,
+    ));
+    series.extend(labelled(
+        "amoauth_gateway_recoveries_total",
+        "action",
+        &GATEWAY_RECOVERIES,
     ));
     series.extend(labelled(
         "amoauth_connections",

@@ -117,6 +117,60 @@ async fn the_php_client_gets_tokens_lists_connections_and_makes_connect_links() 
 
 #[tokio::test]
 #[cfg_attr(amoauth_lacks_php, ignore = "apt-get install -y php-cli")]
+async fn the_php_client_calls_amocrm_through_the_gateway() {
+    require_programs(&[PHP], "apt-get install -y php-cli");
+    let app = TestApp::spawn(&Backend::Sqlite).await;
+    app.connect().await;
+    let key = app.api_key().await;
+    let account = ACCOUNT_ID.to_string();
+
+    let created = r#"[{"name":"From PHP","price":1500}]"#;
+    let (ok, stdout, stderr) = php_cli(
+        &app,
+        &key,
+        &["amocrm", &account, "POST", "api/v4/leads", created],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["status"], 200, "{answer}");
+    let id = answer["body"]["_embedded"]["leads"][0]["id"].clone();
+    assert!(id.is_i64(), "{answer}");
+
+    let (ok, stdout, stderr) =
+        php_cli(&app, &key, &["amocrm", &account, "GET", "api/v4/leads"]).await;
+    assert!(ok, "{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let lead = &answer["body"]["_embedded"]["leads"][0];
+    assert_eq!(
+        (&lead["id"], &lead["name"]),
+        (&id, &serde_json::json!("From PHP"))
+    );
+    assert_eq!(app.sandbox.api_stats().account(ACCOUNT_ID).requests, 2);
+
+    // amoauth's own refusals are exceptions with their code; amoCRM's answers are returned.
+    let (ok, _, stderr) = php_cli(
+        &app,
+        &key,
+        &["amocrm", &account, "POST", "oauth2/access_token"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("amoauth: path_not_forwarded: "),
+        "{stderr}"
+    );
+    let (ok, stdout, stderr) =
+        php_cli(&app, &key, &["amocrm", &account, "GET", "api/v4/leads/1"]).await;
+    assert!(ok, "{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["status"], 204, "no such lead: amoCRM's empty answer");
+    assert!(answer["body"].is_null(), "{answer}");
+    app.stop().await;
+}
+
+#[tokio::test]
+#[cfg_attr(amoauth_lacks_php, ignore = "apt-get install -y php-cli")]
 async fn the_php_client_reports_amoauths_errors_by_code() {
     require_programs(&[PHP], "apt-get install -y php-cli");
     let app = TestApp::spawn(&Backend::Sqlite).await;

@@ -334,6 +334,10 @@ pub struct Options {
     pub events_url: Option<String>,
     /// Also send connection.refreshed.
     pub events_refreshed: bool,
+    /// AMOAUTH_PROXY_RATE
+    pub proxy_rate: Option<&'static str>,
+    /// AMOAUTH_PROXY_MAX_WAIT
+    pub proxy_max_wait: Option<&'static str>,
 }
 
 pub struct TestApp {
@@ -430,6 +434,8 @@ impl TestApp {
             events_secret: options.events_url.as_ref().map(|_| EVENTS_SECRET.into()),
             events_refreshed: options.events_refreshed.then(|| "on".into()),
             events_interval: options.events_url.as_ref().map(|_| "100ms".into()),
+            proxy_rate: options.proxy_rate.map(Into::into),
+            proxy_max_wait: options.proxy_max_wait.map(Into::into),
             ..Settings::default()
         };
         let running = start_with_listener(settings.server().unwrap(), listener)
@@ -459,6 +465,14 @@ impl TestApp {
             .await
             .unwrap();
         self.running = Some(running);
+    }
+
+    /// A second amoauth on the same database and settings, at its own address (a replica).
+    pub async fn replica(&self) -> amoauth::server::Running {
+        let (listener, _) = loopback_listener().await;
+        start_with_listener(self.settings.server().unwrap(), listener)
+            .await
+            .unwrap()
     }
 
     pub fn db(&self) -> &TestDb {

@@ -17,7 +17,7 @@ use crate::crypto::random_token;
 use crate::import::{self, ImportOutcome};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::server;
-use crate::store::{Backend, Store};
+use crate::store::{Backend, EventStatus, Store};
 use crate::store::{checked_earlier, now};
 use flags::{
     AmoCrmFlags, DatabaseFlags, EventsFlags, IntegrationFlags, KeyFlags, LogFlags, RefreshFlags,
@@ -815,16 +815,16 @@ async fn states(settings: &Settings) -> anyhow::Result<()> {
 async fn events(settings: &Settings) -> anyhow::Result<()> {
     let store = server::open_store(&settings.store()?).await?;
     let counts = store.event_counts().await?;
-    let count = |status: &str| {
+    let count = |status: EventStatus| {
         counts
             .iter()
-            .find(|(s, _)| s == status)
+            .find(|(s, _)| *s == status)
             .map_or(0, |(_, n)| *n)
     };
-    let (pending, failed) = (count("pending"), count("failed"));
+    let (pending, failed) = (count(EventStatus::Pending), count(EventStatus::Failed));
     println!(
         "{} delivered, {pending} pending, {failed} failed",
-        count("delivered")
+        count(EventStatus::Delivered)
     );
     if pending + failed == 0 {
         return Ok(());
@@ -839,9 +839,9 @@ async fn events(settings: &Settings) -> anyhow::Result<()> {
         "id", "type", "status", "attempts", "next_attempt (UTC)"
     );
     for e in undelivered {
-        let next = match e.status.as_str() {
-            "pending" => e.next_attempt_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-            _ => "-".into(),
+        let next = match e.status {
+            EventStatus::Pending => e.next_attempt_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            EventStatus::Delivered | EventStatus::Failed => "-".into(),
         };
         println!(
             "{:>8}  {:<26} {:<8} {:>8}  {:<20} {}",

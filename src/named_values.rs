@@ -23,6 +23,22 @@ macro_rules! named_values {
             }
         }
 
+        /// A value read back from the database; one this build does not know is an error
+        /// naming the value, never a panic.
+        impl TryFrom<String> for $name {
+            type Error = $crate::named_values::UnknownValue;
+
+            fn try_from(value: String) -> Result<Self, $crate::named_values::UnknownValue> {
+                match value.as_str() {
+                    $($value => Ok(Self::$variant),)+
+                    _ => Err($crate::named_values::UnknownValue {
+                        of: stringify!($name),
+                        value,
+                    }),
+                }
+            }
+        }
+
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.as_str())
@@ -31,3 +47,11 @@ macro_rules! named_values {
     };
 }
 pub(crate) use named_values;
+
+/// A stored name that none of the enum's values has (a newer version wrote it, or a hand edit).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{value}` is not a known {of}")]
+pub struct UnknownValue {
+    pub of: &'static str,
+    pub value: String,
+}

@@ -255,22 +255,17 @@ impl Flow {
             .await?;
         let fingerprint = fingerprint(&state);
         self.store
-            .record_attempt(&Attempt {
-                kind: AttemptKind::Install,
-                outcome: Outcome::Started,
-                reason: None,
-                detail: None,
-                subdomain,
-                account_id: None,
-                ip: requester.ip.as_deref(),
-                user_agent: requester.user_agent(),
-                state_fingerprint: Some(&fingerprint),
-                created_at,
-            })
+            .record_attempt(
+                &Attempt::new(AttemptKind::Install, Outcome::Started)
+                    .of_account(subdomain, None)
+                    .from_client(requester.ip.as_deref(), requester.user_agent())
+                    .with_state(Some(&fingerprint))
+                    .at(created_at),
+            )
             .await?;
         tracing::info!(
-            kind = "install",
-            outcome = "started",
+            kind = AttemptKind::Install.as_str(),
+            outcome = Outcome::Started.as_str(),
             subdomain,
             ip = requester.ip.as_deref(),
             user_agent = requester.user_agent(),
@@ -538,18 +533,12 @@ impl<'a> Audit<'a> {
         account_id: Option<i64>,
         at: crate::store::Timestamp,
     ) -> Attempt<'a> {
-        Attempt {
-            kind: self.kind,
-            outcome,
-            reason,
-            detail,
-            subdomain: self.subdomain,
-            account_id,
-            ip: self.requester.ip.as_deref(),
-            user_agent: self.requester.user_agent(),
-            state_fingerprint: self.fingerprint,
-            created_at: at,
-        }
+        Attempt::new(self.kind, outcome)
+            .because(reason, detail)
+            .of_account(self.subdomain, account_id)
+            .from_client(self.requester.ip.as_deref(), self.requester.user_agent())
+            .with_state(self.fingerprint)
+            .at(at)
     }
 
     /// Records a failure that happened before any state was consumed.

@@ -10,6 +10,7 @@ mod dashboard;
 mod oauth;
 pub mod openapi;
 pub mod pages;
+mod suspicion;
 pub mod throttle;
 mod webhook;
 

@@ -4,7 +4,6 @@
 
 use std::str::FromStr;
 
-use sqlx::mysql::MySqlConnectOptions;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Connection as _, MySqlConnection, PgConnection, SqliteConnection};
@@ -67,7 +66,7 @@ impl Store {
                 read_rows!(PgConnection, options, "BEGIN READ ONLY", connect_error)
             }
             Some(Backend::MySql) => {
-                let options = MySqlConnectOptions::from_str(raw).map_err(connect_error)?;
+                let options = super::mysql_options(raw).map_err(connect_error)?;
                 read_rows!(
                     MySqlConnection,
                     options,

@@ -44,7 +44,7 @@ pub struct ConnectionRow {
     pub refresh_expires_at: Timestamp,
     /// When the current pair was issued: its age drives the keep-alive refresh.
     pub issued_at: Timestamp,
-    pub status: String,
+    pub status: ConnectionStatus,
     pub raw: Option<String>,
     pub last_refresh_at: Option<Timestamp>,
     pub last_error: Option<String>,
@@ -557,7 +557,7 @@ struct StoredConnection {
     expires_at: Timestamp,
     refresh_expires_at: Timestamp,
     issued_at: Timestamp,
-    status: String,
+    status: ConnectionStatus,
     raw: Option<String>,
     last_refresh_at: Option<Timestamp>,
     last_error: Option<String>,

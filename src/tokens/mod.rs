@@ -21,8 +21,8 @@ use crate::crypto::{Cipher, fill_random, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
 use crate::metrics::{Count, Metrics, RefreshOutcome};
 use crate::store::{
-    Attempt, AttemptKind, ConnectionRow, Outcome, Records, RefreshedPair, Store, StoreError,
-    Timestamp, checked_later, now, saturating_later,
+    Attempt, AttemptKind, ConnectionRow, ConnectionStatus, Outcome, Records, RefreshedPair, Store,
+    StoreError, Timestamp, checked_later, now, saturating_later,
 };
 
 /// The token API refreshes first when less than this is left of the access token.
@@ -250,7 +250,7 @@ impl TokenService {
         let deadline = tokio::time::Instant::now() + self.lease.saturating_mul(2);
         let mut row = self.read(id).await?;
         loop {
-            if row.version != seen_version || row.status != "active" {
+            if row.version != seen_version || row.status != ConnectionStatus::Active {
                 return Ok(row);
             }
             if row.lease_until.is_none_or(|until| until <= now()) {
@@ -293,7 +293,7 @@ impl TokenService {
     ) -> Result<ConnectionRow, TokenError> {
         // Re-read under the lease: another process may have refreshed since we looked.
         let row = self.read(id).await?;
-        if row.version != seen_version || row.status != "active" {
+        if row.version != seen_version || row.status != ConnectionStatus::Active {
             self.store.release_lease(id, &self.owner).await?;
             return Ok(row);
         }
@@ -528,8 +528,8 @@ impl TokenService {
         self.metrics.count(Count::Refresh(counted));
         if outcome == Outcome::Success {
             tracing::info!(
-                kind = "refresh",
-                outcome = "success",
+                kind = AttemptKind::Refresh.as_str(),
+                outcome = Outcome::Success.as_str(),
                 account_id = row.account_id,
                 host,
                 "token refreshed"
@@ -546,18 +546,9 @@ fn refresh_attempt<'a>(
     reason: Option<&'a str>,
     detail: Option<&'a str>,
 ) -> Attempt<'a> {
-    Attempt {
-        kind: AttemptKind::Refresh,
-        outcome,
-        reason,
-        detail,
-        subdomain: Some(host),
-        account_id: row.account_id,
-        ip: None,
-        user_agent: None,
-        state_fingerprint: None,
-        created_at: now(),
-    }
+    Attempt::new(AttemptKind::Refresh, outcome)
+        .because(reason, detail)
+        .of_account(Some(host), row.account_id)
 }
 
 /// The account a connection's tokens are sealed for.
@@ -590,11 +581,14 @@ fn backing_off(row: &ConnectionRow, at: Timestamp) -> Option<TokenError> {
 
 /// Errors that are about the connection, not the request.
 fn usable(row: &ConnectionRow) -> Result<(), TokenError> {
-    match row.status.as_str() {
-        "active" => Ok(()),
-        "disconnected" => Err(TokenError::Disconnected),
-        _ => Err(TokenError::NeedsReauth {
-            reason: row.last_error.clone().unwrap_or_else(|| row.status.clone()),
+    match row.status {
+        ConnectionStatus::Active => Ok(()),
+        ConnectionStatus::Disconnected => Err(TokenError::Disconnected),
+        ConnectionStatus::NeedsReauth => Err(TokenError::NeedsReauth {
+            reason: row
+                .last_error
+                .clone()
+                .unwrap_or_else(|| row.status.to_string()),
         }),
     }
 }

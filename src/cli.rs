@@ -12,12 +12,13 @@ use tracing_subscriber::EnvFilter;
 use crate::amocrm::AmoClient;
 use crate::api_keys;
 use crate::config::{ConfigError, DatabaseUrl, LogFormat, Settings, parse_duration};
-use crate::crypto;
+use crate::crypto::TokenColumn;
 use crate::crypto::random_token;
 use crate::import::{self, ImportOutcome};
+use crate::keys::{self, Rotated};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::server;
-use crate::store::{Backend, EventStatus, Store};
+use crate::store::{Backend, EventStatus};
 use crate::store::{checked_earlier, now};
 use flags::{
     AmoCrmFlags, DatabaseFlags, EventsFlags, IntegrationFlags, KeyFlags, LogFlags, RefreshFlags,
@@ -525,7 +526,7 @@ fn format_duration(duration: std::time::Duration) -> String {
 async fn tokens(settings: &Settings) -> anyhow::Result<()> {
     let config = settings.store()?;
     let store = server::open_store(&config).await?;
-    let cipher = server::open_cipher(&config, &store).await?;
+    let cipher = keys::open_cipher(&config, &store).await?;
     let connections = store.connections().await?;
     if connections.is_empty() {
         println!(
@@ -549,7 +550,7 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
         let preview = match &c.access_token {
             Some(sealed) => match c
                 .account_id
-                .map(|account_id| cipher.open_token(sealed, "access_token", account_id))
+                .map(|account_id| cipher.open_token(sealed, TokenColumn::AccessToken, account_id))
             {
                 Some(Ok(token)) => mask(token.expose()),
                 Some(Err(err)) => format!("(cannot decrypt: {err})"),
@@ -628,7 +629,7 @@ async fn import(settings: &Settings, source: &str, dry_run: bool) -> anyhow::Res
     let config = settings.store()?;
     let amo = AmoClient::new(settings.amocrm()?);
     let store = server::open_store(&config).await?;
-    let cipher = server::open_cipher(&config, &store).await?;
+    let cipher = keys::open_cipher(&config, &store).await?;
     let report = import::import(&source, &store, &amo, &cipher, dry_run).await?;
     let (mut imported, mut skipped) = (0, 0);
     for line in &report {
@@ -652,104 +653,45 @@ async fn import(settings: &Settings, source: &str, dry_run: bool) -> anyhow::Res
     Ok(())
 }
 
-/// With `AMOAUTH_ENCRYPTION_KEY="NEW,OLD"`: re-seals with NEW. With a SQLite key file:
-/// adds a new key in front, re-seals, then leaves only the new key in the file. A key still
-/// sealing a row after the re-seal (a running amoauth kept writing with it) is never dropped:
-/// the command names it and fails.
+/// Rotates the key (see `keys::rotate`) and says what is left to do.
 async fn rotate_key(settings: &Settings) -> anyhow::Result<()> {
     let config = settings.store()?;
     let store = server::open_store(&config).await?;
-    let cipher = server::open_cipher(&config, &store).await?;
-    if config.encryption_key.is_some() {
-        let resealed = reseal_with_write_key(&store, &cipher).await?;
-        println!(
-            "re-encrypted {} connections with key {}",
-            resealed.count,
-            cipher.write_key_id()
-        );
-        let in_use = old_keys_in_use(&store, &cipher).await?;
-        if !in_use.is_empty() {
-            anyhow::bail!(
-                "{}: keep them in AMOAUTH_ENCRYPTION_KEY, make every replica write with key {} \
-                 (restart them with the new key first), then run rotate-key again",
-                in_use,
-                cipher.write_key_id()
+    let rotated = keys::rotate(&config, &store).await?;
+    let Rotated {
+        resealed,
+        write_key_id,
+        still_in_use,
+        ..
+    } = &rotated;
+    match &rotated.key_file {
+        None => {
+            println!("re-encrypted {resealed} connections with key {write_key_id}");
+            if !still_in_use.is_empty() {
+                anyhow::bail!(
+                    "{still_in_use}: keep them in AMOAUTH_ENCRYPTION_KEY, make every replica write \
+                     with key {write_key_id} (restart them with the new key first), then run \
+                     rotate-key again"
+                );
+            }
+            println!(
+                "every token now reads with that key alone, so the other keys can be removed from \
+                 AMOAUTH_ENCRYPTION_KEY"
             );
         }
-        println!(
-            "every token now reads with that key alone, so the other keys can be removed from \
-             AMOAUTH_ENCRYPTION_KEY"
-        );
-        return Ok(());
+        Some(path) => {
+            println!("re-encrypted {resealed} connections with new key {write_key_id}");
+            if !still_in_use.is_empty() {
+                anyhow::bail!(
+                    "{still_in_use}: {} keeps them; stop every running amoauth (it writes with the \
+                     old key), then run rotate-key again",
+                    path.display()
+                );
+            }
+            println!("{} now holds only that key (back it up)", path.display());
+        }
     }
-    let path = server::key_file(&config)
-        .ok_or_else(|| anyhow::anyhow!("AMOAUTH_ENCRYPTION_KEY: is required for this database"))?;
-    let old_keys = crypto::load_or_create_keys(None, Some(&path))?;
-    let new_key = crypto::generate_key();
-    let mut keys = vec![new_key];
-    keys.extend(old_keys);
-    // The old keys stay in the file until every token is re-sealed: a crash in between
-    // leaves a file that still reads everything.
-    crypto::rewrite_key_file(&path, &keys)
-        .with_context(|| format!("cannot write key file {}", path.display()))?;
-    let cipher = crypto::Cipher::from_keys(&keys);
-    let resealed = reseal_with_write_key(&store, &cipher).await?;
-    let used: Vec<String> = store
-        .key_ids_in_use()
-        .await?
-        .into_iter()
-        .map(|(key_id, _)| key_id)
-        .collect();
-    let kept: Vec<[u8; 32]> = keys
-        .iter()
-        .enumerate()
-        .filter(|(i, key)| *i == 0 || used.contains(&crypto::key_id(key)))
-        .map(|(_, key)| *key)
-        .collect();
-    crypto::rewrite_key_file(&path, &kept)
-        .with_context(|| format!("cannot write key file {}", path.display()))?;
-    println!(
-        "re-encrypted {} connections with new key {}",
-        resealed.count,
-        cipher.write_key_id(),
-    );
-    let in_use = old_keys_in_use(&store, &cipher).await?;
-    if !in_use.is_empty() {
-        anyhow::bail!(
-            "{in_use}: {} keeps them; stop every running amoauth (it writes with the old key), \
-             then run rotate-key again",
-            path.display()
-        );
-    }
-    println!("{} now holds only that key (back it up)", path.display());
     Ok(())
-}
-
-/// Re-seals every token not sealed by the writing key.
-async fn reseal_with_write_key(
-    store: &Store,
-    cipher: &crypto::Cipher,
-) -> anyhow::Result<server::Resealed> {
-    server::reseal(store, cipher, |sealed| {
-        sealed.key_id != cipher.write_key_id() || !sealed.is_account_bound()
-    })
-    .await
-}
-
-/// "key ids X (N connections), Y (M connections) still seal tokens", or empty when only the
-/// writing key does.
-async fn old_keys_in_use(store: &Store, cipher: &crypto::Cipher) -> anyhow::Result<String> {
-    let old: Vec<String> = store
-        .key_ids_in_use()
-        .await?
-        .into_iter()
-        .filter(|(key_id, _)| key_id != cipher.write_key_id())
-        .map(|(key_id, rows)| format!("{key_id} ({rows} connections)"))
-        .collect();
-    if old.is_empty() {
-        return Ok(String::new());
-    }
-    Ok(format!("key ids {} still seal tokens", old.join(", ")))
 }
 
 async fn api_key(command: ApiKeyCommand) -> anyhow::Result<()> {

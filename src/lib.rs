@@ -9,6 +9,7 @@ pub mod events;
 pub mod flow;
 pub mod http;
 pub mod import;
+pub mod keys;
 pub mod log_safe;
 pub mod metrics;
 mod named_values;

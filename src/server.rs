@@ -12,13 +12,14 @@ use tokio::task::JoinHandle;
 
 use crate::amocrm::AmoClient;
 use crate::config::{Secret, ServerConfig, StoreConfig};
-use crate::crypto::{Cipher, Sealed, load_or_create_keys, random_token};
+use crate::crypto::random_token;
 use crate::events::{Events, run_delivery};
 use crate::flow::Flow;
 use crate::http::client::{PerIpRequests, RateLimiter};
 use crate::http::{AppState, router};
+use crate::keys::open_cipher;
 use crate::metrics::Metrics;
-use crate::store::{ConnectionRow, Store, now};
+use crate::store::{Store, now};
 use crate::tokens::{TokenService, run_worker};
 
 /// Expired states are kept this long, so a late callback is told "expired", not "unknown".
@@ -67,130 +68,6 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
     let store = Store::connect(&config.database_url).await?;
     store.migrate().await?;
     Ok(store)
-}
-
-/// Where the SQLite database keeps its key file: `<database file>.key`.
-pub fn key_file(config: &StoreConfig) -> Option<std::path::PathBuf> {
-    config.database_url.sqlite_path().map(|path| {
-        let mut name = path.into_os_string();
-        name.push(".key");
-        std::path::PathBuf::from(name)
-    })
-}
-
-/// Loads the keys that seal the tokens (creating a key file beside a new SQLite database)
-/// and refuses to start when a stored token was sealed with a key that is not configured:
-/// a wrong key is a clear error, never garbage tokens. Then re-seals, once, the tokens
-/// sealed before they were bound to their account.
-pub async fn open_cipher(config: &StoreConfig, store: &Store) -> anyhow::Result<Cipher> {
-    let keys = load_or_create_keys(config.encryption_key.as_ref(), key_file(config).as_deref())?;
-    let cipher = Cipher::from_keys(&keys);
-    for (key_id, rows) in store.key_ids_in_use().await? {
-        if !cipher.knows(&key_id) {
-            anyhow::bail!(
-                "AMOAUTH_ENCRYPTION_KEY: {rows} stored connection(s) were sealed with key id {key_id}, \
-                 which is not among the configured keys (ids {}); configure the key that sealed them",
-                cipher.key_ids().join(", ")
-            );
-        }
-    }
-    let resealed = reseal(store, &cipher, |sealed| !sealed.is_account_bound()).await?;
-    if resealed.count > 0 {
-        tracing::info!(
-            connections = resealed.count,
-            "re-sealed stored tokens to bind each to its account"
-        );
-    }
-    if resealed.left > 0 {
-        tracing::warn!(
-            connections = resealed.left,
-            "tokens are still sealed in the earlier format (a replica of an older version is \
-             writing them); they are refused until a restart re-seals them"
-        );
-    }
-    Ok(cipher)
-}
-
-/// What a re-seal did.
-pub struct Resealed {
-    /// Connections re-sealed by this process.
-    pub count: u64,
-    /// Connections that were still stale after every pass (another process kept writing).
-    pub left: u64,
-}
-
-/// Passes over the connections: a row written meanwhile (its version changed) is read again
-/// and re-sealed in the next pass.
-const RESEAL_PASSES: u32 = 5;
-
-/// Re-seals with the cipher's writing key, bound to its account, every stored pair for which
-/// `stale` holds. Each write is version-checked, so a refresh (or another process re-sealing)
-/// in between is never overwritten: such a row is read again and done in the next pass.
-pub async fn reseal(
-    store: &Store,
-    cipher: &Cipher,
-    stale: impl Fn(&Sealed) -> bool,
-) -> anyhow::Result<Resealed> {
-    // A row re-sealed twice (a writer put the old key back in between) counts once.
-    let (mut resealed, mut pass) = (std::collections::HashSet::new(), 0);
-    loop {
-        let rows: Vec<ConnectionRow> = store
-            .connections()
-            .await?
-            .into_iter()
-            .filter(|row| {
-                row.access_token
-                    .iter()
-                    .chain(&row.refresh_token)
-                    .any(&stale)
-            })
-            .collect();
-        if rows.is_empty() || pass == RESEAL_PASSES {
-            return Ok(Resealed {
-                count: resealed.len() as u64,
-                left: rows.len() as u64,
-            });
-        }
-        if pass > 0 {
-            tokio::time::sleep(Duration::from_millis(100 << pass)).await;
-        }
-        pass += 1;
-        for row in rows {
-            if reseal_row(store, cipher, &row).await? {
-                resealed.insert(row.id);
-            }
-        }
-    }
-}
-
-/// Re-seals one connection's pair with the writing key; false when the row changed since it
-/// was read.
-async fn reseal_row(store: &Store, cipher: &Cipher, row: &ConnectionRow) -> anyhow::Result<bool> {
-    let (Some(access), Some(refresh)) = (&row.access_token, &row.refresh_token) else {
-        return Ok(false);
-    };
-    let account_id = row
-        .account_id
-        .ok_or_else(|| anyhow::anyhow!("connection {} has tokens but no account id", row.id))?;
-    let open = |sealed: &Sealed, column| {
-        if sealed.is_account_bound() {
-            cipher.open_token(sealed, column, account_id)
-        } else {
-            cipher.open_unbound_token(sealed, column)
-        }
-        .with_context(|| format!("cannot re-seal the {column} of account {account_id}"))
-    };
-    let access = cipher.seal_token(
-        open(access, "access_token")?.expose(),
-        "access_token",
-        account_id,
-    );
-    let refresh = cipher.seal_token(
-        open(refresh, "refresh_token")?.expose(),
-        "refresh_token",
-        account_id,
-    );
-    Ok(store.reseal(row.id, row.version, &access, &refresh).await?)
 }
 
 /// The token service on its own, for `amoauth refresh`.

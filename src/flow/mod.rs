@@ -683,16 +683,7 @@ pub(crate) async fn save_connection(
                 account_name: &account.name,
                 domain: &host.host,
                 subdomain: &host.subdomain,
-                access_token: &cipher.seal_token(
-                    tokens.access_token.expose(),
-                    "access_token",
-                    account.id,
-                ),
-                refresh_token: &cipher.seal_token(
-                    tokens.refresh_token.expose(),
-                    "refresh_token",
-                    account.id,
-                ),
+                tokens: &cipher.seal_pair(&tokens.access_token, &tokens.refresh_token, account.id),
                 expires_at,
                 refresh_expires_at: issued + REFRESH_TOKEN_LIFETIME,
                 raw: &raw,

@@ -5,8 +5,10 @@
 
 use super::{Flow, Requester};
 use crate::amocrm::AmoError;
+use crate::crypto::TokenColumn;
 use crate::crypto::{constant_time_eq, hmac_sha256_hex};
 use crate::events::{ConnectionData, EventType};
+use crate::keys;
 use crate::log_safe::log_safe;
 use crate::store::{
     Attempt, AttemptKind, ConnectionRow, ConnectionStatus, Disconnect, Outcome, Records,
@@ -217,16 +219,7 @@ impl Flow {
         if row.expires_at <= now() {
             return Err(UninstallError::Unconfirmable);
         }
-        let sealed = row
-            .access_token
-            .as_ref()
-            .ok_or_else(|| UninstallError::Corrupt("the access token is missing".into()))?;
-        let account_id = row
-            .account_id
-            .ok_or_else(|| UninstallError::Corrupt("the row has no account id".into()))?;
-        let access_token = self
-            .cipher
-            .open_token(sealed, "access_token", account_id)
+        let access_token = keys::open_token(&self.cipher, row, TokenColumn::AccessToken)
             .map_err(|err| UninstallError::Corrupt(err.to_string()))?;
         self.amo.pace(&row.domain).await;
         match self.amo.account(&row.domain, &access_token).await {

@@ -17,8 +17,9 @@ use crate::amocrm::{
     jwt_api_domain, shared_api_host,
 };
 use crate::config::Secret;
-use crate::crypto::{Cipher, fill_random, random_token};
+use crate::crypto::{Cipher, TokenColumn, fill_random, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
+use crate::keys;
 use crate::metrics::{Count, Metrics, RefreshOutcome};
 use crate::store::{
     Attempt, AttemptKind, ConnectionRow, ConnectionStatus, Outcome, Records, RefreshedPair, Store,
@@ -164,7 +165,7 @@ impl TokenService {
                     Err(err) => return Err(err),
                 }
             };
-        let access_token = self.open(&row, "access_token")?;
+        let access_token = self.open(&row, TokenColumn::AccessToken)?;
         Ok(FreshToken {
             account_id: row.account_id,
             subdomain: row.subdomain,
@@ -303,7 +304,7 @@ impl TokenService {
         {
             return Err(backing_off);
         }
-        let refresh_token = self.open(&row, "refresh_token")?;
+        let refresh_token = self.open(&row, TokenColumn::RefreshToken)?;
         match self.call_refresh(&row, &refresh_token).await {
             Ok((tokens, host)) => match expiry(&tokens) {
                 Ok(expires_at) => self.save(&row, &tokens, &host, expires_at).await,
@@ -314,14 +315,8 @@ impl TokenService {
         }
     }
 
-    fn open(&self, row: &ConnectionRow, column: &str) -> Result<Secret, TokenError> {
-        let sealed = match column {
-            "access_token" => row.access_token.as_ref(),
-            _ => row.refresh_token.as_ref(),
-        }
-        .ok_or_else(|| TokenError::Corrupt(format!("the {column} is missing")))?;
-        self.cipher
-            .open_token(sealed, column, account_id_of(row)?)
+    fn open(&self, row: &ConnectionRow, column: TokenColumn) -> Result<Secret, TokenError> {
+        keys::open_token(&self.cipher, row, column)
             .map_err(|err| TokenError::Corrupt(err.to_string()))
     }
 
@@ -360,7 +355,7 @@ impl TokenService {
     /// Asks amoCRM where the account lives now; only an allowed amoCRM host is believed.
     async fn find_new_host(&self, row: &ConnectionRow, refresh_token: &Secret) -> Option<String> {
         let domains = &self.amo.config().domains;
-        let access_token = self.open(row, "access_token").ok()?;
+        let access_token = self.open(row, TokenColumn::AccessToken).ok()?;
         let api_domain = jwt_api_domain(access_token.expose())?;
         // The refresh token goes in a header: never to a host outside the allow-list.
         shared_api_host(&api_domain, domains)?;
@@ -401,14 +396,9 @@ impl TokenService {
                 row.id,
                 row.version,
                 &RefreshedPair {
-                    access_token: &self.cipher.seal_token(
-                        tokens.access_token.expose(),
-                        "access_token",
-                        account_id,
-                    ),
-                    refresh_token: &self.cipher.seal_token(
-                        tokens.refresh_token.expose(),
-                        "refresh_token",
+                    tokens: &self.cipher.seal_pair(
+                        &tokens.access_token,
+                        &tokens.refresh_token,
                         account_id,
                     ),
                     expires_at,

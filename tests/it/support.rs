@@ -270,7 +270,11 @@ impl TestDb {
         let cipher = amoauth::crypto::Cipher::new(&[7u8; 32]);
         let sealed = amoauth::crypto::Sealed { key_id, ciphertext };
         cipher
-            .open_token(&sealed, "refresh_token", ACCOUNT_ID)
+            .open_token(
+                &sealed,
+                amoauth::crypto::TokenColumn::RefreshToken,
+                ACCOUNT_ID,
+            )
             .unwrap()
             .expose()
             .to_owned()

@@ -16,6 +16,7 @@ use crate::crypto::TokenColumn;
 use crate::crypto::random_token;
 use crate::import::{self, ImportOutcome};
 use crate::keys::{self, Rotated};
+use crate::parts::{self, Keyed, Parts};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::server;
 use crate::store::{Backend, EventStatus};
@@ -293,7 +294,7 @@ pub async fn run() -> anyhow::Result<()> {
         }
         Command::Migrate(args) => {
             let config = with_logging(args.settings())?.store()?;
-            server::open_store(&config).await?.close().await;
+            parts::open_store(&config).await?.close().await;
             println!("database {} is up to date", config.database_url);
             Ok(())
         }
@@ -468,7 +469,7 @@ async fn cleanup(settings: &Settings, grace: &str, dry_run: bool) -> anyhow::Res
         problem: format!("expected a duration such as 0s, 1h or 1d, got `{grace}`"),
     })?;
     let audit_retention = settings.audit_retention()?;
-    let store = server::open_store(&settings.store()?).await?;
+    let store = parts::open_store(&settings.store()?).await?;
     let cutoff = checked_earlier(now(), grace).context("--grace is too large")?;
     let audit_age = format_duration(audit_retention);
     let events_age = format_duration(server::DELIVERED_EVENTS_RETENTION);
@@ -524,9 +525,7 @@ fn format_duration(duration: std::time::Duration) -> String {
 }
 
 async fn tokens(settings: &Settings) -> anyhow::Result<()> {
-    let config = settings.store()?;
-    let store = server::open_store(&config).await?;
-    let cipher = keys::open_cipher(&config, &store).await?;
+    let Keyed { store, cipher } = Keyed::open(&settings.store()?).await?;
     let connections = store.connections().await?;
     if connections.is_empty() {
         println!(
@@ -581,17 +580,13 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
 
 async fn refresh(settings: &Settings, account: Option<&str>) -> anyhow::Result<()> {
     let config = settings.server()?;
-    let service = server::token_service(&config).await?;
+    let Parts { store, tokens, .. } = Parts::open(&config).await?;
     match account {
         Some(account) => {
-            let row = service
-                .store()
-                .find_connection(account)
-                .await?
-                .ok_or_else(|| {
-                    anyhow::anyhow!("no connection for account `{account}`; see `amoauth tokens`")
-                })?;
-            let refreshed = service.refresh(row.id, row.version).await?;
+            let row = store.find_connection(account).await?.ok_or_else(|| {
+                anyhow::anyhow!("no connection for account `{account}`; see `amoauth tokens`")
+            })?;
+            let refreshed = tokens.refresh(row.id, row.version).await?;
             println!(
                 "refreshed {} (account {}): the access token expires at {} UTC",
                 refreshed.domain,
@@ -603,7 +598,7 @@ async fn refresh(settings: &Settings, account: Option<&str>) -> anyhow::Result<(
             );
         }
         None => {
-            let summary = service
+            let summary = tokens
                 .refresh_due(config.refresh.margin, config.refresh.keepalive_age)
                 .await?;
             println!(
@@ -626,10 +621,8 @@ async fn import(settings: &Settings, source: &str, dry_run: bool) -> anyhow::Res
     if Backend::of(&source).is_none() {
         anyhow::bail!("--from: expected a sqlite://, postgres:// or mysql:// URL");
     }
-    let config = settings.store()?;
     let amo = AmoClient::new(settings.amocrm()?);
-    let store = server::open_store(&config).await?;
-    let cipher = keys::open_cipher(&config, &store).await?;
+    let Keyed { store, cipher } = Keyed::open(&settings.store()?).await?;
     let report = import::import(&source, &store, &amo, &cipher, dry_run).await?;
     let (mut imported, mut skipped) = (0, 0);
     for line in &report {
@@ -656,7 +649,7 @@ async fn import(settings: &Settings, source: &str, dry_run: bool) -> anyhow::Res
 /// Rotates the key (see `keys::rotate`) and says what is left to do.
 async fn rotate_key(settings: &Settings) -> anyhow::Result<()> {
     let config = settings.store()?;
-    let store = server::open_store(&config).await?;
+    let store = parts::open_store(&config).await?;
     let rotated = keys::rotate(&config, &store).await?;
     let Rotated {
         resealed,
@@ -698,7 +691,7 @@ async fn api_key(command: ApiKeyCommand) -> anyhow::Result<()> {
     let (ApiKeyCommand::Create { store, .. }
     | ApiKeyCommand::List { store }
     | ApiKeyCommand::Revoke { store, .. }) = &command;
-    let store = server::open_store(&with_logging(store.settings())?.store()?).await?;
+    let store = parts::open_store(&with_logging(store.settings())?.store()?).await?;
     match command {
         ApiKeyCommand::Create { name, .. } => {
             let key = api_keys::create(&store, &name).await?;
@@ -739,7 +732,7 @@ fn mask(token: &str) -> String {
 }
 
 async fn states(settings: &Settings) -> anyhow::Result<()> {
-    let store = server::open_store(&settings.store()?).await?;
+    let store = parts::open_store(&settings.store()?).await?;
     let states = store.active_states(now()).await?;
     println!("{} active states", states.len());
     for s in states {
@@ -755,7 +748,7 @@ async fn states(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn events(settings: &Settings) -> anyhow::Result<()> {
-    let store = server::open_store(&settings.store()?).await?;
+    let store = parts::open_store(&settings.store()?).await?;
     let counts = store.event_counts().await?;
     let count = |status: EventStatus| {
         counts
@@ -799,7 +792,7 @@ async fn events(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn retry_events(settings: &Settings) -> anyhow::Result<()> {
-    let store = server::open_store(&settings.store()?).await?;
+    let store = parts::open_store(&settings.store()?).await?;
     let requeued = store.retry_failed_events(now()).await?;
     println!("requeued {requeued} failed events; `amoauth serve` delivers them now");
     Ok(())

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod log_safe;
 pub mod metrics;
 mod named_values;
+pub mod parts;
 pub mod sandbox;
 pub mod server;
 pub mod store;

@@ -1,4 +1,5 @@
-//! Wires the parts together: store, key, amoCRM client, flow, HTTP server and the cleanup loop.
+//! Runs the parts (built by `parts`): the HTTP server, the refresh worker, event delivery and
+//! the cleanup loop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,17 +11,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::amocrm::AmoClient;
-use crate::config::{Secret, ServerConfig, StoreConfig};
+use crate::config::{Secret, ServerConfig};
 use crate::crypto::random_token;
-use crate::events::{Events, run_delivery};
-use crate::flow::Flow;
+use crate::events::run_delivery;
 use crate::http::client::{PerIpRequests, RateLimiter};
 use crate::http::{AppState, router};
-use crate::keys::open_cipher;
-use crate::metrics::Metrics;
+use crate::parts::Parts;
 use crate::store::{Store, now};
-use crate::tokens::{TokenService, run_worker};
+use crate::tokens::run_worker;
 
 /// Expired states are kept this long, so a late callback is told "expired", not "unknown".
 pub const DEFAULT_CLEANUP_GRACE: Duration = Duration::from_secs(86_400);
@@ -61,34 +59,6 @@ pub async fn delete_past_retention(
             .await?;
     }
     Ok(purged)
-}
-
-/// Opens and migrates the database.
-pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
-    let store = Store::connect(&config.database_url).await?;
-    store.migrate().await?;
-    Ok(store)
-}
-
-/// The token service on its own, for `amoauth refresh`.
-pub async fn token_service(config: &ServerConfig) -> anyhow::Result<Arc<TokenService>> {
-    let store = open_store(&config.store).await?;
-    let cipher = Arc::new(open_cipher(&config.store, &store).await?);
-    let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
-    let metrics = Arc::new(Metrics::default());
-    let events = Arc::new(Events::new(
-        store.clone(),
-        config.events.clone(),
-        Arc::clone(&metrics),
-    ));
-    Ok(Arc::new(TokenService::new(
-        store,
-        amo,
-        cipher,
-        config.refresh.lease,
-        metrics,
-        events,
-    )))
 }
 
 /// A server running in the background (tests and `serve` both use it).
@@ -152,8 +122,7 @@ pub async fn start_with_listener(
             "AMOAUTH_AMOCRM_URL is set: every amoCRM request goes to this origin instead of amoCRM; for development and tests only"
         );
     }
-    let store = open_store(&config.store).await?;
-    let cipher = open_cipher(&config.store, &store).await?;
+    let parts = Parts::open(&config).await?;
     let (admin_token, admin_token_generated) = match config.admin_token.clone() {
         Some(token) => (token, false),
         None => (Secret::new(random_token()), true),
@@ -165,41 +134,17 @@ pub async fn start_with_listener(
         .lease
         .saturating_add(config.amocrm.timeout.saturating_mul(2))
         .saturating_add(Duration::from_secs(5));
-    let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
-    let cipher = Arc::new(cipher);
-    let metrics = Arc::new(Metrics::default());
-    let events = Arc::new(Events::new(
-        store.clone(),
-        config.events.clone(),
-        Arc::clone(&metrics),
-    ));
-    let flow = Arc::new(Flow::new(
-        store.clone(),
-        Arc::clone(&amo),
-        Arc::clone(&cipher),
-        config.state_ttl,
-        config.widget_installs,
-        config.return_origins.clone(),
-        Arc::clone(&events),
-    ));
-    let tokens = Arc::new(TokenService::new(
-        store.clone(),
-        amo,
-        cipher,
-        config.refresh.lease,
-        Arc::clone(&metrics),
-        Arc::clone(&events),
-    ));
     let worker = tokio::spawn(run_worker(
-        Arc::clone(&tokens),
+        Arc::clone(&parts.tokens),
         config.refresh.interval,
         config.refresh.margin,
         config.refresh.keepalive_age,
     ));
     let state = AppState {
-        flow,
-        tokens,
-        metrics,
+        store: parts.store.clone(),
+        flow: Arc::clone(&parts.flow),
+        tokens: Arc::clone(&parts.tokens),
+        metrics: Arc::clone(&parts.metrics),
         admin_token: Arc::new(admin_token.clone()),
         secure_cookies,
         login_throttle: Arc::default(),
@@ -210,9 +155,12 @@ pub async fn start_with_listener(
     };
     let addr = listener.local_addr()?;
     let (shutdown, mut stopped) = watch::channel(false);
-    let delivery = events
-        .is_enabled()
-        .then(|| tokio::spawn(run_delivery(events, shutdown.subscribe())));
+    let delivery = parts.events.is_enabled().then(|| {
+        tokio::spawn(run_delivery(
+            Arc::clone(&parts.events),
+            shutdown.subscribe(),
+        ))
+    });
     let app = router(state, request_timeout, config.read_timeout);
     let read_timeout = config.read_timeout;
     let server = tokio::spawn(async move {
@@ -222,7 +170,7 @@ pub async fn start_with_listener(
         .await
     });
     let cleanup = tokio::spawn(cleanup_loop(
-        store.clone(),
+        parts.store.clone(),
         config.cleanup_interval,
         config.audit_retention,
     ));
@@ -231,7 +179,7 @@ pub async fn start_with_listener(
         addr,
         admin_token,
         admin_token_generated,
-        store,
+        store: parts.store,
         base_path: config.base_path,
         shutdown,
         server,

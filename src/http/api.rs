@@ -57,7 +57,7 @@ impl FromRequestParts<AppState> for ApiKey {
                 .count(Count::TokenApiRequest(TokenApiOutcome::Unauthorized));
             return Err(unauthorized());
         };
-        match api_keys::verify(state.flow.store(), presented).await {
+        match api_keys::verify(&state.store, presented).await {
             Ok(true) => Ok(ApiKey),
             Ok(false) => {
                 state
@@ -132,7 +132,7 @@ pub async fn connections(
             format!("`external_id` must be 1 to {MAX_EXTERNAL_ID} characters, none of them NUL"),
         );
     }
-    let store = state.flow.store();
+    let store = &state.store;
     let rows = match &query.external_id {
         Some(external_id) => store.connections_of(external_id).await,
         None => store.connections().await,

@@ -31,7 +31,7 @@ pub async fn home(
     headers: HeaderMap,
 ) -> Response {
     let lang = Lang::from_headers(&headers);
-    let store = state.flow.store();
+    let store = &state.store;
     let loaded = async {
         Ok::<_, StoreError>((
             store.connections().await?,
@@ -89,12 +89,7 @@ pub async fn refresh_now(
     if !admin.csrf_ok(csrf_field(&body).as_deref(), &state.admin_token) {
         return refuse_csrf(lang);
     }
-    let row = match state
-        .flow
-        .store()
-        .find_connection(&account_id.to_string())
-        .await
-    {
+    let row = match state.store.find_connection(&account_id.to_string()).await {
         Ok(Some(row)) => row,
         Ok(None) => return back_to_dashboard("not_found"),
         Err(err) => return store_unavailable(lang, &err),

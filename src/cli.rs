@@ -253,6 +253,7 @@ impl SealedStoreArgs {
 }
 
 /// Parses the command line (after `.env`) and runs the command.
+#[doc(hidden)]
 pub async fn run() -> anyhow::Result<()> {
     // A missing .env is normal; a malformed one is worth stopping for.
     match dotenvy::dotenv() {

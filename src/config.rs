@@ -14,6 +14,7 @@ use url::Url;
 /// a command leaves unset what it does not read, and defaults apply.
 /// No Debug: the raw values include the client secret and the keys.
 #[derive(Clone, Default)]
+#[doc(hidden)]
 pub struct Settings {
     pub database_url: Option<String>,
     pub client_id: Option<String>,
@@ -106,9 +107,11 @@ macro_rules! all_valid {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret value.
     pub fn new(value: impl Into<String>) -> Self {
         Self(value.into())
     }
+    /// The value itself, for the one place that must send it.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -122,8 +125,10 @@ impl fmt::Debug for Secret {
 
 /// A database URL whose Debug and Display mask the password.
 #[derive(Clone)]
+#[doc(hidden)]
 pub struct DatabaseUrl(String);
 
+#[doc(hidden)]
 impl DatabaseUrl {
     pub fn new(url: impl Into<String>) -> Self {
         Self(url.into())

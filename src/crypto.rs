@@ -19,6 +19,7 @@ const ACCOUNT_BOUND: &str = "v2.";
 
 /// Seals token values. One key writes; every known key reads, so keys can be rotated
 /// by adding the new one and re-encrypting.
+#[doc(hidden)]
 pub struct Cipher {
     write_key_id: String,
     keys: HashMap<String, XChaCha20Poly1305>,
@@ -40,6 +41,7 @@ pub enum CryptoError {
 
 crate::named_values::named_values! {
     /// The column a token is sealed for: part of what the seal authenticates.
+    #[doc(hidden)]
     pub enum TokenColumn {
         AccessToken => "access_token",
         RefreshToken => "refresh_token",
@@ -55,12 +57,14 @@ pub struct SealedPair {
 
 /// A sealed value and the id of the key that sealed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[doc(hidden)]
 pub struct Sealed {
     pub key_id: String,
     /// base64(nonce || ciphertext+tag)
     pub ciphertext: String,
 }
 
+#[doc(hidden)]
 impl Cipher {
     pub fn new(key: &[u8; 32]) -> Self {
         Self::from_keys(std::slice::from_ref(key))
@@ -238,6 +242,7 @@ fn token_context(column: TokenColumn, account_id: i64) -> String {
 }
 
 /// A short public id for a key: lets each row name its key without revealing it.
+#[doc(hidden)]
 pub fn key_id(key: &[u8; 32]) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"amoauth key id\0");
@@ -265,6 +270,7 @@ pub fn random_token() -> String {
 }
 
 /// Lowercase hex SHA-256.
+#[doc(hidden)]
 pub fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
 }

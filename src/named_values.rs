@@ -16,6 +16,7 @@ macro_rules! named_values {
             /// Every value, in declaration order.
             pub const ALL: &'static [Self] = &[$(Self::$variant),+];
 
+            /// The value's stable name, as stored and shown.
             pub fn as_str(self) -> &'static str {
                 match self {
                     $(Self::$variant => $value),+

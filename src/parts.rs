@@ -24,11 +24,13 @@ pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
 
 /// The database with the keys that seal its tokens: for commands that open or seal tokens
 /// but never call amoCRM.
+#[doc(hidden)]
 pub struct Keyed {
     pub store: Store,
     pub cipher: Cipher,
 }
 
+#[doc(hidden)]
 impl Keyed {
     /// Opens the database, then its keys (`keys::open_cipher`).
     pub async fn open(config: &StoreConfig) -> anyhow::Result<Self> {
@@ -46,8 +48,6 @@ impl Keyed {
 #[derive(Clone)]
 pub struct Parts {
     pub store: Store,
-    pub cipher: Arc<Cipher>,
-    pub amo: Arc<AmoClient>,
     pub metrics: Arc<Metrics>,
     pub events: Arc<Events>,
     pub flow: Arc<Flow>,
@@ -90,8 +90,6 @@ impl Parts {
         ));
         Self {
             store,
-            cipher,
-            amo,
             metrics,
             events,
             flow,

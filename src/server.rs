@@ -61,7 +61,82 @@ pub async fn delete_past_retention(
     Ok(purged)
 }
 
+/// The background work of a running amoauth: the refresh worker, the cleanup loop and event
+/// delivery. `serve` runs it beside its HTTP server; an embedding app runs it where it likes.
+pub struct Background {
+    stop: watch::Sender<bool>,
+    /// The cleanup loop and the refresh worker.
+    loops: Vec<JoinHandle<()>>,
+    /// The event delivery loop: awaited, not aborted, so no delivery stops half-way.
+    delivery: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Starts the refresh worker, the cleanup loop and (when events are configured) delivery.
+    pub(crate) fn spawn(parts: &Parts, config: &ServerConfig) -> Self {
+        let (stop, _) = watch::channel(false);
+        let worker = tokio::spawn(run_worker(
+            Arc::clone(&parts.tokens),
+            config.refresh.interval,
+            config.refresh.margin,
+            config.refresh.keepalive_age,
+        ));
+        let cleanup = tokio::spawn(cleanup_loop(
+            parts.store.clone(),
+            config.cleanup_interval,
+            config.audit_retention,
+        ));
+        let delivery = parts
+            .events
+            .is_enabled()
+            .then(|| tokio::spawn(run_delivery(Arc::clone(&parts.events), stop.subscribe())));
+        Self {
+            stop,
+            loops: vec![cleanup, worker],
+            delivery,
+        }
+    }
+
+    /// Stops the loops; a delivery under way finishes first.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Some(delivery) = self.delivery {
+            let _ = delivery.await;
+        }
+        for task in self.loops {
+            task.abort();
+        }
+    }
+}
+
+/// The HTTP application of `parts`: every route, under `config.base_path` where they live
+/// there.
+pub fn app(parts: &Parts, config: &ServerConfig, admin_token: Secret) -> axum::Router {
+    let secure_cookies = config.amocrm.redirect_uri.scheme() == "https";
+    // A token request may wait for another process's lease, then refresh itself.
+    let request_timeout = config
+        .refresh
+        .lease
+        .saturating_add(config.amocrm.timeout.saturating_mul(2))
+        .saturating_add(Duration::from_secs(5));
+    let state = AppState {
+        store: parts.store.clone(),
+        flow: Arc::clone(&parts.flow),
+        tokens: Arc::clone(&parts.tokens),
+        metrics: Arc::clone(&parts.metrics),
+        admin_token: Arc::new(admin_token),
+        secure_cookies,
+        login_throttle: Arc::default(),
+        rate_limiter: Arc::new(RateLimiter::new(config.rate_limit)),
+        per_ip_requests: Arc::new(PerIpRequests::new(config.per_ip_concurrency)),
+        trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+        base_path: Arc::from(config.base_path.as_str()),
+    };
+    router(state, request_timeout, config.read_timeout)
+}
+
 /// A server running in the background (tests and `serve` both use it).
+#[doc(hidden)]
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_token: Secret,
@@ -72,12 +147,10 @@ pub struct Running {
     pub base_path: String,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
-    /// The cleanup loop and the refresh worker.
-    background: Vec<JoinHandle<()>>,
-    /// The event delivery loop: awaited, not aborted, so no delivery stops half-way.
-    delivery: Option<JoinHandle<()>>,
+    background: Background,
 }
 
+#[doc(hidden)]
 impl Running {
     /// A one-time admin login link on the site at `public_origin`, valid for minutes; it
     /// stands in for printing the admin token, which would end up in proxy logs.
@@ -92,12 +165,7 @@ impl Running {
         self.server
             .await
             .context("the HTTP server task panicked")??;
-        if let Some(delivery) = self.delivery {
-            let _ = delivery.await;
-        }
-        for task in self.background {
-            task.abort();
-        }
+        self.background.stop().await;
         self.store.close().await;
         Ok(())
     }
@@ -112,6 +180,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
 }
 
 /// Starts serving on a bound listener (tests bind port 0 first to learn the redirect URI).
+#[doc(hidden)]
 pub async fn start_with_listener(
     config: ServerConfig,
     listener: tokio::net::TcpListener,
@@ -127,41 +196,10 @@ pub async fn start_with_listener(
         Some(token) => (token, false),
         None => (Secret::new(random_token()), true),
     };
-    let secure_cookies = config.amocrm.redirect_uri.scheme() == "https";
-    // A token request may wait for another process's lease, then refresh itself.
-    let request_timeout = config
-        .refresh
-        .lease
-        .saturating_add(config.amocrm.timeout.saturating_mul(2))
-        .saturating_add(Duration::from_secs(5));
-    let worker = tokio::spawn(run_worker(
-        Arc::clone(&parts.tokens),
-        config.refresh.interval,
-        config.refresh.margin,
-        config.refresh.keepalive_age,
-    ));
-    let state = AppState {
-        store: parts.store.clone(),
-        flow: Arc::clone(&parts.flow),
-        tokens: Arc::clone(&parts.tokens),
-        metrics: Arc::clone(&parts.metrics),
-        admin_token: Arc::new(admin_token.clone()),
-        secure_cookies,
-        login_throttle: Arc::default(),
-        rate_limiter: Arc::new(RateLimiter::new(config.rate_limit)),
-        per_ip_requests: Arc::new(PerIpRequests::new(config.per_ip_concurrency)),
-        trusted_proxies: Arc::new(config.trusted_proxies.clone()),
-        base_path: Arc::from(config.base_path.as_str()),
-    };
+    let background = Background::spawn(&parts, &config);
     let addr = listener.local_addr()?;
     let (shutdown, mut stopped) = watch::channel(false);
-    let delivery = parts.events.is_enabled().then(|| {
-        tokio::spawn(run_delivery(
-            Arc::clone(&parts.events),
-            shutdown.subscribe(),
-        ))
-    });
-    let app = router(state, request_timeout, config.read_timeout);
+    let app = app(&parts, &config, admin_token.clone());
     let read_timeout = config.read_timeout;
     let server = tokio::spawn(async move {
         serve_http(listener, app, read_timeout, async move {
@@ -169,11 +207,6 @@ pub async fn start_with_listener(
         })
         .await
     });
-    let cleanup = tokio::spawn(cleanup_loop(
-        parts.store.clone(),
-        config.cleanup_interval,
-        config.audit_retention,
-    ));
     tracing::info!(%addr, "amoauth listening");
     Ok(Running {
         addr,
@@ -183,8 +216,7 @@ pub async fn start_with_listener(
         base_path: config.base_path,
         shutdown,
         server,
-        background: vec![cleanup, worker],
-        delivery,
+        background,
     })
 }
 

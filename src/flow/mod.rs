@@ -56,9 +56,6 @@ pub struct Connected {
     pub account_id: i64,
     pub account_name: String,
     pub domain: String,
-    /// Not shown on the result page, so not carried in its address.
-    #[serde(skip)]
-    pub external_id: Option<String>,
 }
 
 /// Where a connect link sends the browser back, and how.
@@ -184,10 +181,6 @@ impl Flow {
             return_origins,
             events,
         }
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 
     /// The origins a connect link may return to (AMOAUTH_RETURN_ORIGINS).
@@ -453,7 +446,6 @@ impl Flow {
             account_id: account.id,
             account_name: account.name,
             domain: host.host.clone(),
-            external_id: external_id.map(str::to_owned),
         })
     }
 

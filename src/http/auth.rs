@@ -27,6 +27,7 @@ const LOGIN_LINK_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
 /// Makes a one-time login link under `site` (the public origin and base path): the link's
 /// token is random and only its hash is stored, in the database, so whichever replica the
 /// operator's browser reaches can redeem it, once.
+#[doc(hidden)]
 pub async fn new_login_link(store: &Store, site: &str) -> Result<String, StoreError> {
     let token = random_token();
     store

@@ -8,6 +8,7 @@ use super::{Context as _, Store, StoreError, Timestamp, on_pool};
 
 crate::named_values::named_values! {
     /// The values of `amocrm_oauth_attempts.kind`: what the audit row is about.
+    #[doc(hidden)]
     pub enum AttemptKind {
         Install => "install",
         Callback => "callback",
@@ -20,6 +21,7 @@ crate::named_values::named_values! {
 crate::named_values::named_values! {
     /// The values of `amocrm_oauth_attempts.outcome`: `started` is an install that redirected
     /// to consent, `pending` a callback that consumed its state and still talks to amoCRM.
+    #[doc(hidden)]
     pub enum Outcome {
         Started => "started",
         Pending => "pending",
@@ -30,6 +32,7 @@ crate::named_values::named_values! {
 
 /// An audit row to write.
 #[derive(Clone, Debug)]
+#[doc(hidden)]
 pub struct Attempt<'a> {
     pub kind: AttemptKind,
     pub outcome: Outcome,
@@ -43,6 +46,7 @@ pub struct Attempt<'a> {
     pub created_at: Timestamp,
 }
 
+#[doc(hidden)]
 impl<'a> Attempt<'a> {
     /// An audit row of `kind` and `outcome` written now, with every other field empty: the
     /// `with_*` methods fill what the caller knows.
@@ -177,6 +181,7 @@ macro_rules! bind_attempt {
 }
 pub(super) use bind_attempt;
 
+#[doc(hidden)]
 impl Store {
     pub(super) fn insert_attempt_sql(&self) -> AssertSqlSafe<Cow<'static, str>> {
         self.sql(

@@ -35,6 +35,7 @@ pub struct EventRow {
 
 /// An event to add to the outbox, written in the transaction of the change it reports.
 #[derive(Clone, Debug)]
+#[doc(hidden)]
 pub struct NewEvent {
     pub event_type: &'static str,
     /// The event's `data`, as JSON text.
@@ -62,6 +63,7 @@ macro_rules! bind_event {
 }
 pub(super) use bind_event;
 
+#[doc(hidden)]
 impl Store {
     /// Adds a pending event on its own, due at once; returns its id.
     pub async fn enqueue_event(&self, event: &NewEvent) -> Result<i64, StoreError> {

@@ -21,7 +21,6 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 
-pub use api_keys::ApiKeyRow;
 pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome, Records};
 pub use events::{EventRow, EventStatus, NewEvent};
 pub use seed::SeedToken;
@@ -36,6 +35,7 @@ use crate::config::DatabaseUrl;
 /// `expires_at > NOW()` works as written on a UTC server.
 pub type Timestamp = NaiveDateTime;
 
+/// The current time, as stored.
 pub fn now() -> Timestamp {
     chrono::Utc::now().naive_utc()
 }
@@ -134,11 +134,42 @@ impl Backend {
     }
 }
 
+/// A connection pool of any backend.
 #[derive(Clone, Debug)]
-enum Pool {
+pub enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
     MySql(MySqlPool),
+}
+
+impl Pool {
+    /// A URL of the pool's backend that is never opened: it stands for a pool an embedding
+    /// app handed over wherever the configuration checks a URL.
+    pub(crate) fn placeholder_url(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite::memory:",
+            Self::Postgres(_) => "postgres://the-host-apps-pool",
+            Self::MySql(_) => "mysql://the-host-apps-pool",
+        }
+    }
+}
+
+impl From<SqlitePool> for Pool {
+    fn from(pool: SqlitePool) -> Self {
+        Self::Sqlite(pool)
+    }
+}
+
+impl From<PgPool> for Pool {
+    fn from(pool: PgPool) -> Self {
+        Self::Postgres(pool)
+    }
+}
+
+impl From<MySqlPool> for Pool {
+    fn from(pool: MySqlPool) -> Self {
+        Self::MySql(pool)
+    }
 }
 
 /// Runs the same code against whichever pool the store holds; the body is compiled once
@@ -224,10 +255,12 @@ impl BeginWrite for MySqlPool {
 
 /// A handle to amoauth's tables. Cheap to clone.
 #[derive(Clone, Debug)]
+#[doc(hidden)]
 pub struct Store {
     pool: Pool,
 }
 
+#[doc(hidden)]
 impl Store {
     /// Opens the database (creating a SQLite file when missing). Does not migrate.
     pub async fn connect(url: &DatabaseUrl) -> Result<Self, StoreError> {
@@ -291,6 +324,11 @@ impl Store {
             }
         };
         Ok(Self { pool })
+    }
+
+    /// A store on a pool the caller opened (an embedding app's own).
+    pub fn from_pool(pool: impl Into<Pool>) -> Self {
+        Self { pool: pool.into() }
     }
 
     /// Applies every pending migration (under the driver's lock on server databases, so

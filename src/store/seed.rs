@@ -44,6 +44,7 @@ macro_rules! read_rows {
     }};
 }
 
+#[doc(hidden)]
 impl Store {
     /// Every row of `amocrm_tokens` in the database at `url`, opened read-only.
     pub async fn read_seed_tokens(url: &DatabaseUrl) -> Result<Vec<SeedToken>, StoreError> {

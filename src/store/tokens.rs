@@ -150,6 +150,7 @@ const INSERT_CONNECTION: &str = "INSERT INTO amocrm_tokens (account_id, external
      issued_at, status, raw, last_refresh_at, last_error, refresh_failures, version, created_at, \
      updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?)";
 
+#[doc(hidden)]
 impl Store {
     /// Inserts the account's connection or replaces its tokens when it reconnects, with
     /// `records` in the same transaction; the account id is the key because subdomains can

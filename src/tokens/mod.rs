@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
-pub use worker::{RefreshSummary, run_worker};
+pub use worker::run_worker;
 
 use crate::amocrm::{
     AmoClient, AmoError, ProblemKind, REFRESH_TOKEN_LIFETIME, TokenSet, account_host,
@@ -37,19 +37,31 @@ const BACKOFF_MAX_SECS: f64 = 3600.0;
 /// Why no fresh access token could be handed out.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
+    /// No connection has this account id, subdomain or host.
     #[error("no connection for account `{0}`")]
     NotFound(String),
+    /// amoCRM refused the refresh token: someone must install the integration again.
     #[error("the connection needs a new install: {reason}")]
-    NeedsReauth { reason: String },
+    NeedsReauth {
+        /// amoCRM's answer, or what the last error was.
+        reason: String,
+    },
+    /// The integration was uninstalled in amoCRM (or an admin disconnected the account).
     #[error("the account was disconnected (the integration was uninstalled)")]
     Disconnected,
+    /// The refresh failed in a way that may pass (timeout, 5xx); the next try may work.
     #[error("refreshing the token at {host} failed: {message}")]
     Amo {
+        /// The amoCRM host asked.
         host: String,
+        /// A stable code for the failure, as in metrics and the audit trail.
         reason: &'static str,
+        /// What happened, in words.
         message: String,
+        /// Whether amoCRM did not answer in time.
         timeout: bool,
     },
+    /// Another process is refreshing this connection; try again shortly.
     #[error("another process holds the refresh of this connection; try again shortly")]
     Busy,
     /// Refreshes failed lately and the stored access token has expired: amoauth waits out
@@ -58,12 +70,17 @@ pub enum TokenError {
         "the access token expired and refreshing it at {host} failed ({reason}); the next try is not before {retry_at} UTC"
     )]
     BackingOff {
+        /// The amoCRM host asked.
         host: String,
+        /// The last refresh's error.
         reason: String,
+        /// When the next refresh may be tried (UTC).
         retry_at: Timestamp,
     },
+    /// amoauth's database failed.
     #[error("database unavailable: {0}")]
     Database(String),
+    /// The stored tokens do not open with the configured keys.
     #[error("the stored tokens cannot be decrypted: {0}")]
     Corrupt(String),
 }
@@ -120,10 +137,6 @@ impl TokenService {
             metrics,
             events,
         }
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 
     /// A valid access token for the account (id, subdomain or host), refreshed first when

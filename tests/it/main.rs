@@ -37,6 +37,7 @@ mod cli;
 mod cli_help;
 mod contract;
 mod events;
+mod examples_embed;
 mod faults;
 mod flow;
 mod flow_security;

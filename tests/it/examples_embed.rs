@@ -93,3 +93,38 @@ async fn the_embed_example_mounts_amoauth_beside_its_routes_and_reads_a_token() 
     assert_eq!(token["domain"], ACCOUNT_HOST);
     assert!(token["token_length"].as_u64().unwrap() > 20, "{token}");
 }
+
+/// `.database(pool)`: amoauth migrates its tables into the host app's own pool and serves
+/// from it, with the configured key (no key file: a pool names no file).
+async fn the_builder_takes_the_host_apps_own_pool(backend: Backend) {
+    let database = backend.fresh_database().await;
+    let builder = amoauth::Amoauth::builder()
+        .amocrm(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            "https://app.example/amocrm/callback",
+        )
+        .encryption_key(ENCRYPTION_KEY);
+    let builder = match &database.db {
+        TestDb::Sqlite(pool) => builder.database(pool.clone()),
+        TestDb::Postgres(pool) => builder.database(pool.clone()),
+        TestDb::MySql(pool) => builder.database(pool.clone()),
+    };
+    let amoauth = builder.build().await.unwrap();
+
+    assert_eq!(
+        database
+            .db
+            .count("SELECT COUNT(*) FROM amocrm_tokens")
+            .await,
+        0,
+        "the tables were migrated into the host's pool"
+    );
+    assert!(matches!(
+        amoauth.access_token("mycompany").await,
+        Err(amoauth::TokenError::NotFound(_))
+    ));
+    database.drop_database().await;
+}
+
+on_all_backends!(the_builder_takes_the_host_apps_own_pool);

@@ -11,6 +11,7 @@ pub struct NewApiKey {
 }
 
 /// Creates a key named `name` and stores its hash.
+#[doc(hidden)]
 pub async fn create(store: &Store, name: &str) -> Result<NewApiKey, StoreError> {
     let mut id_bytes = [0u8; 8];
     fill_random(&mut id_bytes);

@@ -12,12 +12,14 @@ use tracing_subscriber::EnvFilter;
 use crate::amocrm::AmoClient;
 use crate::api_keys;
 use crate::config::{ConfigError, DatabaseUrl, LogFormat, Settings, parse_duration};
-use crate::crypto;
+use crate::crypto::TokenColumn;
 use crate::crypto::random_token;
 use crate::import::{self, ImportOutcome};
+use crate::keys::{self, Rotated};
+use crate::parts::{self, Keyed, Parts};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::server;
-use crate::store::{Backend, Store};
+use crate::store::{Backend, EventStatus};
 use crate::store::{checked_earlier, now};
 use flags::{
     AmoCrmFlags, DatabaseFlags, EventsFlags, IntegrationFlags, KeyFlags, LogFlags, RefreshFlags,
@@ -251,6 +253,7 @@ impl SealedStoreArgs {
 }
 
 /// Parses the command line (after `.env`) and runs the command.
+#[doc(hidden)]
 pub async fn run() -> anyhow::Result<()> {
     // A missing .env is normal; a malformed one is worth stopping for.
     match dotenvy::dotenv() {
@@ -292,7 +295,7 @@ pub async fn run() -> anyhow::Result<()> {
         }
         Command::Migrate(args) => {
             let config = with_logging(args.settings())?.store()?;
-            server::open_store(&config).await?.close().await;
+            parts::open_store(&config).await?.close().await;
             println!("database {} is up to date", config.database_url);
             Ok(())
         }
@@ -467,7 +470,7 @@ async fn cleanup(settings: &Settings, grace: &str, dry_run: bool) -> anyhow::Res
         problem: format!("expected a duration such as 0s, 1h or 1d, got `{grace}`"),
     })?;
     let audit_retention = settings.audit_retention()?;
-    let store = server::open_store(&settings.store()?).await?;
+    let store = parts::open_store(&settings.store()?).await?;
     let cutoff = checked_earlier(now(), grace).context("--grace is too large")?;
     let audit_age = format_duration(audit_retention);
     let events_age = format_duration(server::DELIVERED_EVENTS_RETENTION);
@@ -523,9 +526,7 @@ fn format_duration(duration: std::time::Duration) -> String {
 }
 
 async fn tokens(settings: &Settings) -> anyhow::Result<()> {
-    let config = settings.store()?;
-    let store = server::open_store(&config).await?;
-    let cipher = server::open_cipher(&config, &store).await?;
+    let Keyed { store, cipher } = Keyed::open(&settings.store()?).await?;
     let connections = store.connections().await?;
     if connections.is_empty() {
         println!(
@@ -549,7 +550,7 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
         let preview = match &c.access_token {
             Some(sealed) => match c
                 .account_id
-                .map(|account_id| cipher.open_token(sealed, "access_token", account_id))
+                .map(|account_id| cipher.open_token(sealed, TokenColumn::AccessToken, account_id))
             {
                 Some(Ok(token)) => mask(token.expose()),
                 Some(Err(err)) => format!("(cannot decrypt: {err})"),
@@ -580,17 +581,13 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
 
 async fn refresh(settings: &Settings, account: Option<&str>) -> anyhow::Result<()> {
     let config = settings.server()?;
-    let service = server::token_service(&config).await?;
+    let Parts { store, tokens, .. } = Parts::open(&config).await?;
     match account {
         Some(account) => {
-            let row = service
-                .store()
-                .find_connection(account)
-                .await?
-                .ok_or_else(|| {
-                    anyhow::anyhow!("no connection for account `{account}`; see `amoauth tokens`")
-                })?;
-            let refreshed = service.refresh(row.id, row.version).await?;
+            let row = store.find_connection(account).await?.ok_or_else(|| {
+                anyhow::anyhow!("no connection for account `{account}`; see `amoauth tokens`")
+            })?;
+            let refreshed = tokens.refresh(row.id, row.version).await?;
             println!(
                 "refreshed {} (account {}): the access token expires at {} UTC",
                 refreshed.domain,
@@ -602,7 +599,7 @@ async fn refresh(settings: &Settings, account: Option<&str>) -> anyhow::Result<(
             );
         }
         None => {
-            let summary = service
+            let summary = tokens
                 .refresh_due(config.refresh.margin, config.refresh.keepalive_age)
                 .await?;
             println!(
@@ -625,10 +622,8 @@ async fn import(settings: &Settings, source: &str, dry_run: bool) -> anyhow::Res
     if Backend::of(&source).is_none() {
         anyhow::bail!("--from: expected a sqlite://, postgres:// or mysql:// URL");
     }
-    let config = settings.store()?;
     let amo = AmoClient::new(settings.amocrm()?);
-    let store = server::open_store(&config).await?;
-    let cipher = server::open_cipher(&config, &store).await?;
+    let Keyed { store, cipher } = Keyed::open(&settings.store()?).await?;
     let report = import::import(&source, &store, &amo, &cipher, dry_run).await?;
     let (mut imported, mut skipped) = (0, 0);
     for line in &report {
@@ -652,111 +647,52 @@ async fn import(settings: &Settings, source: &str, dry_run: bool) -> anyhow::Res
     Ok(())
 }
 
-/// With `AMOAUTH_ENCRYPTION_KEY="NEW,OLD"`: re-seals with NEW. With a SQLite key file:
-/// adds a new key in front, re-seals, then leaves only the new key in the file. A key still
-/// sealing a row after the re-seal (a running amoauth kept writing with it) is never dropped:
-/// the command names it and fails.
+/// Rotates the key (see `keys::rotate`) and says what is left to do.
 async fn rotate_key(settings: &Settings) -> anyhow::Result<()> {
     let config = settings.store()?;
-    let store = server::open_store(&config).await?;
-    let cipher = server::open_cipher(&config, &store).await?;
-    if config.encryption_key.is_some() {
-        let resealed = reseal_with_write_key(&store, &cipher).await?;
-        println!(
-            "re-encrypted {} connections with key {}",
-            resealed.count,
-            cipher.write_key_id()
-        );
-        let in_use = old_keys_in_use(&store, &cipher).await?;
-        if !in_use.is_empty() {
-            anyhow::bail!(
-                "{}: keep them in AMOAUTH_ENCRYPTION_KEY, make every replica write with key {} \
-                 (restart them with the new key first), then run rotate-key again",
-                in_use,
-                cipher.write_key_id()
+    let store = parts::open_store(&config).await?;
+    let rotated = keys::rotate(&config, &store).await?;
+    let Rotated {
+        resealed,
+        write_key_id,
+        still_in_use,
+        ..
+    } = &rotated;
+    match &rotated.key_file {
+        None => {
+            println!("re-encrypted {resealed} connections with key {write_key_id}");
+            if !still_in_use.is_empty() {
+                anyhow::bail!(
+                    "{still_in_use}: keep them in AMOAUTH_ENCRYPTION_KEY, make every replica write \
+                     with key {write_key_id} (restart them with the new key first), then run \
+                     rotate-key again"
+                );
+            }
+            println!(
+                "every token now reads with that key alone, so the other keys can be removed from \
+                 AMOAUTH_ENCRYPTION_KEY"
             );
         }
-        println!(
-            "every token now reads with that key alone, so the other keys can be removed from \
-             AMOAUTH_ENCRYPTION_KEY"
-        );
-        return Ok(());
+        Some(path) => {
+            println!("re-encrypted {resealed} connections with new key {write_key_id}");
+            if !still_in_use.is_empty() {
+                anyhow::bail!(
+                    "{still_in_use}: {} keeps them; stop every running amoauth (it writes with the \
+                     old key), then run rotate-key again",
+                    path.display()
+                );
+            }
+            println!("{} now holds only that key (back it up)", path.display());
+        }
     }
-    let path = server::key_file(&config)
-        .ok_or_else(|| anyhow::anyhow!("AMOAUTH_ENCRYPTION_KEY: is required for this database"))?;
-    let old_keys = crypto::load_or_create_keys(None, Some(&path))?;
-    let new_key = crypto::generate_key();
-    let mut keys = vec![new_key];
-    keys.extend(old_keys);
-    // The old keys stay in the file until every token is re-sealed: a crash in between
-    // leaves a file that still reads everything.
-    crypto::rewrite_key_file(&path, &keys)
-        .with_context(|| format!("cannot write key file {}", path.display()))?;
-    let cipher = crypto::Cipher::from_keys(&keys);
-    let resealed = reseal_with_write_key(&store, &cipher).await?;
-    let used: Vec<String> = store
-        .key_ids_in_use()
-        .await?
-        .into_iter()
-        .map(|(key_id, _)| key_id)
-        .collect();
-    let kept: Vec<[u8; 32]> = keys
-        .iter()
-        .enumerate()
-        .filter(|(i, key)| *i == 0 || used.contains(&crypto::key_id(key)))
-        .map(|(_, key)| *key)
-        .collect();
-    crypto::rewrite_key_file(&path, &kept)
-        .with_context(|| format!("cannot write key file {}", path.display()))?;
-    println!(
-        "re-encrypted {} connections with new key {}",
-        resealed.count,
-        cipher.write_key_id(),
-    );
-    let in_use = old_keys_in_use(&store, &cipher).await?;
-    if !in_use.is_empty() {
-        anyhow::bail!(
-            "{in_use}: {} keeps them; stop every running amoauth (it writes with the old key), \
-             then run rotate-key again",
-            path.display()
-        );
-    }
-    println!("{} now holds only that key (back it up)", path.display());
     Ok(())
-}
-
-/// Re-seals every token not sealed by the writing key.
-async fn reseal_with_write_key(
-    store: &Store,
-    cipher: &crypto::Cipher,
-) -> anyhow::Result<server::Resealed> {
-    server::reseal(store, cipher, |sealed| {
-        sealed.key_id != cipher.write_key_id() || !sealed.is_account_bound()
-    })
-    .await
-}
-
-/// "key ids X (N connections), Y (M connections) still seal tokens", or empty when only the
-/// writing key does.
-async fn old_keys_in_use(store: &Store, cipher: &crypto::Cipher) -> anyhow::Result<String> {
-    let old: Vec<String> = store
-        .key_ids_in_use()
-        .await?
-        .into_iter()
-        .filter(|(key_id, _)| key_id != cipher.write_key_id())
-        .map(|(key_id, rows)| format!("{key_id} ({rows} connections)"))
-        .collect();
-    if old.is_empty() {
-        return Ok(String::new());
-    }
-    Ok(format!("key ids {} still seal tokens", old.join(", ")))
 }
 
 async fn api_key(command: ApiKeyCommand) -> anyhow::Result<()> {
     let (ApiKeyCommand::Create { store, .. }
     | ApiKeyCommand::List { store }
     | ApiKeyCommand::Revoke { store, .. }) = &command;
-    let store = server::open_store(&with_logging(store.settings())?.store()?).await?;
+    let store = parts::open_store(&with_logging(store.settings())?.store()?).await?;
     match command {
         ApiKeyCommand::Create { name, .. } => {
             let key = api_keys::create(&store, &name).await?;
@@ -797,7 +733,7 @@ fn mask(token: &str) -> String {
 }
 
 async fn states(settings: &Settings) -> anyhow::Result<()> {
-    let store = server::open_store(&settings.store()?).await?;
+    let store = parts::open_store(&settings.store()?).await?;
     let states = store.active_states(now()).await?;
     println!("{} active states", states.len());
     for s in states {
@@ -813,18 +749,18 @@ async fn states(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn events(settings: &Settings) -> anyhow::Result<()> {
-    let store = server::open_store(&settings.store()?).await?;
+    let store = parts::open_store(&settings.store()?).await?;
     let counts = store.event_counts().await?;
-    let count = |status: &str| {
+    let count = |status: EventStatus| {
         counts
             .iter()
-            .find(|(s, _)| s == status)
+            .find(|(s, _)| *s == status)
             .map_or(0, |(_, n)| *n)
     };
-    let (pending, failed) = (count("pending"), count("failed"));
+    let (pending, failed) = (count(EventStatus::Pending), count(EventStatus::Failed));
     println!(
         "{} delivered, {pending} pending, {failed} failed",
-        count("delivered")
+        count(EventStatus::Delivered)
     );
     if pending + failed == 0 {
         return Ok(());
@@ -839,9 +775,9 @@ async fn events(settings: &Settings) -> anyhow::Result<()> {
         "id", "type", "status", "attempts", "next_attempt (UTC)"
     );
     for e in undelivered {
-        let next = match e.status.as_str() {
-            "pending" => e.next_attempt_at.format("%Y-%m-%d %H:%M:%S").to_string(),
-            _ => "-".into(),
+        let next = match e.status {
+            EventStatus::Pending => e.next_attempt_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            EventStatus::Delivered | EventStatus::Failed => "-".into(),
         };
         println!(
             "{:>8}  {:<26} {:<8} {:>8}  {:<20} {}",
@@ -857,7 +793,7 @@ async fn events(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn retry_events(settings: &Settings) -> anyhow::Result<()> {
-    let store = server::open_store(&settings.store()?).await?;
+    let store = parts::open_store(&settings.store()?).await?;
     let requeued = store.retry_failed_events(now()).await?;
     println!("requeued {requeued} failed events; `amoauth serve` delivers them now");
     Ok(())

@@ -16,6 +16,7 @@ use crate::amocrm::ClientConfig;
 /// a command leaves unset what it does not read, and defaults apply.
 /// No Debug: the raw values include the client secret and the keys.
 #[derive(Clone, Default)]
+#[doc(hidden)]
 pub struct Settings {
     pub database_url: Option<String>,
     pub client_id: Option<String>,
@@ -109,8 +110,10 @@ pub use crate::amocrm::Secret;
 
 /// A database URL whose Debug and Display mask the password.
 #[derive(Clone)]
+#[doc(hidden)]
 pub struct DatabaseUrl(String);
 
+#[doc(hidden)]
 impl DatabaseUrl {
     pub fn new(url: impl Into<String>) -> Self {
         Self(url.into())

@@ -2,15 +2,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Write as _;
-use std::path::Path;
 
 use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use sha2::{Digest, Sha256};
 
-use crate::config::{Secret, decode_keys};
+use crate::config::Secret;
 
 const NONCE_LEN: usize = 24;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -21,6 +19,7 @@ const ACCOUNT_BOUND: &str = "v2.";
 
 /// Seals token values. One key writes; every known key reads, so keys can be rotated
 /// by adding the new one and re-encrypting.
+#[doc(hidden)]
 pub struct Cipher {
     write_key_id: String,
     keys: HashMap<String, XChaCha20Poly1305>,
@@ -40,14 +39,32 @@ pub enum CryptoError {
     Corrupt(String),
 }
 
+crate::named_values::named_values! {
+    /// The column a token is sealed for: part of what the seal authenticates.
+    #[doc(hidden)]
+    pub enum TokenColumn {
+        AccessToken => "access_token",
+        RefreshToken => "refresh_token",
+    }
+}
+
+/// A connection's two tokens, sealed together with the writing key for one account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedPair {
+    pub access_token: Sealed,
+    pub refresh_token: Sealed,
+}
+
 /// A sealed value and the id of the key that sealed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[doc(hidden)]
 pub struct Sealed {
     pub key_id: String,
     /// base64(nonce || ciphertext+tag)
     pub ciphertext: String,
 }
 
+#[doc(hidden)]
 impl Cipher {
     pub fn new(key: &[u8; 32]) -> Self {
         Self::from_keys(std::slice::from_ref(key))
@@ -92,11 +109,32 @@ impl Cipher {
 
     /// Seals a token for `column` of `account_id`'s connection: both are authenticated, so a
     /// value copied into another column or another account's row does not decrypt.
-    pub fn seal_token(&self, plaintext: &str, column: &str, account_id: i64) -> Sealed {
+    pub fn seal_token(&self, plaintext: &str, column: TokenColumn, account_id: i64) -> Sealed {
         let blob = self.seal_blob(plaintext, &token_context(column, account_id));
         Sealed {
             key_id: self.write_key_id.clone(),
             ciphertext: format!("{ACCOUNT_BOUND}{}", B64.encode(blob)),
+        }
+    }
+
+    /// Seals both tokens of a connection for `account_id`, each bound to its column.
+    pub fn seal_pair(
+        &self,
+        access_token: &Secret,
+        refresh_token: &Secret,
+        account_id: i64,
+    ) -> SealedPair {
+        SealedPair {
+            access_token: self.seal_token(
+                access_token.expose(),
+                TokenColumn::AccessToken,
+                account_id,
+            ),
+            refresh_token: self.seal_token(
+                refresh_token.expose(),
+                TokenColumn::RefreshToken,
+                account_id,
+            ),
         }
     }
 
@@ -105,7 +143,7 @@ impl Cipher {
     pub fn open_token(
         &self,
         sealed: &Sealed,
-        column: &str,
+        column: TokenColumn,
         account_id: i64,
     ) -> Result<Secret, CryptoError> {
         let corrupt = || CryptoError::Corrupt(sealed.key_id.clone());
@@ -119,10 +157,14 @@ impl Cipher {
 
     /// Opens a token sealed before tokens were bound to their account (only to `column`),
     /// for the one-time re-seal at start; nothing else reads this format.
-    pub fn open_unbound_token(&self, sealed: &Sealed, column: &str) -> Result<Secret, CryptoError> {
+    pub fn open_unbound_token(
+        &self,
+        sealed: &Sealed,
+        column: TokenColumn,
+    ) -> Result<Secret, CryptoError> {
         let corrupt = || CryptoError::Corrupt(sealed.key_id.clone());
         let blob = B64.decode(&sealed.ciphertext).map_err(|_| corrupt())?;
-        self.open_blob(&sealed.key_id, &blob, column)
+        self.open_blob(&sealed.key_id, &blob, column.as_str())
     }
 
     /// `seal` for a URL: `<key id>.<base64url(nonce || ciphertext+tag)>`, nothing to escape.
@@ -195,11 +237,12 @@ impl Sealed {
 }
 
 /// The associated data of a token: its column and its account.
-fn token_context(column: &str, account_id: i64) -> String {
+fn token_context(column: TokenColumn, account_id: i64) -> String {
     format!("{column}\0account_id={account_id}")
 }
 
 /// A short public id for a key: lets each row name its key without revealing it.
+#[doc(hidden)]
 pub fn key_id(key: &[u8; 32]) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"amoauth key id\0");
@@ -207,84 +250,11 @@ pub fn key_id(key: &[u8; 32]) -> String {
     hex::encode(&hasher.finalize()[..4])
 }
 
-/// Loads the keys (the writing one first) from `AMOAUTH_ENCRYPTION_KEY`, or from (creating
-/// it if needed) a key file with mode 0600; both hold comma-separated base64 keys.
-pub fn load_or_create_keys(
-    configured: Option<&Secret>,
-    key_file: Option<&Path>,
-) -> anyhow::Result<Vec<[u8; 32]>> {
-    use anyhow::Context as _;
-    if let Some(keys) = configured {
-        return Ok(decode_keys(keys.expose())?);
-    }
-    let Some(path) = key_file else {
-        anyhow::bail!(
-            "AMOAUTH_ENCRYPTION_KEY: is required for this database (generate one with `openssl rand -base64 32`)"
-        );
-    };
-    let read = |path: &Path| -> anyhow::Result<Vec<[u8; 32]>> {
-        let content = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read key file {}", path.display()))?;
-        decode_keys(&content).with_context(|| {
-            format!(
-                "key file {} does not hold base64 32-byte keys",
-                path.display()
-            )
-        })
-    };
-    if path.exists() {
-        return read(path);
-    }
-    let key = generate_key();
-    match write_private_file(path, &B64.encode(key)) {
-        Ok(()) => {
-            tracing::info!(path = %path.display(), "created a new encryption key file; back it up with the database");
-            Ok(vec![key])
-        }
-        // Another process starting at the same time created it first: use theirs.
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => read(path),
-        Err(err) => Err(err).with_context(|| format!("cannot create key file {}", path.display())),
-    }
-}
-
-/// Replaces the key file's content with `keys` (the writing one first), atomically.
-pub fn rewrite_key_file(path: &Path, keys: &[[u8; 32]]) -> std::io::Result<()> {
-    let content: Vec<String> = keys.iter().map(|key| B64.encode(key)).collect();
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".rotating");
-    let temporary = std::path::PathBuf::from(temporary);
-    let _ = std::fs::remove_file(&temporary);
-    write_private_file(&temporary, &content.join(","))?;
-    std::fs::rename(&temporary, path)
-}
-
 /// A new random key.
 pub fn generate_key() -> [u8; 32] {
     let mut key = [0u8; 32];
     fill_random(&mut key);
     key
-}
-
-/// Writes the file completely under a temporary name, then links it into place, so no
-/// other process ever reads a half-written key; fails with AlreadyExists if `path` exists.
-fn write_private_file(path: &Path, content: &str) -> std::io::Result<()> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(format!(".{}.tmp", std::process::id()));
-    let temporary = std::path::PathBuf::from(temporary);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let written = options.open(&temporary).and_then(|mut file| {
-        file.write_all(content.as_bytes())?;
-        file.sync_all()
-    });
-    let linked = written.and_then(|()| std::fs::hard_link(&temporary, path));
-    let _ = std::fs::remove_file(&temporary);
-    linked
 }
 
 /// Fills `buf` from the OS CSPRNG.
@@ -300,6 +270,7 @@ pub fn random_token() -> String {
 }
 
 /// Lowercase hex SHA-256.
+#[doc(hidden)]
 pub fn sha256_hex(value: &str) -> String {
     hex::encode(Sha256::digest(value.as_bytes()))
 }
@@ -327,11 +298,13 @@ mod tests {
     #[test]
     fn sealed_values_round_trip_and_hide_the_plaintext() {
         let cipher = Cipher::new(&[7u8; 32]);
-        let sealed = cipher.seal_token("eyJ-access-token", "access_token", 5);
+        let sealed = cipher.seal_token("eyJ-access-token", TokenColumn::AccessToken, 5);
         assert!(!sealed.ciphertext.contains("eyJ-access-token"));
         assert!(sealed.is_account_bound());
         assert_eq!(sealed.key_id, key_id(&[7u8; 32]));
-        let opened = cipher.open_token(&sealed, "access_token", 5).unwrap();
+        let opened = cipher
+            .open_token(&sealed, TokenColumn::AccessToken, 5)
+            .unwrap();
         assert_eq!(opened.expose(), "eyJ-access-token");
     }
 
@@ -339,27 +312,34 @@ mod tests {
     fn sealing_twice_gives_different_ciphertexts() {
         let cipher = Cipher::new(&[7u8; 32]);
         assert_ne!(
-            cipher.seal_token("x", "c", 1).ciphertext,
-            cipher.seal_token("x", "c", 1).ciphertext
+            cipher
+                .seal_token("x", TokenColumn::AccessToken, 1)
+                .ciphertext,
+            cipher
+                .seal_token("x", TokenColumn::AccessToken, 1)
+                .ciphertext
         );
     }
 
     #[test]
     fn wrong_key_column_or_account_is_an_error_not_garbage() {
-        let sealed = Cipher::new(&[1u8; 32]).seal_token("token", "access_token", 5);
+        let sealed = Cipher::new(&[1u8; 32]).seal_token("token", TokenColumn::AccessToken, 5);
         let other = Cipher::new(&[2u8; 32]);
         assert!(matches!(
-            other.open_token(&sealed, "access_token", 5),
+            other.open_token(&sealed, TokenColumn::AccessToken, 5),
             Err(CryptoError::UnknownKey(_))
         ));
         let mut forged = sealed.clone();
         forged.key_id = other.write_key_id().to_owned();
         assert!(matches!(
-            other.open_token(&forged, "access_token", 5),
+            other.open_token(&forged, TokenColumn::AccessToken, 5),
             Err(CryptoError::Corrupt(_))
         ));
         let cipher = Cipher::new(&[1u8; 32]);
-        for (column, account_id) in [("refresh_token", 5), ("access_token", 6)] {
+        for (column, account_id) in [
+            (TokenColumn::RefreshToken, 5),
+            (TokenColumn::AccessToken, 6),
+        ] {
             assert!(matches!(
                 cipher.open_token(&sealed, column, account_id),
                 Err(CryptoError::Corrupt(_))
@@ -375,36 +355,45 @@ mod tests {
             ciphertext: B64.encode(cipher.seal_blob("token", "access_token")),
         };
         assert!(!unbound.is_account_bound());
-        assert!(cipher.open_token(&unbound, "access_token", 5).is_err());
-        let opened = cipher.open_unbound_token(&unbound, "access_token").unwrap();
+        assert!(
+            cipher
+                .open_token(&unbound, TokenColumn::AccessToken, 5)
+                .is_err()
+        );
+        let opened = cipher
+            .open_unbound_token(&unbound, TokenColumn::AccessToken)
+            .unwrap();
         assert_eq!(opened.expose(), "token");
         // Stripping the marker does not turn a bound token into an unbound one.
-        let bound = cipher.seal_token("token", "access_token", 5);
+        let bound = cipher.seal_token("token", TokenColumn::AccessToken, 5);
         let stripped = Sealed {
             key_id: bound.key_id.clone(),
             ciphertext: bound.ciphertext[ACCOUNT_BOUND.len()..].to_owned(),
         };
         assert!(
             cipher
-                .open_unbound_token(&stripped, "access_token")
+                .open_unbound_token(&stripped, TokenColumn::AccessToken)
                 .is_err()
         );
     }
 
     #[test]
     fn older_keys_still_open_what_they_sealed() {
-        let sealed = Cipher::new(&[1u8; 32]).seal_token("token", "access_token", 5);
+        let sealed = Cipher::new(&[1u8; 32]).seal_token("token", TokenColumn::AccessToken, 5);
         let rotated = Cipher::from_keys(&[[2u8; 32], [1u8; 32]]);
         assert_eq!(rotated.write_key_id(), key_id(&[2u8; 32]));
         assert!(rotated.knows(&sealed.key_id));
         assert_eq!(
             rotated
-                .open_token(&sealed, "access_token", 5)
+                .open_token(&sealed, TokenColumn::AccessToken, 5)
                 .unwrap()
                 .expose(),
             "token"
         );
-        assert_eq!(rotated.seal_token("x", "c", 5).key_id, key_id(&[2u8; 32]));
+        assert_eq!(
+            rotated.seal_token("x", TokenColumn::AccessToken, 5).key_id,
+            key_id(&[2u8; 32])
+        );
     }
 
     #[test]
@@ -424,21 +413,6 @@ mod tests {
         assert_eq!(cipher.open_from_url(&older, "c").unwrap().expose(), "old");
         for broken in ["", "no-dot", "abcd.!!!", "abcd.AAAA"] {
             assert!(cipher.open_from_url(broken, "c").is_err(), "{broken}");
-        }
-    }
-
-    #[test]
-    fn key_file_is_created_private_and_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("amoauth.db.key");
-        let first = load_or_create_keys(None, Some(&path)).unwrap();
-        let second = load_or_create_keys(None, Some(&path)).unwrap();
-        assert_eq!(first, second);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
         }
     }
 

@@ -32,6 +32,8 @@ const MAX_BACKOFF_SECS: f64 = 600.0;
 const BATCH: i64 = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// The names follow the wire's `connection.*` event types one to one.
+#[allow(clippy::enum_variant_names)]
 pub enum EventType {
     ConnectionCreated,
     ConnectionRefreshFailed,

@@ -2,7 +2,7 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match amoauth::cli::run().await {
+    match amoauth::internal::run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             // One line per problem: the variable or step, and what is wrong.

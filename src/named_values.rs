@@ -18,10 +18,26 @@ macro_rules! named_values {
             #[allow(dead_code)]
             pub const ALL: &'static [Self] = &[$(Self::$variant),+];
 
-            /// The stable snake_case name.
+            /// The value's stable name, as stored and shown.
             pub fn as_str(self) -> &'static str {
                 match self {
                     $(Self::$variant => $value),+
+                }
+            }
+        }
+
+        /// A value read back from the database; one this build does not know is an error
+        /// naming the value, never a panic.
+        impl TryFrom<String> for $name {
+            type Error = $crate::named_values::UnknownValue;
+
+            fn try_from(value: String) -> Result<Self, $crate::named_values::UnknownValue> {
+                match value.as_str() {
+                    $($value => Ok(Self::$variant),)+
+                    _ => Err($crate::named_values::UnknownValue {
+                        of: stringify!($name),
+                        value,
+                    }),
                 }
             }
         }
@@ -34,3 +50,11 @@ macro_rules! named_values {
     };
 }
 pub(crate) use named_values;
+
+/// A stored name that none of the enum's values has (a newer version wrote it, or a hand edit).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{value}` is not a known {of}")]
+pub struct UnknownValue {
+    pub of: &'static str,
+    pub value: String,
+}

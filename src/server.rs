@@ -1,4 +1,5 @@
-//! Wires the parts together: store, key, amoCRM client, flow, HTTP server and the cleanup loop.
+//! Runs the parts (built by `parts`): the HTTP server, the refresh worker, event delivery and
+//! the cleanup loop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,17 +11,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::amocrm::AmoClient;
-use crate::config::{Secret, ServerConfig, StoreConfig};
-use crate::crypto::{Cipher, Sealed, load_or_create_keys, random_token};
-use crate::events::{Events, run_delivery};
-use crate::flow::Flow;
-use crate::gateway::Gateway;
+use crate::config::{Secret, ServerConfig};
+use crate::crypto::random_token;
+use crate::events::run_delivery;
 use crate::http::client::{PerIpRequests, RateLimiter};
 use crate::http::{AppState, router};
-use crate::metrics::Metrics;
-use crate::store::{ConnectionRow, Store, now};
-use crate::tokens::{TokenService, run_worker};
+use crate::parts::Parts;
+use crate::store::{Store, now};
+use crate::tokens::run_worker;
 
 /// Expired states are kept this long, so a late callback is told "expired", not "unknown".
 pub const DEFAULT_CLEANUP_GRACE: Duration = Duration::from_secs(86_400);
@@ -63,159 +61,83 @@ pub async fn delete_past_retention(
     Ok(purged)
 }
 
-/// Opens and migrates the database.
-pub async fn open_store(config: &StoreConfig) -> anyhow::Result<Store> {
-    let store = Store::connect(&config.database_url).await?;
-    store.migrate().await?;
-    Ok(store)
+/// The background work of a running amoauth: the refresh worker, the cleanup loop and event
+/// delivery. `serve` runs it beside its HTTP server; an embedding app runs it where it likes.
+pub struct Background {
+    stop: watch::Sender<bool>,
+    /// The cleanup loop and the refresh worker.
+    loops: Vec<JoinHandle<()>>,
+    /// The event delivery loop: awaited, not aborted, so no delivery stops half-way.
+    delivery: Option<JoinHandle<()>>,
 }
 
-/// Where the SQLite database keeps its key file: `<database file>.key`.
-pub fn key_file(config: &StoreConfig) -> Option<std::path::PathBuf> {
-    config.database_url.sqlite_path().map(|path| {
-        let mut name = path.into_os_string();
-        name.push(".key");
-        std::path::PathBuf::from(name)
-    })
-}
-
-/// Loads the keys that seal the tokens (creating a key file beside a new SQLite database)
-/// and refuses to start when a stored token was sealed with a key that is not configured:
-/// a wrong key is a clear error, never garbage tokens. Then re-seals, once, the tokens
-/// sealed before they were bound to their account.
-pub async fn open_cipher(config: &StoreConfig, store: &Store) -> anyhow::Result<Cipher> {
-    let keys = load_or_create_keys(config.encryption_key.as_ref(), key_file(config).as_deref())?;
-    let cipher = Cipher::from_keys(&keys);
-    for (key_id, rows) in store.key_ids_in_use().await? {
-        if !cipher.knows(&key_id) {
-            anyhow::bail!(
-                "AMOAUTH_ENCRYPTION_KEY: {rows} stored connection(s) were sealed with key id {key_id}, \
-                 which is not among the configured keys (ids {}); configure the key that sealed them",
-                cipher.key_ids().join(", ")
-            );
+impl Background {
+    /// Starts the refresh worker, the cleanup loop and (when events are configured) delivery.
+    pub(crate) fn spawn(parts: &Parts, config: &ServerConfig) -> Self {
+        let (stop, _) = watch::channel(false);
+        let worker = tokio::spawn(run_worker(
+            Arc::clone(&parts.tokens),
+            config.refresh.interval,
+            config.refresh.margin,
+            config.refresh.keepalive_age,
+        ));
+        let cleanup = tokio::spawn(cleanup_loop(
+            parts.store.clone(),
+            config.cleanup_interval,
+            config.audit_retention,
+        ));
+        let delivery = parts
+            .events
+            .is_enabled()
+            .then(|| tokio::spawn(run_delivery(Arc::clone(&parts.events), stop.subscribe())));
+        Self {
+            stop,
+            loops: vec![cleanup, worker],
+            delivery,
         }
     }
-    let resealed = reseal(store, &cipher, |sealed| !sealed.is_account_bound()).await?;
-    if resealed.count > 0 {
-        tracing::info!(
-            connections = resealed.count,
-            "re-sealed stored tokens to bind each to its account"
-        );
-    }
-    if resealed.left > 0 {
-        tracing::warn!(
-            connections = resealed.left,
-            "tokens are still sealed in the earlier format (a replica of an older version is \
-             writing them); they are refused until a restart re-seals them"
-        );
-    }
-    Ok(cipher)
-}
 
-/// What a re-seal did.
-pub struct Resealed {
-    /// Connections re-sealed by this process.
-    pub count: u64,
-    /// Connections that were still stale after every pass (another process kept writing).
-    pub left: u64,
-}
-
-/// Passes over the connections: a row written meanwhile (its version changed) is read again
-/// and re-sealed in the next pass.
-const RESEAL_PASSES: u32 = 5;
-
-/// Re-seals with the cipher's writing key, bound to its account, every stored pair for which
-/// `stale` holds. Each write is version-checked, so a refresh (or another process re-sealing)
-/// in between is never overwritten: such a row is read again and done in the next pass.
-pub async fn reseal(
-    store: &Store,
-    cipher: &Cipher,
-    stale: impl Fn(&Sealed) -> bool,
-) -> anyhow::Result<Resealed> {
-    // A row re-sealed twice (a writer put the old key back in between) counts once.
-    let (mut resealed, mut pass) = (std::collections::HashSet::new(), 0);
-    loop {
-        let rows: Vec<ConnectionRow> = store
-            .connections()
-            .await?
-            .into_iter()
-            .filter(|row| {
-                row.access_token
-                    .iter()
-                    .chain(&row.refresh_token)
-                    .any(&stale)
-            })
-            .collect();
-        if rows.is_empty() || pass == RESEAL_PASSES {
-            return Ok(Resealed {
-                count: resealed.len() as u64,
-                left: rows.len() as u64,
-            });
+    /// Stops the loops; a delivery under way finishes first.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Some(delivery) = self.delivery {
+            let _ = delivery.await;
         }
-        if pass > 0 {
-            tokio::time::sleep(Duration::from_millis(100 << pass)).await;
-        }
-        pass += 1;
-        for row in rows {
-            if reseal_row(store, cipher, &row).await? {
-                resealed.insert(row.id);
-            }
+        for task in self.loops {
+            task.abort();
         }
     }
 }
 
-/// Re-seals one connection's pair with the writing key; false when the row changed since it
-/// was read.
-async fn reseal_row(store: &Store, cipher: &Cipher, row: &ConnectionRow) -> anyhow::Result<bool> {
-    let (Some(access), Some(refresh)) = (&row.access_token, &row.refresh_token) else {
-        return Ok(false);
+/// The HTTP application of `parts`: every route, under `config.base_path` where they live
+/// there.
+pub fn app(parts: &Parts, config: &ServerConfig, admin_token: Secret) -> axum::Router {
+    let secure_cookies = config.amocrm.redirect_uri.scheme() == "https";
+    // A token request may wait for another process's lease, then refresh itself.
+    let request_timeout = config
+        .refresh
+        .lease
+        .saturating_add(config.amocrm.timeout.saturating_mul(2))
+        .saturating_add(Duration::from_secs(5));
+    let state = AppState {
+        store: parts.store.clone(),
+        gateway: Arc::clone(&parts.gateway),
+        flow: Arc::clone(&parts.flow),
+        tokens: Arc::clone(&parts.tokens),
+        metrics: Arc::clone(&parts.metrics),
+        admin_token: Arc::new(admin_token),
+        secure_cookies,
+        login_throttle: Arc::default(),
+        rate_limiter: Arc::new(RateLimiter::new(config.rate_limit)),
+        per_ip_requests: Arc::new(PerIpRequests::new(config.per_ip_concurrency)),
+        trusted_proxies: Arc::new(config.trusted_proxies.clone()),
+        base_path: Arc::from(config.base_path.as_str()),
     };
-    let account_id = row
-        .account_id
-        .ok_or_else(|| anyhow::anyhow!("connection {} has tokens but no account id", row.id))?;
-    let open = |sealed: &Sealed, column| {
-        if sealed.is_account_bound() {
-            cipher.open_token(sealed, column, account_id)
-        } else {
-            cipher.open_unbound_token(sealed, column)
-        }
-        .with_context(|| format!("cannot re-seal the {column} of account {account_id}"))
-    };
-    let access = cipher.seal_token(
-        open(access, "access_token")?.expose(),
-        "access_token",
-        account_id,
-    );
-    let refresh = cipher.seal_token(
-        open(refresh, "refresh_token")?.expose(),
-        "refresh_token",
-        account_id,
-    );
-    Ok(store.reseal(row.id, row.version, &access, &refresh).await?)
-}
-
-/// The token service on its own, for `amoauth refresh`.
-pub async fn token_service(config: &ServerConfig) -> anyhow::Result<Arc<TokenService>> {
-    let store = open_store(&config.store).await?;
-    let cipher = Arc::new(open_cipher(&config.store, &store).await?);
-    let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
-    let metrics = Arc::new(Metrics::default());
-    let events = Arc::new(Events::new(
-        store.clone(),
-        config.events.clone(),
-        Arc::clone(&metrics),
-    ));
-    Ok(Arc::new(TokenService::new(
-        store,
-        amo,
-        cipher,
-        config.refresh.lease,
-        metrics,
-        events,
-    )))
+    router(state, request_timeout, config.read_timeout)
 }
 
 /// A server running in the background (tests and `serve` both use it).
+#[doc(hidden)]
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_token: Secret,
@@ -226,12 +148,10 @@ pub struct Running {
     pub base_path: String,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<std::io::Result<()>>,
-    /// The cleanup loop and the refresh worker.
-    background: Vec<JoinHandle<()>>,
-    /// The event delivery loop: awaited, not aborted, so no delivery stops half-way.
-    delivery: Option<JoinHandle<()>>,
+    background: Background,
 }
 
+#[doc(hidden)]
 impl Running {
     /// A one-time admin login link on the site at `public_origin`, valid for minutes; it
     /// stands in for printing the admin token, which would end up in proxy logs.
@@ -246,12 +166,7 @@ impl Running {
         self.server
             .await
             .context("the HTTP server task panicked")??;
-        if let Some(delivery) = self.delivery {
-            let _ = delivery.await;
-        }
-        for task in self.background {
-            task.abort();
-        }
+        self.background.stop().await;
         self.store.close().await;
         Ok(())
     }
@@ -266,6 +181,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<Running> {
 }
 
 /// Starts serving on a bound listener (tests bind port 0 first to learn the redirect URI).
+#[doc(hidden)]
 pub async fn start_with_listener(
     config: ServerConfig,
     listener: tokio::net::TcpListener,
@@ -276,76 +192,15 @@ pub async fn start_with_listener(
             "AMOAUTH_AMOCRM_URL is set: every amoCRM request goes to this origin instead of amoCRM; for development and tests only"
         );
     }
-    let store = open_store(&config.store).await?;
-    let cipher = open_cipher(&config.store, &store).await?;
+    let parts = Parts::open(&config).await?;
     let (admin_token, admin_token_generated) = match config.admin_token.clone() {
         Some(token) => (token, false),
         None => (Secret::new(random_token()), true),
     };
-    let secure_cookies = config.amocrm.redirect_uri.scheme() == "https";
-    // A token request may wait for another process's lease, then refresh itself.
-    let request_timeout = config
-        .refresh
-        .lease
-        .saturating_add(config.amocrm.timeout.saturating_mul(2))
-        .saturating_add(Duration::from_secs(5));
-    let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
-    let cipher = Arc::new(cipher);
-    let metrics = Arc::new(Metrics::default());
-    let events = Arc::new(Events::new(
-        store.clone(),
-        config.events.clone(),
-        Arc::clone(&metrics),
-    ));
-    let flow = Arc::new(Flow::new(
-        store.clone(),
-        Arc::clone(&amo),
-        Arc::clone(&cipher),
-        config.state_ttl,
-        config.widget_installs,
-        config.return_origins.clone(),
-        Arc::clone(&events),
-    ));
-    let tokens = Arc::new(TokenService::new(
-        store.clone(),
-        Arc::clone(&amo),
-        cipher,
-        config.refresh.lease,
-        Arc::clone(&metrics),
-        Arc::clone(&events),
-    ));
-    let worker = tokio::spawn(run_worker(
-        Arc::clone(&tokens),
-        config.refresh.interval,
-        config.refresh.margin,
-        config.refresh.keepalive_age,
-    ));
-    let gateway = Arc::new(Gateway::new(
-        Arc::clone(&tokens),
-        Arc::clone(&amo),
-        Arc::clone(&metrics),
-        Arc::clone(&events),
-        config.gateway,
-    ));
-    let state = AppState {
-        gateway,
-        flow,
-        tokens,
-        metrics,
-        admin_token: Arc::new(admin_token.clone()),
-        secure_cookies,
-        login_throttle: Arc::default(),
-        rate_limiter: Arc::new(RateLimiter::new(config.rate_limit)),
-        per_ip_requests: Arc::new(PerIpRequests::new(config.per_ip_concurrency)),
-        trusted_proxies: Arc::new(config.trusted_proxies.clone()),
-        base_path: Arc::from(config.base_path.as_str()),
-    };
+    let background = Background::spawn(&parts, &config);
     let addr = listener.local_addr()?;
     let (shutdown, mut stopped) = watch::channel(false);
-    let delivery = events
-        .is_enabled()
-        .then(|| tokio::spawn(run_delivery(events, shutdown.subscribe())));
-    let app = router(state, request_timeout, config.read_timeout);
+    let app = app(&parts, &config, admin_token.clone());
     let read_timeout = config.read_timeout;
     let server = tokio::spawn(async move {
         serve_http(listener, app, read_timeout, async move {
@@ -353,22 +208,16 @@ pub async fn start_with_listener(
         })
         .await
     });
-    let cleanup = tokio::spawn(cleanup_loop(
-        store.clone(),
-        config.cleanup_interval,
-        config.audit_retention,
-    ));
     tracing::info!(%addr, "amoauth listening");
     Ok(Running {
         addr,
         admin_token,
         admin_token_generated,
-        store,
+        store: parts.store,
         base_path: config.base_path,
         shutdown,
         server,
-        background: vec![cleanup, worker],
-        delivery,
+        background,
     })
 }
 

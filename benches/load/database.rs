@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::{AssertSqlSafe, Connection};
 
-use amoauth::store::now;
+use amoauth::internal::now;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

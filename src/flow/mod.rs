@@ -56,9 +56,6 @@ pub struct Connected {
     pub account_id: i64,
     pub account_name: String,
     pub domain: String,
-    /// Not shown on the result page, so not carried in its address.
-    #[serde(skip)]
-    pub external_id: Option<String>,
 }
 
 /// Where a connect link sends the browser back, and how.
@@ -186,10 +183,6 @@ impl Flow {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     /// The origins a connect link may return to (AMOAUTH_RETURN_ORIGINS).
     pub fn return_origins(&self) -> &[String] {
         &self.return_origins
@@ -255,22 +248,17 @@ impl Flow {
             .await?;
         let fingerprint = fingerprint(&state);
         self.store
-            .record_attempt(&Attempt {
-                kind: AttemptKind::Install,
-                outcome: Outcome::Started,
-                reason: None,
-                detail: None,
-                subdomain,
-                account_id: None,
-                ip: requester.ip.as_deref(),
-                user_agent: requester.user_agent(),
-                state_fingerprint: Some(&fingerprint),
-                created_at,
-            })
+            .record_attempt(
+                &Attempt::new(AttemptKind::Install, Outcome::Started)
+                    .of_account(subdomain, None)
+                    .from_client(requester.ip.as_deref(), requester.user_agent())
+                    .with_state(Some(&fingerprint))
+                    .at(created_at),
+            )
             .await?;
         tracing::info!(
-            kind = "install",
-            outcome = "started",
+            kind = AttemptKind::Install.as_str(),
+            outcome = Outcome::Started.as_str(),
             subdomain,
             ip = requester.ip.as_deref(),
             user_agent = requester.user_agent(),
@@ -456,7 +444,6 @@ impl Flow {
             account_id: account.id,
             account_name: account.name,
             domain: host.host.clone(),
-            external_id: external_id.map(str::to_owned),
         })
     }
 
@@ -536,18 +523,12 @@ impl<'a> Audit<'a> {
         account_id: Option<i64>,
         at: crate::store::Timestamp,
     ) -> Attempt<'a> {
-        Attempt {
-            kind: self.kind,
-            outcome,
-            reason,
-            detail,
-            subdomain: self.subdomain,
-            account_id,
-            ip: self.requester.ip.as_deref(),
-            user_agent: self.requester.user_agent(),
-            state_fingerprint: self.fingerprint,
-            created_at: at,
-        }
+        Attempt::new(self.kind, outcome)
+            .because(reason, detail)
+            .of_account(self.subdomain, account_id)
+            .from_client(self.requester.ip.as_deref(), self.requester.user_agent())
+            .with_state(self.fingerprint)
+            .at(at)
     }
 
     /// Records a failure that happened before any state was consumed.
@@ -692,16 +673,7 @@ pub(crate) async fn save_connection(
                 account_name: &account.name,
                 domain: &host.host,
                 subdomain: &host.subdomain,
-                access_token: &cipher.seal_token(
-                    tokens.access_token.expose(),
-                    "access_token",
-                    account.id,
-                ),
-                refresh_token: &cipher.seal_token(
-                    tokens.refresh_token.expose(),
-                    "refresh_token",
-                    account.id,
-                ),
+                tokens: &cipher.seal_pair(&tokens.access_token, &tokens.refresh_token, account.id),
                 expires_at,
                 refresh_expires_at: issued + REFRESH_TOKEN_LIFETIME,
                 raw: &raw,

@@ -5,11 +5,14 @@
 
 use super::{Flow, Requester};
 use crate::amocrm::AmoError;
+use crate::crypto::TokenColumn;
 use crate::crypto::{constant_time_eq, hmac_sha256_hex};
 use crate::events::{ConnectionData, EventType};
+use crate::keys;
 use crate::log_safe::log_safe;
 use crate::store::{
-    Attempt, AttemptKind, ConnectionRow, Disconnect, Outcome, Records, StoreError, now,
+    Attempt, AttemptKind, ConnectionRow, ConnectionStatus, Disconnect, Outcome, Records,
+    StoreError, now,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -129,28 +132,20 @@ impl Flow {
         };
         match &result {
             Ok(_) => tracing::info!(
-                kind = "webhook",
+                kind = AttemptKind::Webhook.as_str(),
                 account_id,
                 reason,
                 ip = requester.ip.as_deref(),
                 "uninstall webhook handled"
             ),
             Err(err) => {
-                tracing::warn!(kind = "webhook", account_id, reason, error = %log_safe(&err.to_string()), ip = requester.ip.as_deref(), "uninstall webhook refused")
+                tracing::warn!(kind = AttemptKind::Webhook.as_str(), account_id, reason, error = %log_safe(&err.to_string()), ip = requester.ip.as_deref(), "uninstall webhook refused")
             }
         }
-        let attempt = Attempt {
-            kind: AttemptKind::Webhook,
-            outcome,
-            reason,
-            detail: detail.as_deref(),
-            subdomain: None,
-            account_id,
-            ip: requester.ip.as_deref(),
-            user_agent: requester.user_agent(),
-            state_fingerprint: None,
-            created_at: now(),
-        };
+        let attempt = Attempt::new(AttemptKind::Webhook, outcome)
+            .because(reason, detail.as_deref())
+            .of_account(None, account_id)
+            .from_client(requester.ip.as_deref(), requester.user_agent());
         // A disconnect wrote its audit row in its own transaction.
         if !matches!(result, Ok(Uninstalled::Disconnected))
             && let Err(err) = self.store.record_attempt(&attempt).await
@@ -182,24 +177,16 @@ impl Flow {
             .find_connection(&params.account_id.to_string())
             .await?
         {
-            Some(row) if row.status != "disconnected" => row,
+            Some(row) if row.status != ConnectionStatus::Disconnected => row,
             _ => return Ok(Uninstalled::NothingToDo),
         };
         if !self.amocrm_refuses_the_token(&row).await? {
             return Ok(Uninstalled::Stale);
         }
-        let attempt = Attempt {
-            kind: AttemptKind::Webhook,
-            outcome: Outcome::Success,
-            reason: Some("disconnected"),
-            detail: None,
-            subdomain: None,
-            account_id: Some(params.account_id),
-            ip: requester.ip.as_deref(),
-            user_agent: requester.user_agent(),
-            state_fingerprint: None,
-            created_at: now(),
-        };
+        let attempt = Attempt::new(AttemptKind::Webhook, Outcome::Success)
+            .because(Some("disconnected"), None)
+            .of_account(None, Some(params.account_id))
+            .from_client(requester.ip.as_deref(), requester.user_agent());
         let event = self.events.prepare(
             EventType::ConnectionDisconnected,
             ConnectionData::of(&row).because("uninstalled", None),
@@ -232,16 +219,7 @@ impl Flow {
         if row.expires_at <= now() {
             return Err(UninstallError::Unconfirmable);
         }
-        let sealed = row
-            .access_token
-            .as_ref()
-            .ok_or_else(|| UninstallError::Corrupt("the access token is missing".into()))?;
-        let account_id = row
-            .account_id
-            .ok_or_else(|| UninstallError::Corrupt("the row has no account id".into()))?;
-        let access_token = self
-            .cipher
-            .open_token(sealed, "access_token", account_id)
+        let access_token = keys::open_token(&self.cipher, row, TokenColumn::AccessToken)
             .map_err(|err| UninstallError::Corrupt(err.to_string()))?;
         match self.amo.account(&row.domain, &access_token).await {
             Ok(_) => Ok(false),

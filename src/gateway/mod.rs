@@ -125,6 +125,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(
+        store: Store,
         tokens: Arc<TokenService>,
         amo: Arc<AmoClient>,
         metrics: Arc<Metrics>,
@@ -133,7 +134,7 @@ impl Gateway {
     ) -> Self {
         let spacing = Duration::from_secs(1) / config.rate;
         Self {
-            store: tokens.store().clone(),
+            store,
             tokens,
             amo,
             metrics,

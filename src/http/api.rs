@@ -57,7 +57,7 @@ impl FromRequestParts<AppState> for ApiKey {
                 .count(Count::TokenApiRequest(TokenApiOutcome::Unauthorized));
             return Err(unauthorized());
         };
-        match api_keys::verify(state.flow.store(), presented).await {
+        match api_keys::verify(&state.store, presented).await {
             Ok(true) => Ok(ApiKey),
             Ok(false) => {
                 state
@@ -90,7 +90,7 @@ struct ConnectionJson {
     account_name: Option<String>,
     subdomain: String,
     domain: String,
-    status: String,
+    status: &'static str,
     expires_at: String,
     last_refresh_at: Option<String>,
     last_error: Option<String>,
@@ -104,7 +104,7 @@ impl From<ConnectionRow> for ConnectionJson {
             account_name: row.account_name,
             subdomain: row.subdomain,
             domain: row.domain,
-            status: row.status,
+            status: row.status.as_str(),
             expires_at: rfc3339(row.expires_at),
             last_refresh_at: row.last_refresh_at.map(rfc3339),
             last_error: row.last_error,
@@ -132,7 +132,7 @@ pub async fn connections(
             format!("`external_id` must be 1 to {MAX_EXTERNAL_ID} characters, none of them NUL"),
         );
     }
-    let store = state.flow.store();
+    let store = &state.store;
     let rows = match &query.external_id {
         Some(external_id) => store.connections_of(external_id).await,
         None => store.connections().await,

@@ -27,6 +27,7 @@ const LOGIN_LINK_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
 /// Makes a one-time login link under `site` (the public origin and base path): the link's
 /// token is random and only its hash is stored, in the database, so whichever replica the
 /// operator's browser reaches can redeem it, once.
+#[doc(hidden)]
 pub async fn new_login_link(store: &Store, site: &str) -> Result<String, StoreError> {
     let token = random_token();
     store
@@ -120,8 +121,7 @@ impl FromRequestParts<AppState> for Admin {
         }
         if let Some(session) = session_cookie(&parts.headers) {
             let valid = state
-                .flow
-                .store()
+                .store
                 .session_is_valid(&sha256_hex(session), now())
                 .await
                 .map_err(Unauthorized::Store)?;
@@ -282,8 +282,7 @@ impl Credential<'_> {
             Self::Token(token) => Ok(constant_time_eq(token, state.admin_token.expose())),
             Self::Link(link) => {
                 state
-                    .flow
-                    .store()
+                    .store
                     .redeem_login_link(&sha256_hex(link), now())
                     .await
             }
@@ -332,7 +331,7 @@ async fn log_in(
     state.login_throttle.succeeded(peer);
     // A new session id at every login; the one the browser had (if any) ends.
     if let Some(old) = session_cookie(headers)
-        && let Err(err) = state.flow.store().delete_session(&sha256_hex(old)).await
+        && let Err(err) = state.store.delete_session(&sha256_hex(old)).await
     {
         return store_unavailable(lang, &err);
     }
@@ -341,8 +340,7 @@ async fn log_in(
     let user_agent = headers.get(USER_AGENT).and_then(|v| v.to_str().ok());
     let ip = peer.to_string();
     if let Err(err) = state
-        .flow
-        .store()
+        .store
         .insert_session(
             &sha256_hex(&session),
             created,
@@ -383,11 +381,7 @@ pub async fn logout(
             .into_response();
     }
     if let Some(session) = session_cookie(&headers)
-        && let Err(err) = state
-            .flow
-            .store()
-            .delete_session(&sha256_hex(session))
-            .await
+        && let Err(err) = state.store.delete_session(&sha256_hex(session)).await
     {
         return store_unavailable(Lang::from_headers(&headers), &err);
     }

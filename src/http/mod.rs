@@ -11,6 +11,7 @@ mod gateway;
 mod oauth;
 pub mod openapi;
 pub mod pages;
+mod suspicion;
 pub mod throttle;
 mod webhook;
 
@@ -37,7 +38,7 @@ use crate::config::Secret;
 use crate::flow::Flow;
 use crate::log_safe::log_safe;
 use crate::metrics::{Metrics, StoredGauges};
-use crate::store::{StoreError, now};
+use crate::store::{Store, StoreError, now};
 use crate::tokens::TokenService;
 use pages::Lang;
 
@@ -62,6 +63,8 @@ pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024;
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
+    /// The database: handlers read and write it here, the flows and tokens through their own.
+    pub store: Store,
     pub flow: Arc<Flow>,
     pub tokens: Arc<TokenService>,
     pub metrics: Arc<Metrics>,
@@ -259,7 +262,7 @@ async fn time_request(
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let store = state.flow.store();
+    let store = &state.store;
     let gauges = async {
         let counts = store.connection_counts().await?;
         let earliest = store.earliest_expiry().await?;
@@ -289,7 +292,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    match state.flow.store().migrations_current().await {
+    match state.store.migrations_current().await {
         Ok(true) => (StatusCode::OK, "ready\n").into_response(),
         Ok(false) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -8,9 +8,9 @@ use crate::amocrm::{AmoError, ProblemKind};
 use crate::flow::{Connected, Failure};
 use std::collections::HashMap;
 
-use super::dashboard::Suspicion;
 use super::local;
-use crate::store::{AttemptRecord, ConnectionRow, Timestamp};
+use super::suspicion::Suspicion;
+use crate::store::{AttemptRecord, ConnectionRow, ConnectionStatus, Timestamp};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lang {
@@ -509,13 +509,13 @@ pub fn home(
                         tr {
                             td { (c.account_name.as_deref().unwrap_or("—")) br; span.muted { "ID " (account_id) } }
                             td { code { (c.domain) } }
-                            td class=[(c.status != "active").then_some("low")] { (c.status) }
+                            td class=[(c.status != ConnectionStatus::Active).then_some("low")] { (c.status) }
                             td { (format_time(c.expires_at)) }
                             td class=[(hours < 2.0).then_some("low")] { (format!("{hours:.1}")) }
                             td { (format_optional_time(c.last_refresh_at)) }
                             td.muted { (c.last_error.as_deref().unwrap_or("—")) }
                             td {
-                                @if c.account_id.is_some() && c.status != "disconnected" {
+                                @if c.account_id.is_some() && c.status != ConnectionStatus::Disconnected {
                                     form.inline method="post" action=(local(&format!("/connections/{account_id}/refresh"))) {
                                         @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
                                         button type="submit" { (lang.pick("Обновить", "Refresh now")) }

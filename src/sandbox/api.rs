@@ -48,6 +48,7 @@ pub struct ApiLimits {
     /// The IP block starts when one client IP got more than this many 429s within
     /// `block_window`. amoCRM does not publish its rule; 20 in a minute is the sandbox's.
     pub block_after_429s: usize,
+    /// The window in which `block_after_429s` 429s start the IP block.
     pub block_window: Duration,
     /// How long a blocked IP gets 403 on every API request, for every account.
     /// [`Sandbox::lift_ip_blocks`] ends it early.
@@ -69,6 +70,7 @@ impl Default for ApiLimits {
 /// limit have let the request through (so the request counts, as on amoCRM).
 #[derive(Clone, Debug)]
 pub struct ApiFault {
+    /// What the API does instead of answering.
     pub fault: Fault,
     /// Only this account's requests; `None`: every account's.
     pub account_id: Option<i64>,
@@ -121,6 +123,7 @@ pub struct ApiAccountStats {
 /// What the leads and contacts API saw, per account.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ApiStats {
+    /// Per account id: what its requests met.
     pub accounts: BTreeMap<i64, ApiAccountStats>,
     /// 401 answers: no token, or an unknown, expired or revoked one.
     pub unauthorized: u64,

@@ -11,6 +11,7 @@ pub struct ApiKeyRow {
     pub revoked_at: Option<Timestamp>,
 }
 
+#[doc(hidden)]
 impl Store {
     /// Saves a new key; a name is never reused, even after revocation, so logs stay unambiguous.
     pub async fn insert_api_key(

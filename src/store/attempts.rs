@@ -6,50 +6,33 @@ use sqlx::AssertSqlSafe;
 
 use super::{Context as _, Store, StoreError, Timestamp, on_pool};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttemptKind {
-    Install,
-    Callback,
-    WidgetInstall,
-    Refresh,
-    Webhook,
-}
-
-impl AttemptKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Install => "install",
-            Self::Callback => "callback",
-            Self::WidgetInstall => "widget_install",
-            Self::Refresh => "refresh",
-            Self::Webhook => "webhook",
-        }
+crate::named_values::named_values! {
+    /// The values of `amocrm_oauth_attempts.kind`: what the audit row is about.
+    #[doc(hidden)]
+    pub enum AttemptKind {
+        Install => "install",
+        Callback => "callback",
+        WidgetInstall => "widget_install",
+        Refresh => "refresh",
+        Webhook => "webhook",
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// An install that redirected to consent.
-    Started,
-    /// A callback that consumed its state and is still talking to amoCRM.
-    Pending,
-    Success,
-    Failure,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Started => "started",
-            Self::Pending => "pending",
-            Self::Success => "success",
-            Self::Failure => "failure",
-        }
+crate::named_values::named_values! {
+    /// The values of `amocrm_oauth_attempts.outcome`: `started` is an install that redirected
+    /// to consent, `pending` a callback that consumed its state and still talks to amoCRM.
+    #[doc(hidden)]
+    pub enum Outcome {
+        Started => "started",
+        Pending => "pending",
+        Success => "success",
+        Failure => "failure",
     }
 }
 
 /// An audit row to write.
 #[derive(Clone, Debug)]
+#[doc(hidden)]
 pub struct Attempt<'a> {
     pub kind: AttemptKind,
     pub outcome: Outcome,
@@ -63,12 +46,62 @@ pub struct Attempt<'a> {
     pub created_at: Timestamp,
 }
 
+#[doc(hidden)]
+impl<'a> Attempt<'a> {
+    /// An audit row of `kind` and `outcome` written now, with every other field empty: the
+    /// `with_*` methods fill what the caller knows.
+    pub fn new(kind: AttemptKind, outcome: Outcome) -> Self {
+        Self {
+            kind,
+            outcome,
+            reason: None,
+            detail: None,
+            subdomain: None,
+            account_id: None,
+            ip: None,
+            user_agent: None,
+            state_fingerprint: None,
+            created_at: super::now(),
+        }
+    }
+
+    /// Why it failed (or what it did), and the longer story.
+    pub fn because(mut self, reason: Option<&'a str>, detail: Option<&'a str>) -> Self {
+        (self.reason, self.detail) = (reason, detail);
+        self
+    }
+
+    /// The account it concerns and its subdomain or host.
+    pub fn of_account(mut self, subdomain: Option<&'a str>, account_id: Option<i64>) -> Self {
+        (self.subdomain, self.account_id) = (subdomain, account_id);
+        self
+    }
+
+    /// Who made the request.
+    pub fn from_client(mut self, ip: Option<&'a str>, user_agent: Option<&'a str>) -> Self {
+        (self.ip, self.user_agent) = (ip, user_agent);
+        self
+    }
+
+    /// The fingerprint of the OAuth state it used (never the state).
+    pub fn with_state(mut self, state_fingerprint: Option<&'a str>) -> Self {
+        self.state_fingerprint = state_fingerprint;
+        self
+    }
+
+    /// When it happened, if not now.
+    pub fn at(mut self, created_at: Timestamp) -> Self {
+        self.created_at = created_at;
+        self
+    }
+}
+
 /// An audit row as stored.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct AttemptRecord {
     pub id: i64,
-    pub kind: String,
-    pub outcome: String,
+    pub kind: AttemptKind,
+    pub outcome: Outcome,
     pub reason: Option<String>,
     pub detail: Option<String>,
     pub subdomain: Option<String>,
@@ -148,6 +181,7 @@ macro_rules! bind_attempt {
 }
 pub(super) use bind_attempt;
 
+#[doc(hidden)]
 impl Store {
     pub(super) fn insert_attempt_sql(&self) -> AssertSqlSafe<Cow<'static, str>> {
         self.sql(

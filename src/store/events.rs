@@ -8,6 +8,15 @@ use sqlx::AssertSqlSafe;
 
 use super::{Context as _, Store, StoreError, Timestamp, on_pool};
 
+crate::named_values::named_values! {
+    /// The values of `amoauth_events.status`.
+    pub enum EventStatus {
+        Pending => "pending",
+        Delivered => "delivered",
+        Failed => "failed",
+    }
+}
+
 /// An outbox row.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct EventRow {
@@ -20,13 +29,13 @@ pub struct EventRow {
     pub next_attempt_at: Timestamp,
     pub lease_until: Option<Timestamp>,
     pub delivered_at: Option<Timestamp>,
-    /// `pending`, `delivered` or `failed`.
-    pub status: String,
+    pub status: EventStatus,
     pub last_error: Option<String>,
 }
 
 /// An event to add to the outbox, written in the transaction of the change it reports.
 #[derive(Clone, Debug)]
+#[doc(hidden)]
 pub struct NewEvent {
     pub event_type: &'static str,
     /// The event's `data`, as JSON text.
@@ -54,6 +63,7 @@ macro_rules! bind_event {
 }
 pub(super) use bind_event;
 
+#[doc(hidden)]
 impl Store {
     /// Adds a pending event on its own, due at once; returns its id.
     pub async fn enqueue_event(&self, event: &NewEvent) -> Result<i64, StoreError> {
@@ -189,8 +199,8 @@ impl Store {
             .during("listing undelivered events")
     }
 
-    /// How many events have each status (`pending`, `delivered`, `failed`).
-    pub async fn event_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+    /// How many events have each status.
+    pub async fn event_counts(&self) -> Result<Vec<(EventStatus, i64)>, StoreError> {
         let sql = self.sql(
             "SELECT status, COUNT(*) AS n FROM amoauth_events GROUP BY status ORDER BY status",
         );

@@ -22,9 +22,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 
-pub use api_keys::ApiKeyRow;
 pub use attempts::{Attempt, AttemptKind, AttemptRecord, Outcome, Records};
-pub use events::{EventRow, NewEvent};
+pub use events::{EventRow, EventStatus, NewEvent};
 pub use pace::Reservation;
 pub use seed::SeedToken;
 pub use states::{Consumption, NewState, StateRow};
@@ -38,6 +37,7 @@ use crate::config::DatabaseUrl;
 /// `expires_at > NOW()` works as written on a UTC server.
 pub type Timestamp = NaiveDateTime;
 
+/// The current time, as stored.
 pub fn now() -> Timestamp {
     chrono::Utc::now().naive_utc()
 }
@@ -130,17 +130,49 @@ impl Backend {
         match url.expose().split(':').next()? {
             "sqlite" => Some(Self::Sqlite),
             "postgres" | "postgresql" => Some(Self::Postgres),
-            "mysql" => Some(Self::MySql),
+            // MariaDB speaks MySQL's protocol; the driver knows only the `mysql` scheme.
+            "mysql" | "mariadb" => Some(Self::MySql),
             _ => None,
         }
     }
 }
 
+/// A connection pool of any backend.
 #[derive(Clone, Debug)]
-enum Pool {
+pub enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
     MySql(MySqlPool),
+}
+
+impl Pool {
+    /// A URL of the pool's backend that is never opened: it stands for a pool an embedding
+    /// app handed over wherever the configuration checks a URL.
+    pub(crate) fn placeholder_url(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite::memory:",
+            Self::Postgres(_) => "postgres://the-host-apps-pool",
+            Self::MySql(_) => "mysql://the-host-apps-pool",
+        }
+    }
+}
+
+impl From<SqlitePool> for Pool {
+    fn from(pool: SqlitePool) -> Self {
+        Self::Sqlite(pool)
+    }
+}
+
+impl From<PgPool> for Pool {
+    fn from(pool: PgPool) -> Self {
+        Self::Postgres(pool)
+    }
+}
+
+impl From<MySqlPool> for Pool {
+    fn from(pool: MySqlPool) -> Self {
+        Self::MySql(pool)
+    }
 }
 
 /// Runs the same code against whichever pool the store holds; the body is compiled once
@@ -155,6 +187,35 @@ macro_rules! on_pool {
     };
 }
 pub(crate) use on_pool;
+
+/// Reads a `named_values!` enum straight from a text column on every backend: a value this
+/// build does not know fails the read with an error naming it.
+macro_rules! decoded_from_text {
+    ($($name:ty),+) => {$(
+        impl<DB: sqlx::Database> sqlx::Type<DB> for $name
+        where
+            String: sqlx::Type<DB>,
+        {
+            fn type_info() -> DB::TypeInfo {
+                <String as sqlx::Type<DB>>::type_info()
+            }
+
+            fn compatible(ty: &DB::TypeInfo) -> bool {
+                <String as sqlx::Type<DB>>::compatible(ty)
+            }
+        }
+
+        impl<'r, DB: sqlx::Database> sqlx::Decode<'r, DB> for $name
+        where
+            String: sqlx::Decode<'r, DB>,
+        {
+            fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+                Ok(Self::try_from(<String as sqlx::Decode<'r, DB>>::decode(value)?)?)
+            }
+        }
+    )+};
+}
+decoded_from_text!(AttemptKind, Outcome, ConnectionStatus, EventStatus);
 
 /// A transaction that will write. SQLite takes its write lock up front (`BEGIN IMMEDIATE`),
 /// so concurrent writers queue instead of failing to upgrade a read lock.
@@ -197,10 +258,12 @@ impl BeginWrite for MySqlPool {
 
 /// A handle to amoauth's tables. Cheap to clone.
 #[derive(Clone, Debug)]
+#[doc(hidden)]
 pub struct Store {
     pool: Pool,
 }
 
+#[doc(hidden)]
 impl Store {
     /// Opens the database (creating a SQLite file when missing). Does not migrate.
     pub async fn connect(url: &DatabaseUrl) -> Result<Self, StoreError> {
@@ -246,7 +309,7 @@ impl Store {
                 Pool::Postgres(pool)
             }
             Some(Backend::MySql) => {
-                let options = MySqlConnectOptions::from_str(raw).map_err(connect_error)?;
+                let options = mysql_options(raw).map_err(connect_error)?;
                 check_connection::<sqlx::MySqlConnection>(&options)
                     .await
                     .map_err(connect_error)?;
@@ -259,11 +322,16 @@ impl Store {
             }
             None => {
                 return Err(connect_error(sqlx::Error::Configuration(
-                    "expected a sqlite://, postgres:// or mysql:// URL".into(),
+                    "expected a sqlite://, postgres://, mysql:// or mariadb:// URL".into(),
                 )));
             }
         };
         Ok(Self { pool })
+    }
+
+    /// A store on a pool the caller opened (an embedding app's own).
+    pub fn from_pool(pool: impl Into<Pool>) -> Self {
+        Self { pool: pool.into() }
     }
 
     /// Applies every pending migration (under the driver's lock on server databases, so
@@ -347,6 +415,15 @@ impl Store {
     }
 }
 
+/// The options of a `mysql://` or `mariadb://` URL: MariaDB speaks MySQL's protocol, but the
+/// driver parses only the `mysql` scheme.
+pub(crate) fn mysql_options(url: &str) -> Result<MySqlConnectOptions, sqlx::Error> {
+    match url.strip_prefix("mariadb:") {
+        Some(rest) => MySqlConnectOptions::from_str(&format!("mysql:{rest}")),
+        None => MySqlConnectOptions::from_str(url),
+    }
+}
+
 /// Opens and closes one connection, so a start against a wrong or unreachable database fails
 /// at once with the driver's reason (a pool would retry until its timeout and say only that).
 async fn check_connection<C: sqlx::Connection>(options: &C::Options) -> Result<(), sqlx::Error> {
@@ -387,6 +464,7 @@ mod tests {
         assert_eq!(backend("sqlite://a.db"), Some(Backend::Sqlite));
         assert_eq!(backend("postgresql://u@h/db"), Some(Backend::Postgres));
         assert_eq!(backend("mysql://root@h/db"), Some(Backend::MySql));
+        assert_eq!(backend("mariadb://root@h/db"), Some(Backend::MySql));
         assert_eq!(backend("redis://h"), None);
     }
 }

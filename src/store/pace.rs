@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::{Context as _, Pool, Store, StoreError};
 
 /// The outcome of asking for a send slot.
+#[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reservation {
     /// The slot is taken: send after sleeping this long (zero when it is already due).

@@ -29,6 +29,7 @@ const OLD_DELIVERED_EVENTS: Purge = Purge {
     operation: "deleting old delivered events",
 };
 
+#[doc(hidden)]
 impl Store {
     /// Deletes audit rows written before `cutoff`, `batch` rows at a time; returns how many.
     pub async fn delete_attempts_before(

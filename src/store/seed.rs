@@ -4,7 +4,6 @@
 
 use std::str::FromStr;
 
-use sqlx::mysql::MySqlConnectOptions;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Connection as _, MySqlConnection, PgConnection, SqliteConnection};
@@ -45,6 +44,7 @@ macro_rules! read_rows {
     }};
 }
 
+#[doc(hidden)]
 impl Store {
     /// Every row of `amocrm_tokens` in the database at `url`, opened read-only.
     pub async fn read_seed_tokens(url: &DatabaseUrl) -> Result<Vec<SeedToken>, StoreError> {
@@ -67,7 +67,7 @@ impl Store {
                 read_rows!(PgConnection, options, "BEGIN READ ONLY", connect_error)
             }
             Some(Backend::MySql) => {
-                let options = MySqlConnectOptions::from_str(raw).map_err(connect_error)?;
+                let options = super::mysql_options(raw).map_err(connect_error)?;
                 read_rows!(
                     MySqlConnection,
                     options,

@@ -3,6 +3,7 @@
 
 use super::{Context as _, Store, StoreError, Timestamp, on_pool};
 
+#[doc(hidden)]
 impl Store {
     pub async fn insert_session(
         &self,

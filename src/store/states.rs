@@ -51,6 +51,7 @@ const EXPIRED_STATES: Purge = Purge {
     operation: "deleting expired states",
 };
 
+#[doc(hidden)]
 impl Store {
     pub async fn insert_state(&self, state: &NewState<'_>) -> Result<(), StoreError> {
         let sql = self.sql(

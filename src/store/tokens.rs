@@ -2,7 +2,7 @@
 
 use super::attempts::write_records;
 use super::{BeginWrite as _, Context as _, Records, Store, StoreError, Timestamp, on_pool};
-use crate::crypto::Sealed;
+use crate::crypto::{Sealed, SealedPair};
 
 /// A connection to save after a successful callback. Both tokens are sealed with one key.
 pub struct NewConnection<'a> {
@@ -12,8 +12,7 @@ pub struct NewConnection<'a> {
     pub account_name: &'a str,
     pub domain: &'a str,
     pub subdomain: &'a str,
-    pub access_token: &'a Sealed,
-    pub refresh_token: &'a Sealed,
+    pub tokens: &'a SealedPair,
     pub expires_at: Timestamp,
     pub refresh_expires_at: Timestamp,
     /// The token and account responses with every token value removed.
@@ -44,7 +43,7 @@ pub struct ConnectionRow {
     pub refresh_expires_at: Timestamp,
     /// When the current pair was issued: its age drives the keep-alive refresh.
     pub issued_at: Timestamp,
-    pub status: String,
+    pub status: ConnectionStatus,
     pub raw: Option<String>,
     pub last_refresh_at: Option<Timestamp>,
     pub last_error: Option<String>,
@@ -59,10 +58,9 @@ pub struct ConnectionRow {
     pub updated_at: Timestamp,
 }
 
-/// A refreshed pair to store, sealed with one key.
+/// A refreshed pair to store.
 pub struct RefreshedPair<'a> {
-    pub access_token: &'a Sealed,
-    pub refresh_token: &'a Sealed,
+    pub tokens: &'a SealedPair,
     pub expires_at: Timestamp,
     pub refresh_expires_at: Timestamp,
     pub issued_at: Timestamp,
@@ -114,9 +112,9 @@ macro_rules! bind_pair {
             .bind($c.account_name)
             .bind($c.domain)
             .bind($c.subdomain)
-            .bind(&$c.access_token.ciphertext)
-            .bind(&$c.refresh_token.ciphertext)
-            .bind(&$c.access_token.key_id)
+            .bind(&$c.tokens.access_token.ciphertext)
+            .bind(&$c.tokens.refresh_token.ciphertext)
+            .bind(&$c.tokens.access_token.key_id)
             .bind($c.expires_at)
             .bind($c.refresh_expires_at)
             .bind($c.now)
@@ -152,6 +150,7 @@ const INSERT_CONNECTION: &str = "INSERT INTO amocrm_tokens (account_id, external
      issued_at, status, raw, last_refresh_at, last_error, refresh_failures, version, created_at, \
      updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?)";
 
+#[doc(hidden)]
 impl Store {
     /// Inserts the account's connection or replaces its tokens when it reconnects, with
     /// `records` in the same transaction; the account id is the key because subdomains can
@@ -163,7 +162,6 @@ impl Store {
         records: &Records<'_>,
     ) -> Result<Saved, StoreError> {
         const OPERATION: &str = "saving the connection's tokens";
-        debug_assert_eq!(c.access_token.key_id, c.refresh_token.key_id);
         // An insert racing ours makes the first update miss and our insert collide: the
         // second try's update then sees the row. A collision aborts the transaction on
         // PostgreSQL, so each try has its own.
@@ -347,9 +345,9 @@ impl Store {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await.during(OPERATION)?;
             let stored = sqlx::query(sql)
-                .bind(&pair.access_token.ciphertext)
-                .bind(&pair.refresh_token.ciphertext)
-                .bind(&pair.access_token.key_id)
+                .bind(&pair.tokens.access_token.ciphertext)
+                .bind(&pair.tokens.refresh_token.ciphertext)
+                .bind(&pair.tokens.access_token.key_id)
                 .bind(pair.expires_at)
                 .bind(pair.refresh_expires_at)
                 .bind(pair.issued_at)
@@ -445,17 +443,16 @@ impl Store {
         &self,
         id: i64,
         version: i64,
-        access_token: &Sealed,
-        refresh_token: &Sealed,
+        pair: &SealedPair,
     ) -> Result<bool, StoreError> {
         let sql = self.sql(
             "UPDATE amocrm_tokens SET access_token = ?, refresh_token = ?, key_id = ? \
              WHERE id = ? AND version = ?",
         );
         on_pool!(self, pool => sqlx::query(sql)
-            .bind(&access_token.ciphertext)
-            .bind(&refresh_token.ciphertext)
-            .bind(&access_token.key_id)
+            .bind(&pair.access_token.ciphertext)
+            .bind(&pair.refresh_token.ciphertext)
+            .bind(&pair.access_token.key_id)
             .bind(id)
             .bind(version)
             .execute(pool)
@@ -557,7 +554,7 @@ struct StoredConnection {
     expires_at: Timestamp,
     refresh_expires_at: Timestamp,
     issued_at: Timestamp,
-    status: String,
+    status: ConnectionStatus,
     raw: Option<String>,
     last_refresh_at: Option<Timestamp>,
     last_error: Option<String>,

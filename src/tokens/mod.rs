@@ -10,16 +10,17 @@ use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
-pub use worker::{RefreshSummary, run_worker};
+pub use worker::run_worker;
 
 use crate::amocrm::{AmoClient, AmoError, Grant, REFRESH_TOKEN_LIFETIME, TokenSet, account_host};
 use crate::config::Secret;
-use crate::crypto::{Cipher, fill_random, random_token};
+use crate::crypto::{Cipher, TokenColumn, fill_random, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
+use crate::keys;
 use crate::metrics::{Count, Metrics, RefreshOutcome};
 use crate::store::{
-    Attempt, AttemptKind, ConnectionRow, Outcome, Records, RefreshedPair, Store, StoreError,
-    Timestamp, checked_later, now, saturating_later,
+    Attempt, AttemptKind, ConnectionRow, ConnectionStatus, Outcome, Records, RefreshedPair, Store,
+    StoreError, Timestamp, checked_later, now, saturating_later,
 };
 
 /// The token API refreshes first when less than this is left of the access token.
@@ -33,19 +34,31 @@ const BACKOFF_MAX_SECS: f64 = 3600.0;
 /// Why no fresh access token could be handed out.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
+    /// No connection has this account id, subdomain or host.
     #[error("no connection for account `{0}`")]
     NotFound(String),
+    /// amoCRM refused the refresh token: someone must install the integration again.
     #[error("the connection needs a new install: {reason}")]
-    NeedsReauth { reason: String },
+    NeedsReauth {
+        /// amoCRM's answer, or what the last error was.
+        reason: String,
+    },
+    /// The integration was uninstalled in amoCRM (or an admin disconnected the account).
     #[error("the account was disconnected (the integration was uninstalled)")]
     Disconnected,
+    /// The refresh failed in a way that may pass (timeout, 5xx); the next try may work.
     #[error("refreshing the token at {host} failed: {message}")]
     Amo {
+        /// The amoCRM host asked.
         host: String,
+        /// A stable code for the failure, as in metrics and the audit trail.
         reason: &'static str,
+        /// What happened, in words.
         message: String,
+        /// Whether amoCRM did not answer in time.
         timeout: bool,
     },
+    /// Another process is refreshing this connection; try again shortly.
     #[error("another process holds the refresh of this connection; try again shortly")]
     Busy,
     /// Refreshes failed lately and the stored access token has expired: amoauth waits out
@@ -54,12 +67,17 @@ pub enum TokenError {
         "the access token expired and refreshing it at {host} failed ({reason}); the next try is not before {retry_at} UTC"
     )]
     BackingOff {
+        /// The amoCRM host asked.
         host: String,
+        /// The last refresh's error.
         reason: String,
+        /// When the next refresh may be tried (UTC).
         retry_at: Timestamp,
     },
+    /// amoauth's database failed.
     #[error("database unavailable: {0}")]
     Database(String),
+    /// The stored tokens do not open with the configured keys.
     #[error("the stored tokens cannot be decrypted: {0}")]
     Corrupt(String),
 }
@@ -118,10 +136,6 @@ impl TokenService {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
     /// A valid access token for the account (id, subdomain or host), refreshed first when
     /// it is close to expiry. A token that is still valid is served at once, without a
     /// refresh, while refreshes back off after failures or someone else is refreshing; only
@@ -165,7 +179,7 @@ impl TokenService {
     }
 
     fn fresh(&self, row: ConnectionRow) -> Result<FreshToken, TokenError> {
-        let access_token = self.open(&row, "access_token")?;
+        let access_token = self.open(&row, TokenColumn::AccessToken)?;
         Ok(FreshToken {
             account_id: row.account_id,
             subdomain: row.subdomain,
@@ -188,7 +202,7 @@ impl TokenService {
             .await?
             .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
         usable(&row)?;
-        if self.open(&row, "access_token")? != *rejected {
+        if self.open(&row, TokenColumn::AccessToken)? != *rejected {
             return self.fresh(row);
         }
         let refreshed = self
@@ -211,8 +225,8 @@ impl TokenService {
         let grant = Grant {
             host: row.domain.clone(),
             account_id: row.account_id,
-            access_token: self.open(&row, "access_token")?,
-            refresh_token: self.open(&row, "refresh_token")?,
+            access_token: self.open(&row, TokenColumn::AccessToken)?,
+            refresh_token: self.open(&row, TokenColumn::RefreshToken)?,
         };
         let Some(host) = self.amo.moved_host(&grant).await else {
             return Ok(None);
@@ -301,7 +315,7 @@ impl TokenService {
         let deadline = tokio::time::Instant::now() + self.lease.saturating_mul(2);
         let mut row = self.read(id).await?;
         loop {
-            if row.version != seen_version || row.status != "active" {
+            if row.version != seen_version || row.status != ConnectionStatus::Active {
                 return Ok(row);
             }
             if row.lease_until.is_none_or(|until| until <= now()) {
@@ -343,7 +357,7 @@ impl TokenService {
     ) -> Result<ConnectionRow, TokenError> {
         // Re-read under the lease: another process may have refreshed since we looked.
         let row = self.read(id).await?;
-        if row.version != seen_version || row.status != "active" {
+        if row.version != seen_version || row.status != ConnectionStatus::Active {
             self.store.release_lease(id, &self.owner).await?;
             return Ok(row);
         }
@@ -353,7 +367,7 @@ impl TokenService {
         {
             return Err(backing_off);
         }
-        let refresh_token = self.open(&row, "refresh_token")?;
+        let refresh_token = self.open(&row, TokenColumn::RefreshToken)?;
         match self.call_refresh(&row, &refresh_token).await {
             Ok((tokens, host)) => match expiry(&tokens) {
                 Ok(expires_at) => self.save(&row, &tokens, &host, expires_at).await,
@@ -364,14 +378,8 @@ impl TokenService {
         }
     }
 
-    fn open(&self, row: &ConnectionRow, column: &str) -> Result<Secret, TokenError> {
-        let sealed = match column {
-            "access_token" => row.access_token.as_ref(),
-            _ => row.refresh_token.as_ref(),
-        }
-        .ok_or_else(|| TokenError::Corrupt(format!("the {column} is missing")))?;
-        self.cipher
-            .open_token(sealed, column, account_id_of(row)?)
+    fn open(&self, row: &ConnectionRow, column: TokenColumn) -> Result<Secret, TokenError> {
+        keys::open_token(&self.cipher, row, column)
             .map_err(|err| TokenError::Corrupt(err.to_string()))
     }
 
@@ -386,7 +394,7 @@ impl TokenService {
         // Without the access token (its `api_domain`) a rename cannot be followed, but the
         // refresh itself can still be made.
         let access_token = self
-            .open(row, "access_token")
+            .open(row, TokenColumn::AccessToken)
             .unwrap_or_else(|_| Secret::new(""));
         let mut grant = Grant {
             host: row.domain.clone(),
@@ -436,14 +444,9 @@ impl TokenService {
                 row.id,
                 row.version,
                 &RefreshedPair {
-                    access_token: &self.cipher.seal_token(
-                        tokens.access_token.expose(),
-                        "access_token",
-                        account_id,
-                    ),
-                    refresh_token: &self.cipher.seal_token(
-                        tokens.refresh_token.expose(),
-                        "refresh_token",
+                    tokens: &self.cipher.seal_pair(
+                        &tokens.access_token,
+                        &tokens.refresh_token,
                         account_id,
                     ),
                     expires_at,
@@ -563,8 +566,8 @@ impl TokenService {
         self.metrics.count(Count::Refresh(counted));
         if outcome == Outcome::Success {
             tracing::info!(
-                kind = "refresh",
-                outcome = "success",
+                kind = AttemptKind::Refresh.as_str(),
+                outcome = Outcome::Success.as_str(),
                 account_id = row.account_id,
                 host,
                 "token refreshed"
@@ -581,18 +584,9 @@ fn refresh_attempt<'a>(
     reason: Option<&'a str>,
     detail: Option<&'a str>,
 ) -> Attempt<'a> {
-    Attempt {
-        kind: AttemptKind::Refresh,
-        outcome,
-        reason,
-        detail,
-        subdomain: Some(host),
-        account_id: row.account_id,
-        ip: None,
-        user_agent: None,
-        state_fingerprint: None,
-        created_at: now(),
-    }
+    Attempt::new(AttemptKind::Refresh, outcome)
+        .because(reason, detail)
+        .of_account(Some(host), row.account_id)
 }
 
 /// The account a connection's tokens are sealed for.
@@ -625,11 +619,14 @@ fn backing_off(row: &ConnectionRow, at: Timestamp) -> Option<TokenError> {
 
 /// Errors that are about the connection, not the request.
 fn usable(row: &ConnectionRow) -> Result<(), TokenError> {
-    match row.status.as_str() {
-        "active" => Ok(()),
-        "disconnected" => Err(TokenError::Disconnected),
-        _ => Err(TokenError::NeedsReauth {
-            reason: row.last_error.clone().unwrap_or_else(|| row.status.clone()),
+    match row.status {
+        ConnectionStatus::Active => Ok(()),
+        ConnectionStatus::Disconnected => Err(TokenError::Disconnected),
+        ConnectionStatus::NeedsReauth => Err(TokenError::NeedsReauth {
+            reason: row
+                .last_error
+                .clone()
+                .unwrap_or_else(|| row.status.to_string()),
         }),
     }
 }

@@ -263,3 +263,38 @@ fn server_databases_require_the_encryption_key() {
     );
     assert_eq!(stderr.lines().count(), 1);
 }
+
+/// `mariadb://` is what MariaDB's own documentation writes; amoauth opens it as MySQL.
+#[tokio::test]
+#[cfg_attr(amoauth_lacks_mysql, ignore = "set AMOAUTH_TEST_MYSQL_URL")]
+async fn mariadb_urls_open_the_mysql_backend() {
+    let database = Backend::mysql().fresh_database().await;
+    let mariadb_url = database.url.replacen("mysql://", "mariadb://", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let output = amoauth_command(dir.path())
+        .env("DATABASE_URL", &mariadb_url)
+        .arg("migrate")
+        .output()
+        .unwrap();
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tables: i64 = match &database.db {
+        TestDb::MySql(pool) => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = 'amocrm_tokens'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap(),
+        _ => unreachable!("a MySQL database"),
+    };
+    assert_eq!(
+        tables, 1,
+        "migrate created amoauth's tables through mariadb://"
+    );
+    database.drop_database().await;
+}

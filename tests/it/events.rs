@@ -454,10 +454,10 @@ async fn two_replicas_send_each_event_once(backend: Backend) {
     for i in 0..60 {
         let payload = format!(r#"{{"n":{i}}}"#);
         store
-            .enqueue_event(&amoauth::store::NewEvent {
+            .enqueue_event(&amoauth::internal::NewEvent {
                 event_type: "test.event",
                 payload,
-                created_at: amoauth::store::now(),
+                created_at: amoauth::internal::now(),
             })
             .await
             .unwrap();

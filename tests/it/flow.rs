@@ -429,7 +429,7 @@ async fn install_requires_the_admin_and_redirects_with_a_256_bit_state(backend: 
     assert_ne!(hash, state, "only the hash of the state is stored");
     assert_eq!(
         hash,
-        format!("{}{}", &state[..16], amoauth::crypto::sha256_hex(&state)),
+        format!("{}{}", &state[..16], amoauth::internal::sha256_hex(&state)),
         "the key is the time prefix and the SHA-256 of the state"
     );
     assert_eq!(subdomain, "demo");

@@ -379,11 +379,11 @@ async fn server_errors_are_retried_for_get_and_not_for_post(backend: Backend) {
     assert_eq!(response.status(), 500, "amoCRM's last answer");
     assert_eq!(
         relay.api_calls().len(),
-        1 + amoauth::gateway::MAX_RETRIES as usize
+        1 + amoauth::internal::GATEWAY_MAX_RETRIES as usize
     );
     assert_eq!(
         recoveries(&app, "retry_on_5xx").await,
-        f64::from(amoauth::gateway::MAX_RETRIES)
+        f64::from(amoauth::internal::GATEWAY_MAX_RETRIES)
     );
     app.sandbox.set_account_fault(None);
 
@@ -394,11 +394,11 @@ async fn server_errors_are_retried_for_get_and_not_for_post(backend: Backend) {
     assert_eq!(response.status(), 429, "amoCRM's last answer");
     assert_eq!(
         relay.api_calls().len(),
-        before + 1 + amoauth::gateway::MAX_RETRIES as usize
+        before + 1 + amoauth::internal::GATEWAY_MAX_RETRIES as usize
     );
     assert_eq!(
         recoveries(&app, "retry_after_429").await,
-        f64::from(amoauth::gateway::MAX_RETRIES)
+        f64::from(amoauth::internal::GATEWAY_MAX_RETRIES)
     );
 
     relay.answer_with(Some(502));
@@ -459,7 +459,7 @@ async fn a_403_burst_opens_the_accounts_circuit(backend: Backend) {
     };
     let (app, relay, key) = gateway_app(&backend, options).await;
     relay.answer_with(Some(403));
-    for _ in 0..amoauth::gateway::circuit::BURST {
+    for _ in 0..amoauth::internal::CIRCUIT_BURST {
         assert_eq!(
             call(&app, &key, Method::GET, "api/v4/account")
                 .await
@@ -481,7 +481,7 @@ async fn a_403_burst_opens_the_accounts_circuit(backend: Backend) {
     assert_eq!(body["error"], "circuit_open");
     assert_eq!(
         relay.api_calls().len(),
-        amoauth::gateway::circuit::BURST,
+        amoauth::internal::CIRCUIT_BURST,
         "no more calls while the circuit is open"
     );
     assert_eq!(recoveries(&app, "circuit_open_account").await, 1.0);
@@ -670,7 +670,7 @@ async fn leads_through_two_replicas_never_meet_amocrms_429(backend: Backend) {
 /// The store's reservation: one account's full pace takes nothing and slows no other account.
 /// Also prints what a reservation costs (`--nocapture`), sequential and 16 at once.
 async fn a_full_pace_takes_no_slot_and_slows_no_other_account(backend: Backend) {
-    use amoauth::store::Reservation;
+    use amoauth::internal::Reservation;
     let app = TestApp::spawn(&backend).await;
     let store = app.store().clone();
     // Half a spacing between the wait allowed and the next slot: time for the refused calls.

@@ -200,7 +200,7 @@ async fn serve_prints_a_login_link_under_the_base_path() {
 /// never does, and each failure counts in the backoff.
 async fn login_links_work_once_and_expire(backend: Backend) {
     let app = TestApp::spawn(&backend).await;
-    let link = amoauth::http::new_login_link(app.store(), &app.base)
+    let link = amoauth::internal::new_login_link(app.store(), &app.base)
         .await
         .unwrap();
     let first = app.client.get(&link).send().await.unwrap();
@@ -217,8 +217,8 @@ async fn login_links_work_once_and_expire(backend: Backend) {
     let expired = "expired-link-token";
     app.store()
         .insert_login_link(
-            &amoauth::crypto::sha256_hex(expired),
-            amoauth::store::now() - chrono::Duration::seconds(1),
+            &amoauth::internal::sha256_hex(expired),
+            amoauth::internal::now() - chrono::Duration::seconds(1),
         )
         .await
         .unwrap();

@@ -1,6 +1,6 @@
 //! Encryption key rotation: several keys read, one writes, `amoauth rotate-key` re-seals.
 
-use amoauth::crypto::key_id;
+use amoauth::internal::key_id;
 
 use crate::support::*;
 

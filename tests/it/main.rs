@@ -39,6 +39,7 @@ mod cli_help;
 mod contract;
 mod events;
 mod examples_client;
+mod examples_embed;
 mod faults;
 mod flow;
 mod flow_security;

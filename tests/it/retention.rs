@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use amoauth::config::DatabaseUrl;
-use amoauth::store::{Attempt, AttemptKind, Outcome, Store};
+use amoauth::internal::DatabaseUrl;
+use amoauth::internal::{Attempt, AttemptKind, Outcome, Store};
 use chrono::{NaiveDateTime, Utc};
 
 use crate::support::*;
@@ -40,7 +40,7 @@ async fn event(store: &Store, days: i64, status: &str) {
     // Event types are static names in amoauth; a test's own are leaked, a few bytes each.
     let event_type: &'static str = format!("test.{status}.{days}").leak();
     let id = store
-        .enqueue_event(&amoauth::store::NewEvent {
+        .enqueue_event(&amoauth::internal::NewEvent {
             event_type,
             payload: "{}".into(),
             created_at: at,

@@ -8,9 +8,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use amoauth::config::Settings;
+use amoauth::internal::Settings;
+use amoauth::internal::{Running, start_with_listener};
 use amoauth::sandbox::{Sandbox, SandboxConfig};
-use amoauth::server::{Running, start_with_listener};
 use chrono::NaiveDateTime;
 use sqlx::{AssertSqlSafe, MySqlPool, PgPool, SqlitePool};
 use tempfile::TempDir;
@@ -267,10 +267,14 @@ impl TestDb {
     pub async fn stored_refresh_token(&self) -> String {
         let key_id = self.string("SELECT key_id FROM amocrm_tokens").await;
         let ciphertext = self.string("SELECT refresh_token FROM amocrm_tokens").await;
-        let cipher = amoauth::crypto::Cipher::new(&[7u8; 32]);
-        let sealed = amoauth::crypto::Sealed { key_id, ciphertext };
+        let cipher = amoauth::internal::Cipher::new(&[7u8; 32]);
+        let sealed = amoauth::internal::Sealed { key_id, ciphertext };
         cipher
-            .open_token(&sealed, "refresh_token", ACCOUNT_ID)
+            .open_token(
+                &sealed,
+                amoauth::internal::TokenColumn::RefreshToken,
+                ACCOUNT_ID,
+            )
             .unwrap()
             .expose()
             .to_owned()
@@ -468,7 +472,7 @@ impl TestApp {
     }
 
     /// A second amoauth on the same database and settings, at its own address (a replica).
-    pub async fn replica(&self) -> amoauth::server::Running {
+    pub async fn replica(&self) -> amoauth::internal::Running {
         let (listener, _) = loopback_listener().await;
         start_with_listener(self.settings.server().unwrap(), listener)
             .await
@@ -480,7 +484,7 @@ impl TestApp {
     }
 
     /// amoauth's own store, for setup a test would otherwise do with the CLI.
-    pub fn store(&self) -> &amoauth::store::Store {
+    pub fn store(&self) -> &amoauth::internal::Store {
         &self.running.as_ref().expect("running").store
     }
 
@@ -493,7 +497,7 @@ impl TestApp {
 
     /// A new API key for the token API.
     pub async fn api_key(&self) -> String {
-        amoauth::api_keys::create(self.store(), &format!("test-{}", free_port()))
+        amoauth::internal::create_api_key(self.store(), &format!("test-{}", free_port()))
             .await
             .unwrap()
             .full

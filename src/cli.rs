@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use clap::{Args, CommandFactory as _, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::amocrm::AmoClient;
 use crate::api_keys;
@@ -371,22 +373,28 @@ fn with_logging(settings: Settings) -> anyhow::Result<Settings> {
 }
 
 fn init_logging(format: LogFormat) {
-    // sqlx logs PostgreSQL notices (e.g. on every migration check) at INFO: noise, not news.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    // `target=level` directives: what operators write, without the regex engine that EnvFilter's
+    // span and field matching would add to every build. sqlx logs PostgreSQL notices (e.g. on
+    // every migration check) at INFO: noise, not news.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .unwrap_or_else(|| {
+            Targets::new()
+                .with_default(tracing::Level::INFO)
+                .with_target("sqlx", tracing::Level::WARN)
+        });
     // Colour codes are for a person at a terminal; in a file or a pipe they are noise.
     let colours = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(colours)
         .with_writer(std::io::stderr);
+    let subscriber = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
+        LogFormat::Text => subscriber.with(layer).init(),
+        LogFormat::Json => subscriber
+            .with(layer.json().flatten_event(true).with_current_span(true))
             .init(),
     }
 }

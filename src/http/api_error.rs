@@ -37,6 +37,10 @@ pub fn body_rejected(rejection: &JsonRejection) -> Response {
     error(status, code(status), rejection.body_text())
 }
 
+/// Marks a response as amoCRM's own (the gateway's), so [`json_errors`] leaves it as it is.
+#[derive(Clone, Copy, Debug)]
+pub struct Forwarded;
+
 /// Middleware: an error under `<base>/api/` that is not JSON yet becomes the JSON error.
 pub async fn json_errors(base: Arc<str>, request: Request, next: Next) -> Response {
     let is_api = request
@@ -48,7 +52,7 @@ pub async fn json_errors(base: Arc<str>, request: Request, next: Next) -> Respon
     let status = response.status();
     let from_amocrm = response
         .extensions()
-        .get::<super::gateway::Forwarded>()
+        .get::<Forwarded>()
         .is_some();
     if !is_api
         || from_amocrm

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::AppState;
 use super::api::{ApiKey, account_invalid, database_unavailable, token_error};
-use super::api_error::error;
+use super::api_error::{Forwarded, error};
 use crate::gateway::path::{Refusal, forwardable};
 use crate::gateway::{Call, GatewayError, returned_headers};
 use crate::metrics::{Count, GatewayOutcome};
@@ -21,10 +21,6 @@ use crate::metrics::{Count, GatewayOutcome};
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 const CONNECTIONS: &str = "/api/v1/connections/";
-
-/// Marks a response as amoCRM's own, so the JSON error middleware leaves it as it is.
-#[derive(Clone, Copy, Debug)]
-pub struct Forwarded;
 
 /// The part after `/proxy/` of a gateway URL, still percent-encoded; None for other URLs.
 pub fn proxied_path(path: &str) -> Option<&str> {

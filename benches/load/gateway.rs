@@ -283,7 +283,10 @@ impl Answers {
 /// 100 accounts at 20 requests a second each, every request on its own schedule whether or
 /// not earlier ones answered (a caller waiting its turn holds a connection of its own).
 async fn paced(bench: &Bench, out: &mut String) -> anyhow::Result<()> {
-    let setup = set_up(bench, ApiLimits::default(), "7", "gateway-paced").await?;
+    // `AMOAUTH_BENCH_PROXY_RATE` tries another pace against amoCRM's 7, e.g. to find the
+    // margin the pacing needs.
+    let pace = std::env::var("AMOAUTH_BENCH_PROXY_RATE").unwrap_or_else(|_| "7".to_owned());
+    let setup = set_up(bench, ApiLimits::default(), &pace, "gateway-paced").await?;
     let before = setup.sandbox.api_stats();
     let amoauth = bench.amoauth_addr;
     let bearer: Arc<str> = format!("Bearer {}", setup.api_key).into();
@@ -364,7 +367,7 @@ async fn paced(bench: &Bench, out: &mut String) -> anyhow::Result<()> {
     writeln!(
         out,
         "\n{} accounts driven through the gateway at {DRIVEN_RATE:.0} requests a second each for \
-         {} s (amoauth paced at 7/s per account, `AMOAUTH_PROXY_MAX_WAIT` 10 s; {sent} requests \
+         {} s (amoauth paced at {pace}/s per account, `AMOAUTH_PROXY_MAX_WAIT` 10 s; {sent} requests \
          over up to {connections} connections, all answered after {:.1} s):\n",
         accounts.len(),
         DRIVEN_FOR.as_secs(),

@@ -15,7 +15,8 @@
 //! `AMOAUTH_BENCH_BACKENDS` (default `sqlite,postgres,mysql`), `AMOAUTH_BENCH_POSTGRES_URL`
 //! and `AMOAUTH_BENCH_MYSQL_URL` (servers on which the database `amoauth_bench` is dropped and
 //! created; default the local test servers), `AMOAUTH_BENCH_SECTIONS` (which parts run, default
-//! `ceilings,backends,gateway`).
+//! `ceilings,backends,gateway`), `AMOAUTH_BENCH_PROXY_RATE` (the gateway's pace in its paced run,
+//! default 7).
 
 mod ceiling;
 mod client;

@@ -94,6 +94,18 @@ impl Conn {
         self.send(Method::POST, path, &[], Some(body)).await
     }
 
+    /// A JSON body with any method, e.g. a POST or PATCH to amoCRM's API with a Bearer token.
+    pub async fn json(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        json: &serde_json::Value,
+    ) -> anyhow::Result<Reply> {
+        let body = ("application/json", Bytes::from(json.to_string()));
+        self.send(method, path, headers, Some(body)).await
+    }
+
     async fn send(
         &mut self,
         method: Method,

@@ -34,7 +34,7 @@ impl Outcome {
         self.latencies[index].as_secs_f64() * 1000.0
     }
 
-    fn merge(parts: Vec<Sample>, elapsed: Duration) -> Self {
+    pub fn merge(parts: Vec<Sample>, elapsed: Duration) -> Self {
         let mut outcome = Self {
             done: 0,
             errors: 0,
@@ -55,14 +55,14 @@ impl Outcome {
 
 /// One worker's measurements.
 #[derive(Default)]
-struct Sample {
+pub struct Sample {
     latencies: Vec<Duration>,
     errors: u64,
     first_error: Option<String>,
 }
 
 impl Sample {
-    fn record(&mut self, latency: Duration, result: anyhow::Result<()>) {
+    pub fn record(&mut self, latency: Duration, result: anyhow::Result<()>) {
         match result {
             Ok(()) => self.latencies.push(latency),
             Err(error) => {

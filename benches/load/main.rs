@@ -8,15 +8,21 @@
 //! due. amoauth and the ceiling app run as their own processes; the sandbox and the load
 //! generator run here, on runtimes of their own so /proc tells their CPU apart.
 //!
+//! Then the amoCRM API gateway on SQLite (gateway.rs): its overhead against calling the
+//! sandbox directly, and 100 accounts driven through it at 20 requests a second each.
+//!
 //! Variables: `AMOAUTH_BENCH_SECONDS` (each measurement, default 10),
 //! `AMOAUTH_BENCH_BACKENDS` (default `sqlite,postgres,mysql`), `AMOAUTH_BENCH_POSTGRES_URL`
 //! and `AMOAUTH_BENCH_MYSQL_URL` (servers on which the database `amoauth_bench` is dropped and
-//! created; default the local test servers).
+//! created; default the local test servers), `AMOAUTH_BENCH_SECTIONS` (which parts run, default
+//! `ceilings,backends,gateway`), `AMOAUTH_BENCH_PROXY_RATE` (the gateway's pace in its paced run,
+//! default 7).
 
 mod ceiling;
 mod client;
 mod database;
 mod driver;
+mod gateway;
 mod process;
 mod scenario;
 
@@ -29,7 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use hyper::StatusCode;
 
-use amoauth::sandbox::{Sandbox, SandboxConfig};
+use amoauth::sandbox::{ApiLimits, Sandbox, SandboxConfig};
 use database::{Backend, Database};
 use driver::{Outcome, closed_loop, open_loop};
 use process::{CpuShare, CpuTicks, Server, amoauth_command, free_addr};
@@ -90,8 +96,20 @@ impl Bench {
         accounts: impl Iterator<Item = i64>,
         redirect_uri: &str,
     ) -> anyhow::Result<(Sandbox, SocketAddr)> {
+        self.sandbox_with(accounts, redirect_uri, ApiLimits::default())
+            .await
+    }
+
+    /// A sandbox with these accounts and these limits on its leads and contacts API.
+    async fn sandbox_with(
+        &self,
+        accounts: impl Iterator<Item = i64>,
+        redirect_uri: &str,
+        api: ApiLimits,
+    ) -> anyhow::Result<(Sandbox, SocketAddr)> {
         let mut config = SandboxConfig::demo(CLIENT_ID, CLIENT_SECRET, redirect_uri);
         config.accounts = accounts.map(scenario::sandbox_account).collect();
+        config.api = api;
         let sandbox = Sandbox::new(config);
         let serving = sandbox.clone();
         let bind = "127.0.0.1:0".parse()?;
@@ -138,28 +156,28 @@ async fn peak(
     let started = Instant::now();
     let outcome = closed_loop(env, op, PEAK_CLIENTS, WARMUP, bench.seconds).await;
     let cpu = CpuTicks::now(app_pid).share_since(&before, started.elapsed());
-    check(&outcome, op)?;
+    check(&outcome, format!("{op:?}"))?;
     Ok((outcome, cpu))
 }
 
 async fn scheduled(bench: &Bench, env: &Arc<Env>, op: Op, rate: f64) -> anyhow::Result<Outcome> {
     let never = Arc::new(AtomicBool::new(false));
     let outcome = open_loop(env, op, rate, SCHEDULED_CLIENTS, bench.seconds, never).await;
-    check(&outcome, op)?;
+    check(&outcome, format!("{op:?}"))?;
     Ok(outcome)
 }
 
 /// A measurement with failed requests measured something else: stop and say what failed.
-fn check(outcome: &Outcome, op: Op) -> anyhow::Result<()> {
+fn check(outcome: &Outcome, what: impl std::fmt::Display) -> anyhow::Result<()> {
     if outcome.errors > 0 {
         bail!(
-            "{op:?}: {} of {} requests failed, first: {}",
+            "{what}: {} of {} requests failed, first: {}",
             outcome.errors,
             outcome.errors + outcome.done,
             outcome.first_error.as_deref().unwrap_or_default()
         );
     }
-    ensure!(outcome.done > 0, "{op:?}: nothing was measured");
+    ensure!(outcome.done > 0, "{what}: nothing was measured");
     Ok(())
 }
 
@@ -175,9 +193,41 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
             .prefix("amoauth-bench-")
             .tempdir()?,
     };
+    let sections = std::env::var("AMOAUTH_BENCH_SECTIONS")
+        .unwrap_or_else(|_| "ceilings,backends,gateway".to_owned());
+    let wanted: Vec<&str> = sections.split(',').map(str::trim).collect();
+    if let Some(unknown) = wanted
+        .iter()
+        .find(|s| !["ceilings", "backends", "gateway"].contains(s))
+    {
+        bail!("AMOAUTH_BENCH_SECTIONS: unknown section `{unknown}`");
+    }
     let mut report = String::new();
-    let flow_accounts: Vec<i64> = FLOW_ACCOUNTS.collect();
     writeln!(report, "# amoauth load benchmark\n\n{}", machine())?;
+    // The backends' rows compare with the ceilings, so they need them.
+    if wanted.contains(&"ceilings") || wanted.contains(&"backends") {
+        let backends = match wanted.contains(&"backends") {
+            true => backends.as_str(),
+            false => "",
+        };
+        ceilings_and_backends(&bench, backends, &mut report).await?;
+    }
+    if wanted.contains(&"gateway") {
+        let section = gateway::run(&bench)
+            .await
+            .with_context(|| format!("gateway: logs in {}", bench.logs.path().display()))?;
+        report.push_str(&section);
+    }
+    Ok(report)
+}
+
+/// The ceilings, the sandbox alone, then amoauth on each of `backends` (comma-separated).
+async fn ceilings_and_backends(
+    bench: &Bench,
+    backends: &str,
+    report: &mut String,
+) -> anyhow::Result<()> {
+    let flow_accounts: Vec<i64> = FLOW_ACCOUNTS.collect();
 
     // The ceiling app and a sandbox of its own, which sends the consent decision back to it.
     let ceiling_addr = free_addr()?;
@@ -213,7 +263,7 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
         (Op::Install, "fixed redirect"),
         (Op::Token, "fixed JSON"),
     ] {
-        let (outcome, cpu) = peak(&bench, &ceiling_env, op, ceiling.pid()).await?;
+        let (outcome, cpu) = peak(bench, &ceiling_env, op, ceiling.pid()).await?;
         writeln!(report, "{}", row(name, &outcome, &cpu))?;
         eprintln!("ceiling {name}: {:.0}/s", outcome.rate());
         ceilings.push(outcome.rate());
@@ -239,7 +289,7 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
         (Op::SandboxExchange, "code exchange"),
         (Op::SandboxAccount, "GET /api/v4/account"),
     ] {
-        let (outcome, cpu) = peak(&bench, &ceiling_env, op, ceiling.pid()).await?;
+        let (outcome, cpu) = peak(bench, &ceiling_env, op, ceiling.pid()).await?;
         writeln!(report, "{}", row(name, &outcome, &cpu))?;
         seconds_per_flow += 1.0 / outcome.rate();
     }
@@ -266,7 +316,7 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
             other => bail!("AMOAUTH_BENCH_BACKENDS: unknown backend `{other}`"),
         };
         let database = Database::fresh(backend, &server_url).await?;
-        let section = run_backend(&bench, &database, &flow_accounts, &ceilings)
+        let section = run_backend(bench, &database, &flow_accounts, &ceilings)
             .await
             .with_context(|| {
                 format!(
@@ -278,7 +328,7 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
         eprintln!("{section}");
         report.push_str(&section);
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Everything measured on one backend, as a report section.
@@ -408,7 +458,7 @@ async fn cleanup(
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let installs = load.await?;
-    check(&installs, Op::Install)?;
+    check(&installs, "Install")?;
     let left = database.expired_states().await?;
     ensure!(
         left == 0,

@@ -10,7 +10,7 @@ use hyper::StatusCode;
 
 use amoauth::sandbox::Sandbox;
 
-use crate::client::{Conn, CookieJar};
+use crate::client::{Conn, CookieJar, Reply};
 
 pub const CLIENT_ID: &str = "bench-client";
 pub const CLIENT_SECRET: &str = "bench-client-secret";
@@ -191,12 +191,14 @@ impl Worker {
             "amoCRM redirected to {callback}"
         );
 
+        let cookies = jar.header(app);
         let done = self
             .app
-            .get(&path_and_query(&callback), &[("cookie", &jar.header(app))])
+            .get(&path_and_query(&callback), &[("cookie", &cookies)])
             .await?;
-        done.expect(StatusCode::OK).context("callback")?;
-        Ok(())
+        settle_callback(&mut self.app, done, &cookies)
+            .await
+            .context("callback")
     }
 
     /// A code exchange straight at the sandbox; returns the access token.
@@ -220,6 +222,23 @@ impl Worker {
             .map(str::to_owned)
             .context("the grant has no access token")
     }
+}
+
+/// The callback answers 303 to its result page (Post/Redirect/Get); the browser follows it
+/// and gets 200 when the account was connected.
+async fn settle_callback(app: &mut Conn, callback: Reply, cookies: &str) -> anyhow::Result<()> {
+    let result = callback
+        .expect(StatusCode::SEE_OTHER)?
+        .headers
+        .get(hyper::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .filter(|location| location.starts_with("/amocrm/callback/result?"))
+        .context("the callback redirected elsewhere than its result page")?
+        .to_owned();
+    app.get(&result, &[("cookie", cookies)])
+        .await?
+        .expect(StatusCode::OK)?;
+    Ok(())
 }
 
 fn decision_form<'a>(state: &'a str, account: &'a str) -> [(&'static str, &'a str); 4] {
@@ -276,8 +295,8 @@ pub async fn connect_directly(
                     account_host(account)
                 );
                 let reply = conn.get(&callback, &[]).await?;
-                reply
-                    .expect(StatusCode::OK)
+                settle_callback(&mut conn, reply, "")
+                    .await
                     .with_context(|| format!("connecting {account}"))?;
             }
         });

@@ -50,10 +50,7 @@ pub async fn json_errors(base: Arc<str>, request: Request, next: Next) -> Respon
         .is_some_and(|path| path.starts_with("/api/"));
     let response = next.run(request).await;
     let status = response.status();
-    let from_amocrm = response
-        .extensions()
-        .get::<Forwarded>()
-        .is_some();
+    let from_amocrm = response.extensions().get::<Forwarded>().is_some();
     if !is_api
         || from_amocrm
         || !(status.is_client_error() || status.is_server_error())

@@ -27,6 +27,7 @@ use axum::http::header::{
 use axum::http::{HeaderValue, Request, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use tokio::sync::Semaphore;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -55,7 +56,7 @@ pub(crate) fn local(path: &str) -> String {
     format!("{base}{path}")
 }
 
-/// Requests handled at once, across all routes.
+/// Requests handled at once, across all routes but the gateway.
 const MAX_IN_FLIGHT: usize = 512;
 /// The largest request body any route takes.
 pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -147,8 +148,9 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         // Past this many requests in flight, new ones wait: memory and database connections
         // stay bounded however many clients arrive at once.
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            MAX_IN_FLIGHT,
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            bound_in_flight,
         ))
         // The body is read before a shared slot is taken, within its own deadline.
         .layer(axum::middleware::from_fn_with_state(
@@ -246,6 +248,25 @@ pub(crate) fn store_unavailable(lang: Lang, err: &StoreError) -> Response {
 
 /// Times every request under its route template (`/api/v1/connections/{account}/token`),
 /// so the histogram's labels stay few whatever the URLs.
+/// Takes one of the shared in-flight slots for the request, except for gateway calls: they
+/// spend most of their time asleep until their account's pacing slot, which bounds them
+/// already (a slot further than `AMOAUTH_PROXY_MAX_WAIT` away is refused at once), and
+/// queueing them here would hold callers past that promise.
+async fn bound_in_flight(
+    State(slots): State<Arc<Semaphore>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if gateway::proxied_path(request.uri().path()).is_some() {
+        return next.run(request).await;
+    }
+    let _slot = slots
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    next.run(request).await
+}
+
 async fn time_request(
     State(state): State<AppState>,
     request: axum::extract::Request,

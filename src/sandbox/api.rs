@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, Request, State as AxumState};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Map, Value, json};
 
-use super::routes::{deliver, play, request_host};
+use super::routes::{bearer_token, deliver, play, request_host};
 use super::state::{ApiError, State};
 use super::{Fault, Sandbox, SandboxAccount};
 
@@ -165,23 +165,23 @@ impl ApiStats {
 impl Sandbox {
     /// The API's counters so far.
     pub fn api_stats(&self) -> ApiStats {
-        self.state().api.stats.clone()
+        self.api().stats.clone()
     }
 
     /// A fault for the leads and contacts API (see [`ApiFault`]); `None` clears it.
     pub fn set_api_fault(&self, fault: Option<ApiFault>) {
-        self.state().api.fault = fault;
+        self.api().fault = fault;
     }
 
     /// Ends every IP block at once and forgets the 429s counted toward the next one.
     pub fn lift_ip_blocks(&self) {
-        let mut state = self.state();
-        state.api.blocked_until.clear();
-        state.api.recent_429s.clear();
+        let mut api = self.api();
+        api.blocked_until.clear();
+        api.recent_429s.clear();
     }
 }
 
-/// The API's share of the sandbox state, behind the sandbox's one lock.
+/// The API's share of the sandbox state, behind its own lock.
 #[derive(Default)]
 pub(super) struct ApiState {
     stats: ApiStats,
@@ -340,16 +340,6 @@ async fn update_record(
     serve(sandbox, &kind, Operation::UpdateOne(id), request).await
 }
 
-/// The `Bearer` token of the `Authorization` header, if any.
-pub(super) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
-        .map(|(_, token)| token.trim())
-}
-
 /// Guards first (token, IP block, rate limit, fault), then the operation. The lock is not
 /// held while a fault sleeps or the body arrives.
 async fn serve(sandbox: Sandbox, kind: &str, operation: Operation, request: Request) -> Response {
@@ -368,6 +358,7 @@ async fn serve(sandbox: Sandbox, kind: &str, operation: Operation, request: Requ
     let host = request_host(&parts.headers);
     let admitted = admit(
         &mut sandbox.state(),
+        &mut sandbox.api(),
         &sandbox.config().api,
         bearer_token(&parts.headers),
         host.as_deref(),
@@ -384,14 +375,13 @@ async fn serve(sandbox: Sandbox, kind: &str, operation: Operation, request: Requ
         return bad_request("The request body is too large or was cut short");
     };
     let response = {
-        let mut state = sandbox.state();
-        let now = state.now().timestamp();
+        let now = sandbox.state().now().timestamp();
         let context = Context {
             account: &account,
             kind,
             now,
         };
-        let api = &mut state.api;
+        let mut api = sandbox.api();
         match operation {
             Operation::List => api.list(&context, parts.uri.query().unwrap_or_default()),
             Operation::Create => api.create(&context, &body),
@@ -408,6 +398,7 @@ async fn serve(sandbox: Sandbox, kind: &str, operation: Operation, request: Requ
 /// request let through takes one use of the API fault, if it applies.
 fn admit(
     state: &mut State,
+    api: &mut ApiState,
     limits: &ApiLimits,
     token: Option<&str>,
     host: Option<&str>,
@@ -417,7 +408,6 @@ fn admit(
     let account = token
         .ok_or(ApiError::Unauthorized)
         .and_then(|token| state.account_for_access_token(token, host));
-    let api = &mut state.api;
     if api.is_blocked(ip, now) {
         match &account {
             Ok(account) => api.stats.accounts.entry(account.id).or_default().forbidden += 1,

@@ -199,6 +199,8 @@ pub struct Sandbox {
 struct Shared {
     config: SandboxConfig,
     state: Mutex<State>,
+    /// The leads and contacts API's records and traffic; always locked after `state`.
+    api: Mutex<api::ApiState>,
 }
 
 impl Sandbox {
@@ -207,6 +209,7 @@ impl Sandbox {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::new(&config)),
+                api: Mutex::default(),
                 config,
             }),
         }
@@ -214,7 +217,7 @@ impl Sandbox {
 
     /// The sandbox's routes, for mounting or serving yourself.
     pub fn router(&self) -> axum::Router {
-        routes::router(self.clone())
+        routes::router(self.clone()).merge(api::router().with_state(self.clone()))
     }
 
     /// Binds, spawns the server on the current tokio runtime, returns the bound address.
@@ -333,6 +336,14 @@ impl Sandbox {
     fn state(&self) -> MutexGuard<'_, State> {
         self.shared
             .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The API's share of the state, under its own lock (taken after `state` when both are).
+    fn api(&self) -> MutexGuard<'_, api::ApiState> {
+        self.shared
+            .api
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }

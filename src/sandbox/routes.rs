@@ -8,7 +8,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{FormRejection, QueryRejection};
 use axum::extract::{Form, Query, Request, State};
-use axum::http::header::{CONTENT_TYPE, HOST, LOCATION};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION};
 use axum::http::uri::Authority;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::state::{ApiError, CURRENT_USER_ID, GrantType, TokenError, TokenRequest};
-use super::{Fault, Sandbox, SandboxAccount, api, page};
+use super::{Fault, Sandbox, SandboxAccount, page};
 
 const OAUTH_PROBLEM_TYPE: &str = "https://developers.amocrm.ru/v3/errors/OAuthProblemJson";
 const BAD_REQUEST_TITLE: &str = "Некорректный запрос";
@@ -40,7 +40,6 @@ pub(super) fn router(sandbox: Sandbox) -> Router {
         .route("/api/v4/account", get(account))
         // amoCRM serves this on the shared `api_domain` host; the sandbox on any host.
         .route("/oauth2/account/current/subdomain", get(current_subdomain))
-        .merge(api::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -358,7 +357,7 @@ async fn account(State(sandbox): State<Sandbox>, headers: HeaderMap) -> Response
 }
 
 fn account_answer(sandbox: &Sandbox, headers: &HeaderMap) -> Response {
-    let token = api::bearer_token(headers);
+    let token = bearer_token(headers);
     let host = request_host(headers);
     let account = token
         .ok_or(ApiError::Unauthorized)
@@ -450,4 +449,14 @@ async fn method_not_allowed() -> Response {
         "This endpoint does not accept this method",
     )
     .into_response()
+}
+
+/// The `Bearer` token of the `Authorization` header, if any.
+pub(super) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Bearer"))
+        .map(|(_, token)| token.trim())
 }

@@ -12,7 +12,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::api::ApiState;
 use super::{Fault, SandboxAccount, SandboxConfig, SandboxStats};
 
 /// amoCRM: "The code expires after 20 minutes."
@@ -38,7 +37,6 @@ pub(super) struct State {
     pub(super) stats: SandboxStats,
     pub(super) token_fault: Option<Fault>,
     pub(super) account_fault: Option<Fault>,
-    pub(super) api: ApiState,
 }
 
 struct Code {

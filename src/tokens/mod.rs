@@ -141,12 +141,7 @@ impl TokenService {
     /// refresh, while refreshes back off after failures or someone else is refreshing; only
     /// an expired token waits for a refresh, and inside the backoff it is refused at once.
     pub async fn access_token(self: &Arc<Self>, account: &str) -> Result<FreshToken, TokenError> {
-        let row = self
-            .store
-            .find_connection(account)
-            .await?
-            .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
-        usable(&row)?;
+        let row = self.usable_connection(account).await?;
         let at = now();
         let still_valid = row.expires_at > at;
         let row =
@@ -196,12 +191,7 @@ impl TokenService {
         account: &str,
         rejected: &Secret,
     ) -> Result<FreshToken, TokenError> {
-        let row = self
-            .store
-            .find_connection(account)
-            .await?
-            .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
-        usable(&row)?;
+        let row = self.usable_connection(account).await?;
         if self.open(&row, TokenColumn::AccessToken)? != *rejected {
             return self.fresh(row);
         }
@@ -216,12 +206,7 @@ impl TokenService {
     /// it lives now (the rename rule of refreshes) and saves the new host. None when amoCRM
     /// names no other host.
     pub async fn follow_move(&self, account: &str) -> Result<Option<FreshToken>, TokenError> {
-        let row = self
-            .store
-            .find_connection(account)
-            .await?
-            .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
-        usable(&row)?;
+        let row = self.usable_connection(account).await?;
         let grant = Grant {
             host: row.domain.clone(),
             account_id: row.account_id,
@@ -238,6 +223,18 @@ impl TokenService {
         let mut token = self.fresh(row)?;
         (token.domain, token.subdomain) = (host.host, host.subdomain);
         Ok(Some(token))
+    }
+
+    /// The account's connection, when it has one that is neither disconnected nor waiting
+    /// for a new consent.
+    async fn usable_connection(&self, account: &str) -> Result<ConnectionRow, TokenError> {
+        let row = self
+            .store
+            .find_connection(account)
+            .await?
+            .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
+        usable(&row)?;
+        Ok(row)
     }
 
     /// Whether a refresh of this connection is under way here or in another process.

@@ -774,3 +774,64 @@ on_all_backends!(
     leads_through_two_replicas_never_meet_amocrms_429,
     a_full_pace_takes_no_slot_and_slows_no_other_account,
 );
+
+/// README's curl lines for the gateway, run by curl as written, with the test's key, address
+/// and account put in: the list reaches amoCRM, and the POST creates the lead it shows.
+#[tokio::test]
+async fn readmes_curl_lines_reach_amocrm_through_amoauth() {
+    let (app, _relay, key) = gateway_app(&Backend::Sqlite, Options::default()).await;
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let section = readme
+        .split("## Call amoCRM through amoauth")
+        .nth(1)
+        .expect("README has the gateway section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the section starts with a sh block");
+    assert!(block.contains("curl"), "{block}");
+    let script = block
+        .replace("ak_…", &key)
+        .replace("http://127.0.0.1:8080", &app.base)
+        .replace("/connections/fastis02/", "/connections/demo/");
+
+    let output = tokio::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .await;
+    assert!(output.is_ok(), "curl is needed: apt-get install -y curl");
+    let output = tokio::process::Command::new("sh")
+        .args(["-e", "-c", &script])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("\"_embedded\""),
+        "the POST's answer: {stdout}"
+    );
+
+    let stats = app.sandbox.api_stats().account(ACCOUNT_ID);
+    assert_eq!(
+        stats.requests, 2,
+        "both lines reached amoCRM once: {stats:?}"
+    );
+    let listed: serde_json::Value = call(&app, &key, Method::GET, "api/v4/leads?limit=50")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let leads = listed["_embedded"]["leads"].as_array().unwrap();
+    assert_eq!(leads.len(), 1, "{listed}");
+    assert_eq!(leads[0]["name"], "New lead");
+    assert_eq!(leads[0]["price"], 1500);
+    app.stop().await;
+}

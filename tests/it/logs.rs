@@ -98,6 +98,23 @@ async fn secrets_stay_out_of_logs(log_format: &str) {
             .0,
         401
     );
+    // The gateway sends the access token to amoCRM: it is never logged on the way, at trace.
+    let proxy_url = format!("{base}/api/v1/connections/{ACCOUNT_ID}/proxy/api/v4/leads");
+    let created = client
+        .post(&proxy_url)
+        .bearer_auth(&api_key)
+        .json(&serde_json::json!([{ "name": "Logged lead" }]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let listed = client
+        .get(&proxy_url)
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
 
     let logs = process.stop();
 

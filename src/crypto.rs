@@ -262,6 +262,14 @@ pub fn fill_random(buf: &mut [u8]) {
     getrandom::fill(buf).expect("the OS random number generator is unavailable");
 }
 
+/// A random factor in `[low, high)`, for backoffs: callers that failed together then do not
+/// retry together.
+pub fn jitter(low: f64, high: f64) -> f64 {
+    let mut byte = [0u8; 1];
+    fill_random(&mut byte);
+    low + (high - low) * f64::from(byte[0]) / 256.0
+}
+
 /// 32 random bytes as 64 hex characters.
 pub fn random_token() -> String {
     let mut bytes = [0u8; 32];

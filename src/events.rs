@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::amocrm::{AmoError, ProblemKind, error_chain};
 use crate::config::EventsConfig;
-use crate::crypto::{fill_random, hmac_sha256_hex};
+use crate::crypto::{hmac_sha256_hex, jitter};
 use crate::metrics::{Count, DeliveryOutcome, Metrics};
 use crate::store::{ConnectionRow, EventRow, NewEvent, Store, StoreError, Timestamp, now, rfc3339};
 
@@ -285,15 +285,12 @@ fn describe(err: reqwest::Error) -> String {
     error_chain(&err.without_url())
 }
 
-/// `interval · 2^(attempt-1)`, at most 10 minutes, times a random factor in [0.8, 1.0] so
+/// `interval · 2^(attempt-1)`, at most 10 minutes, times a random factor in [0.8, 1.0) so
 /// replicas that failed together do not retry together.
 fn backoff(first: Duration, attempt: i64) -> chrono::Duration {
     let exponent = (attempt.clamp(1, 40) - 1) as i32;
     let base = (first.as_secs_f64() * 2f64.powi(exponent)).min(MAX_BACKOFF_SECS);
-    let mut byte = [0u8; 1];
-    fill_random(&mut byte);
-    let jitter = 0.8 + 0.2 * f64::from(byte[0]) / 255.0;
-    chrono::Duration::milliseconds((base * jitter * 1000.0) as i64)
+    chrono::Duration::milliseconds((base * jitter(0.8, 1.0) * 1000.0) as i64)
 }
 
 /// The delivery loop of `amoauth serve`: every interval, sends what is due. Returns when

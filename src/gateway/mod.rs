@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::amocrm::{AmoClient, error_chain};
 use crate::config::GatewayConfig;
-use crate::crypto::fill_random;
+use crate::crypto::jitter;
 use crate::events::{EventType, Events};
 use crate::metrics::{Count, GatewayRecovery, Metrics};
 use crate::store::{Reservation, Store, StoreError, now, rfc3339, saturating_later};
@@ -387,12 +387,9 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// `RETRY_BASE · 2^(retry-1)` times a random factor in [0.5, 1.5), so callers that failed
 /// together do not retry together.
 fn jittered(retry: u32) -> Duration {
-    let mut byte = [0u8; 1];
-    fill_random(&mut byte);
-    let factor = 0.5 + f64::from(byte[0]) / 256.0;
     RETRY_BASE
         .saturating_mul(1 << retry.clamp(1, 8).saturating_sub(1))
-        .mul_f64(factor)
+        .mul_f64(jitter(0.5, 1.5))
 }
 
 /// The access token must never show in a log line about the call.

@@ -14,7 +14,7 @@ pub use worker::run_worker;
 
 use crate::amocrm::{AmoClient, AmoError, Grant, REFRESH_TOKEN_LIFETIME, TokenSet, account_host};
 use crate::config::Secret;
-use crate::crypto::{Cipher, TokenColumn, fill_random, random_token};
+use crate::crypto::{Cipher, TokenColumn, jitter, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
 use crate::keys;
 use crate::metrics::{Count, Metrics, RefreshOutcome};
@@ -633,10 +633,7 @@ fn usable(row: &ConnectionRow) -> Result<(), TokenError> {
 fn backoff(failures: i64) -> chrono::Duration {
     let exponent = failures.clamp(1, 20) - 1;
     let base = (BACKOFF_BASE_SECS * 2f64.powi(exponent as i32)).min(BACKOFF_MAX_SECS);
-    let mut byte = [0u8; 1];
-    fill_random(&mut byte);
-    let jitter = 0.5 + f64::from(byte[0]) / 256.0;
-    chrono::Duration::milliseconds((base * jitter * 1000.0) as i64)
+    chrono::Duration::milliseconds((base * jitter(0.5, 1.5) * 1000.0) as i64)
 }
 
 /// When a pair issued now expires; an `expires_in` past any representable time is a bad

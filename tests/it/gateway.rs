@@ -515,6 +515,75 @@ async fn a_403_burst_opens_the_accounts_circuit(backend: Backend) {
     app.stop().await;
 }
 
+/// 403 bursts on two accounts at once look like an IP block: the all-accounts circuit opens,
+/// is counted and sent as an event, and nothing reaches amoCRM while it is open. (The sandbox
+/// has two accounts, so that a third account is held back too is the unit test's in
+/// `gateway/circuit.rs`.)
+async fn bursts_of_403_on_two_accounts_pause_every_account(backend: Backend) {
+    let options = Options {
+        events_url: Some(format!("http://127.0.0.1:{}/events", free_port())),
+        ..Options::default()
+    };
+    let (app, relay, key) = gateway_app(&backend, options).await;
+    const OTHER_ACCOUNT_ID: i64 = 31_337_002;
+    app.connect_account(OTHER_ACCOUNT_ID).await;
+    let other_url =
+        |base: &str| format!("{base}/api/v1/connections/{OTHER_ACCOUNT_ID}/proxy/api/v4/leads");
+    relay.answer_with(Some(403));
+    for _ in 0..amoauth::internal::CIRCUIT_BURST {
+        assert_eq!(
+            call(&app, &key, Method::GET, "api/v4/leads").await.status(),
+            403
+        );
+    }
+    assert_eq!(
+        recoveries(&app, "circuit_open_all").await,
+        0.0,
+        "one account is no IP block"
+    );
+    for _ in 0..amoauth::internal::CIRCUIT_BURST {
+        let status = app
+            .client
+            .get(other_url(&app.base))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 403);
+    }
+    assert_eq!(recoveries(&app, "circuit_open_all").await, 1.0);
+    let sent = relay.api_calls().len();
+
+    // The relay would answer 200 now; the pause holds the calls back all the same.
+    relay.answer_with(None);
+    let paused = app
+        .client
+        .get(other_url(&app.base))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status(), 503);
+    assert_eq!(
+        relay.api_calls().len(),
+        sent,
+        "nothing reaches amoCRM while paused"
+    );
+    let scopes: Vec<serde_json::Value> = app
+        .db()
+        .strings("SELECT payload FROM amoauth_events WHERE event_type = 'gateway.circuit_opened'")
+        .await
+        .into_iter()
+        .flatten()
+        .map(|payload| {
+            serde_json::from_str::<serde_json::Value>(&payload).unwrap()["scope"].clone()
+        })
+        .collect();
+    assert!(scopes.contains(&serde_json::json!("all")), "{scopes:?}");
+    app.stop().await;
+}
+
 /// Requests in the busiest one-second window.
 fn busiest_second(mut times: Vec<Instant>) -> usize {
     times.sort();
@@ -769,6 +838,7 @@ on_all_backends!(
     server_errors_are_retried_for_get_and_not_for_post,
     a_timeout_is_retried_for_get_and_answered_504_for_post,
     a_403_burst_opens_the_accounts_circuit,
+    bursts_of_403_on_two_accounts_pause_every_account,
     two_replicas_share_the_accounts_pace,
     callers_beyond_the_wait_get_amoauths_own_429,
     leads_through_two_replicas_never_meet_amocrms_429,

@@ -495,6 +495,21 @@ impl TestApp {
         assert_eq!(status, 200, "{body}");
     }
 
+    /// Install, Allow as another of the sandbox's accounts, and callback: it is connected too.
+    pub async fn connect_account(&self, account_id: i64) {
+        let consent_url = self.install().await;
+        let callback = consent_as(
+            &self.client,
+            &self.sandbox_origin,
+            &consent_url,
+            "allow",
+            account_id,
+        )
+        .await;
+        let (status, body) = self.open_callback(&callback).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
     /// A new API key for the token API.
     pub async fn api_key(&self) -> String {
         amoauth::internal::create_api_key(self.store(), &format!("test-{}", free_port()))
@@ -599,11 +614,22 @@ pub async fn consent(
     consent_url: &str,
     decision: &str,
 ) -> String {
+    consent_as(client, sandbox_origin, consent_url, decision, ACCOUNT_ID).await
+}
+
+/// The sandbox's consent page answered for one of its accounts.
+pub async fn consent_as(
+    client: &reqwest::Client,
+    sandbox_origin: &str,
+    consent_url: &str,
+    decision: &str,
+    account_id: i64,
+) -> String {
     let page = client.get(consent_url).send().await.unwrap();
     assert_eq!(page.status(), 200, "consent page should render");
     let url = url::Url::parse(consent_url).unwrap();
     let mut form: Vec<(String, String)> = url.query_pairs().into_owned().collect();
-    form.push(("account_id".into(), ACCOUNT_ID.to_string()));
+    form.push(("account_id".into(), account_id.to_string()));
     form.push(("decision".into(), decision.into()));
     let response = client
         .post(format!("{sandbox_origin}/oauth/decide"))

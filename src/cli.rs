@@ -11,12 +11,12 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::amocrm::AmoClient;
 use crate::api_keys;
 use crate::config::{ConfigError, DatabaseUrl, LogFormat, Settings, parse_duration};
 use crate::crypto::TokenColumn;
 use crate::crypto::random_token;
 use crate::import::{self, ImportOutcome};
+use crate::integrations::Integrations;
 use crate::keys::{self, Rotated};
 use crate::parts::{self, Keyed, Parts};
 use crate::sandbox::{Sandbox, SandboxConfig};
@@ -401,7 +401,10 @@ fn init_logging(format: LogFormat) {
 
 async fn serve(settings: &Settings) -> anyhow::Result<()> {
     let config = settings.server()?;
-    let public_origin = config.amocrm.redirect_uri.origin().ascii_serialization();
+    let public_origin = config.integrations[0]
+        .redirect_uri
+        .origin()
+        .ascii_serialization();
     let running = server::start(config).await?;
     if running.admin_token_generated {
         // Printed, never logged, and never the token itself: a one-time link is spent once
@@ -425,11 +428,15 @@ async fn demo(settings: &Settings) -> anyhow::Result<()> {
     let redirect_uri = format!("http://{listen}/amocrm/callback");
     let client_id = "amoauth-demo".to_owned();
     let client_secret = random_token();
-    let sandbox = Sandbox::new(SandboxConfig::demo(
-        &client_id,
-        &client_secret,
-        &redirect_uri,
-    ));
+    let (kommo_client_id, kommo_client_secret) = ("amoauth-demo-kommo".to_owned(), random_token());
+    // Both platforms, each with its own integration, as a vendor selling to both runs it.
+    let sandbox = Sandbox::new(
+        SandboxConfig::demo(&client_id, &client_secret, &redirect_uri).with_kommo(
+            &kommo_client_id,
+            &kommo_client_secret,
+            &redirect_uri,
+        ),
+    );
     let sandbox_addr = sandbox
         .spawn(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
@@ -439,7 +446,10 @@ async fn demo(settings: &Settings) -> anyhow::Result<()> {
     let demo_settings = Settings {
         client_id: Some(client_id),
         client_secret: Some(client_secret),
-        redirect_uri: Some(redirect_uri),
+        redirect_uri: Some(redirect_uri.clone()),
+        kommo_client_id: Some(kommo_client_id),
+        kommo_client_secret: Some(kommo_client_secret),
+        kommo_redirect_uri: Some(redirect_uri),
         listen: Some(listen),
         amocrm_url: Some(sandbox_origin.clone()),
         admin_token: settings
@@ -449,7 +459,10 @@ async fn demo(settings: &Settings) -> anyhow::Result<()> {
         ..settings.clone()
     };
     let config = demo_settings.server()?;
-    let public_origin = config.amocrm.redirect_uri.origin().ascii_serialization();
+    let public_origin = config.integrations[0]
+        .redirect_uri
+        .origin()
+        .ascii_serialization();
     let database = config.store.database_url.clone();
     let running = server::start(config).await?;
     println!();
@@ -465,6 +478,9 @@ async fn demo(settings: &Settings) -> anyhow::Result<()> {
     );
     println!(
         "  3. See \"amoCRM успешно подключена!\", then list the connection: cargo run --release -- tokens"
+    );
+    println!(
+        "  4. For the Kommo account: {public_origin}/amocrm/install?platform=kommo (as the admin)"
     );
     println!();
     println!("Press Ctrl-C to stop.");
@@ -544,8 +560,9 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
     }
     let at = now();
     println!(
-        "{:<24} {:>10}  {:<20} {:<13} {:<20} {:>10}  {:<20} {:<13} last_error",
+        "{:<24} {:<8} {:>10}  {:<20} {:<13} {:<20} {:>10}  {:<20} {:<13} last_error",
         "domain",
+        "platform",
         "account",
         "name",
         "status",
@@ -568,8 +585,9 @@ async fn tokens(settings: &Settings) -> anyhow::Result<()> {
         };
         let hours_left = (c.expires_at - at).num_minutes() as f64 / 60.0;
         println!(
-            "{:<24} {:>10}  {:<20} {:<13} {:<20} {:>10.1}  {:<20} {:<13} {}",
+            "{:<24} {:<8} {:>10}  {:<20} {:<13} {:<20} {:>10.1}  {:<20} {:<13} {}",
             c.domain,
+            c.platform,
             c.account_id
                 .map(|id| id.to_string())
                 .unwrap_or_else(|| "-".into()),
@@ -630,9 +648,9 @@ async fn import(settings: &Settings, source: &str, dry_run: bool) -> anyhow::Res
     if Backend::of(&source).is_none() {
         anyhow::bail!("--from: expected a sqlite://, postgres:// or mysql:// URL");
     }
-    let amo = AmoClient::new(settings.amocrm()?);
+    let integrations = Integrations::new(&settings.integrations()?);
     let Keyed { store, cipher } = Keyed::open(&settings.store()?).await?;
-    let report = import::import(&source, &store, &amo, &cipher, dry_run).await?;
+    let report = import::import(&source, &store, &integrations, &cipher, dry_run).await?;
     let (mut imported, mut skipped) = (0, 0);
     for line in &report {
         match &line.outcome {

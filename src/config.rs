@@ -9,7 +9,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use url::Url;
 
-use crate::amocrm::ClientConfig;
+use crate::amocrm::{ClientConfig, Platform};
 
 /// Raw settings, from the flags of a command (each of which falls back to its variable).
 /// Everything is a string here so that validation can name the variable in its error;
@@ -23,6 +23,9 @@ pub struct Settings {
     pub client_secret: Option<String>,
     pub redirect_uri: Option<String>,
     pub domains: Option<String>,
+    pub kommo_client_id: Option<String>,
+    pub kommo_client_secret: Option<String>,
+    pub kommo_redirect_uri: Option<String>,
     pub listen: Option<String>,
     pub state_ttl: Option<String>,
     pub admin_token: Option<String>,
@@ -165,6 +168,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the integrations reach their platforms: `AMOAUTH_AMOCRM_URL` and `AMOAUTH_AMOCRM_TIMEOUT`.
+type Reach = (Option<Url>, Duration);
+
 /// What every command needs: where the data lives and how it is sealed.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -176,7 +182,8 @@ pub struct StoreConfig {
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub store: StoreConfig,
-    pub amocrm: ClientConfig,
+    /// The integrations, one per configured platform, amoCRM's first; never empty.
+    pub integrations: Vec<ClientConfig>,
     pub listen: SocketAddr,
     pub state_ttl: Duration,
     /// None: generate one at start and print a login URL.
@@ -343,7 +350,8 @@ pub struct RefreshConfig {
 }
 
 const DEFAULT_DATABASE_URL: &str = "sqlite://amoauth.db";
-const DEFAULT_DOMAINS: &str = "amocrm.ru,amocrm.com,kommo.com";
+/// amoCRM's account domains; Kommo's (`kommo.com`) belong to the Kommo integration.
+const DEFAULT_DOMAINS: &str = "amocrm.ru,amocrm.com";
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
 impl Settings {
@@ -382,25 +390,22 @@ impl Settings {
         })
     }
 
+    /// The amoCRM integration (`AMOCRM_*`).
     pub fn amocrm(&self) -> Result<ClientConfig, ConfigErrors> {
+        let reach = self.reach();
+        all_valid!(reach);
+        self.amocrm_with(reach)
+    }
+
+    fn amocrm_with(&self, (override_origin, timeout): Reach) -> Result<ClientConfig, ConfigErrors> {
         let client_id = required(&self.client_id, "AMOCRM_CLIENT_ID").map(str::to_owned);
         let client_secret = required(&self.client_secret, "AMOCRM_CLIENT_SECRET").map(Secret::new);
         let redirect_uri = required(&self.redirect_uri, "AMOCRM_REDIRECT_URI")
             .and_then(|raw| parse_http_url(raw, "AMOCRM_REDIRECT_URI"));
         let domains = parse_domains(non_empty(&self.domains).unwrap_or(DEFAULT_DOMAINS));
-        let override_origin = non_empty(&self.amocrm_url)
-            .map(|raw| parse_http_url(raw, "AMOAUTH_AMOCRM_URL"))
-            .transpose();
-        let timeout = parse_duration_var(&self.amocrm_timeout, "AMOAUTH_AMOCRM_TIMEOUT", "10s");
-        all_valid!(
-            client_id,
-            client_secret,
-            redirect_uri,
-            domains,
-            override_origin,
-            timeout
-        );
+        all_valid!(client_id, client_secret, redirect_uri, domains);
         Ok(ClientConfig {
+            platform: Platform::Amocrm,
             client_id,
             client_secret,
             redirect_uri,
@@ -408,6 +413,64 @@ impl Settings {
             override_origin,
             timeout,
         })
+    }
+
+    /// The Kommo integration (`KOMMO_*`), on `kommo.com` with its consent at `www.kommo.com`.
+    fn kommo_with(&self, (override_origin, timeout): Reach) -> Result<ClientConfig, ConfigErrors> {
+        let client_id = required(&self.kommo_client_id, "KOMMO_CLIENT_ID").map(str::to_owned);
+        let client_secret =
+            required(&self.kommo_client_secret, "KOMMO_CLIENT_SECRET").map(Secret::new);
+        let redirect_uri = required(&self.kommo_redirect_uri, "KOMMO_REDIRECT_URI")
+            .and_then(|raw| parse_http_url(raw, "KOMMO_REDIRECT_URI"));
+        all_valid!(client_id, client_secret, redirect_uri);
+        let mut config =
+            ClientConfig::for_platform(Platform::Kommo, client_id, client_secret, redirect_uri)
+                .with_timeout(timeout);
+        config.override_origin = override_origin;
+        Ok(config)
+    }
+
+    /// How every integration reaches its platform: the development override and the timeout.
+    fn reach(&self) -> Result<Reach, ConfigErrors> {
+        let override_origin = non_empty(&self.amocrm_url)
+            .map(|raw| parse_http_url(raw, "AMOAUTH_AMOCRM_URL"))
+            .transpose();
+        let timeout = parse_duration_var(&self.amocrm_timeout, "AMOAUTH_AMOCRM_TIMEOUT", "10s");
+        all_valid!(override_origin, timeout);
+        Ok((override_origin, timeout))
+    }
+
+    /// Every configured integration, amoCRM's first. The amoCRM one is configured when any
+    /// `AMOCRM_*` credential is set, or when no Kommo one is (so a deployment with neither
+    /// is told about the amoCRM variables, as before Kommo); the Kommo one when any
+    /// `KOMMO_*` credential is set.
+    pub fn integrations(&self) -> Result<Vec<ClientConfig>, ConfigErrors> {
+        let any_set =
+            |values: [&Option<String>; 3]| values.into_iter().any(|v| non_empty(v).is_some());
+        let kommo_set = any_set([
+            &self.kommo_client_id,
+            &self.kommo_client_secret,
+            &self.kommo_redirect_uri,
+        ]);
+        let amocrm_set = any_set([&self.client_id, &self.client_secret, &self.redirect_uri]);
+        let reach = self.reach();
+        all_valid!(reach);
+        let amocrm = (amocrm_set || !kommo_set)
+            .then(|| self.amocrm_with(reach.clone()))
+            .transpose();
+        let kommo = kommo_set.then(|| self.kommo_with(reach)).transpose();
+        let _distinct_ids = match (&amocrm, &kommo) {
+            (Ok(Some(amocrm)), Ok(Some(kommo))) if amocrm.client_id == kommo.client_id => {
+                Err(invalid(
+                    "KOMMO_CLIENT_ID",
+                    "is the same as AMOCRM_CLIENT_ID: amoCRM and Kommo register integrations \
+                     separately, so each has its own id",
+                ))
+            }
+            _ => Ok(()),
+        };
+        all_valid!(amocrm, kommo, _distinct_ids);
+        Ok(amocrm.into_iter().chain(kommo).collect())
     }
 
     /// Everything `serve` needs; every problem is reported, not only the first.
@@ -425,7 +488,7 @@ impl Settings {
             }
             _ => Ok(()),
         };
-        let amocrm = self.amocrm();
+        let integrations = self.integrations();
         let listen_raw = non_empty(&self.listen).unwrap_or(DEFAULT_LISTEN);
         let listen = SocketAddr::from_str(listen_raw).map_err(|_| {
             invalid(
@@ -477,7 +540,7 @@ impl Settings {
         all_valid!(
             store,
             _key_present,
-            amocrm,
+            integrations,
             listen,
             state_ttl,
             admin_token,
@@ -501,14 +564,14 @@ impl Settings {
             margin: refresh_margin,
             keepalive_age,
             interval: refresh_interval,
-            lease: amocrm
+            lease: integrations[0]
                 .timeout
                 .saturating_mul(3)
                 .saturating_add(Duration::from_secs(1)),
         };
         Ok(ServerConfig {
             store,
-            amocrm,
+            integrations,
             listen,
             state_ttl,
             admin_token,

@@ -75,6 +75,21 @@ impl AmoauthBuilder {
         self
     }
 
+    /// A Kommo integration's id and secret and its redirect URI, as registered in Kommo
+    /// (`KOMMO_CLIENT_ID`, `KOMMO_CLIENT_SECRET`, `KOMMO_REDIRECT_URI`), beside or instead of
+    /// the amoCRM one; install links take `?platform=kommo`.
+    pub fn kommo(
+        mut self,
+        client_id: impl Into<String>,
+        client_secret: impl Into<String>,
+        redirect_uri: impl Into<String>,
+    ) -> Self {
+        self.settings.kommo_client_id = Some(client_id.into());
+        self.settings.kommo_client_secret = Some(client_secret.into());
+        self.settings.kommo_redirect_uri = Some(redirect_uri.into());
+        self
+    }
+
     /// Sends every amoCRM request to this origin instead (`AMOAUTH_AMOCRM_URL`): for the
     /// sandbox in development and tests only.
     pub fn amocrm_url(mut self, origin: impl Into<String>) -> Self {

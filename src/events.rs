@@ -14,7 +14,7 @@ use reqwest::header::CONTENT_TYPE;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::amocrm::{AmoError, ProblemKind, error_chain};
+use crate::amocrm::{AmoError, Platform, ProblemKind, error_chain};
 use crate::config::EventsConfig;
 use crate::crypto::{hmac_sha256_hex, jitter};
 use crate::metrics::{Count, DeliveryOutcome, Metrics};
@@ -61,6 +61,8 @@ impl EventType {
 /// The `data` of a connection event. Never a token, code or secret.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ConnectionData {
+    /// `amocrm` or `kommo`: with the account id, the connection's key.
+    pub platform: &'static str,
     pub account_id: Option<i64>,
     pub subdomain: String,
     pub domain: String,
@@ -78,8 +80,9 @@ pub struct ConnectionData {
 }
 
 impl ConnectionData {
-    pub fn new(account_id: Option<i64>, subdomain: &str, domain: &str) -> Self {
+    pub fn new(platform: Platform, account_id: Option<i64>, subdomain: &str, domain: &str) -> Self {
         Self {
+            platform: platform.as_str(),
             account_id,
             subdomain: subdomain.to_owned(),
             domain: domain.to_owned(),
@@ -88,7 +91,7 @@ impl ConnectionData {
     }
 
     pub fn of(row: &ConnectionRow) -> Self {
-        let mut data = Self::new(row.account_id, &row.subdomain, &row.domain);
+        let mut data = Self::new(row.platform, row.account_id, &row.subdomain, &row.domain);
         data.external_id = row.external_id.clone();
         data
     }
@@ -348,10 +351,10 @@ mod tests {
 
     #[test]
     fn connection_data_carries_no_empty_extras() {
-        let data = ConnectionData::new(Some(7), "demo", "demo.amocrm.ru");
+        let data = ConnectionData::new(Platform::Amocrm, Some(7), "demo", "demo.amocrm.ru");
         assert_eq!(
             serde_json::to_value(&data).unwrap(),
-            serde_json::json!({"account_id": 7, "subdomain": "demo", "domain": "demo.amocrm.ru", "external_id": null})
+            serde_json::json!({"platform": "amocrm", "account_id": 7, "subdomain": "demo", "domain": "demo.amocrm.ru", "external_id": null})
         );
     }
 }

@@ -5,10 +5,11 @@
 //! a fresh access token, and starts a known keep-alive clock. The old table's tokens are
 //! superseded from then on, so the old app must stop using them.
 
-use crate::amocrm::{AmoClient, account_host, is_dns_label};
+use crate::amocrm::{Platform, account_host, is_dns_label};
 use crate::config::{DatabaseUrl, Secret};
 use crate::crypto::Cipher;
 use crate::flow::{Grant, save_connection};
+use crate::integrations::Integrations;
 use crate::store::{Records, SeedToken, Store, StoreError};
 
 /// What happened to one row of the old table.
@@ -33,7 +34,7 @@ pub struct ImportLine {
 pub async fn import(
     source: &DatabaseUrl,
     store: &Store,
-    amo: &AmoClient,
+    integrations: &Integrations,
     cipher: &Cipher,
     dry_run: bool,
 ) -> Result<Vec<ImportLine>, StoreError> {
@@ -41,7 +42,7 @@ pub async fn import(
     let existing = store.connections().await?;
     let mut report = Vec::with_capacity(rows.len());
     for row in rows {
-        let outcome = import_one(&row, &existing, amo, store, cipher, dry_run).await;
+        let outcome = import_one(&row, &existing, integrations, store, cipher, dry_run).await;
         report.push(ImportLine {
             domain: row.domain,
             outcome,
@@ -53,13 +54,27 @@ pub async fn import(
 async fn import_one(
     row: &SeedToken,
     existing: &[crate::store::ConnectionRow],
-    amo: &AmoClient,
+    integrations: &Integrations,
     store: &Store,
     cipher: &Cipher,
     dry_run: bool,
 ) -> ImportOutcome {
-    let domains = &amo.config().domains;
     let candidate = row.domain.trim().to_ascii_lowercase();
+    // The seed's table held both platforms' accounts: a kommo.com host is Kommo's; a bare
+    // subdomain belongs to the default integration.
+    let platform = match is_dns_label(&candidate) {
+        true => integrations.default_platform(),
+        false => Platform::of_domain(&candidate),
+    };
+    let Some(amo) = integrations.get(platform) else {
+        return ImportOutcome::Skipped(format!(
+            "`{}` is a {} account, but no {} integration is configured",
+            row.domain,
+            platform.title(),
+            platform.title()
+        ));
+    };
+    let domains = &amo.config().domains;
     // The seed stored the subdomain alone ("fastis02"); others store the host.
     let host = if is_dns_label(&candidate) {
         account_host(&format!("{candidate}.{}", domains[0]), domains)
@@ -106,6 +121,7 @@ async fn import_one(
         Err(err) => return ImportOutcome::Skipped(format!("{err}; run the import again")),
     };
     let grant = Grant {
+        platform: amo.config().platform,
         host: &host,
         tokens: &tokens,
         account: &account,

@@ -12,6 +12,7 @@ mod flow;
 mod gateway;
 mod http;
 mod import;
+mod integrations;
 mod keys;
 mod log_safe;
 mod metrics;

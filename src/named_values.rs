@@ -6,11 +6,11 @@
 macro_rules! named_values {
     (
         $(#[$meta:meta])*
-        $vis:vis enum $name:ident { $($variant:ident => $value:literal),+ $(,)? }
+        $vis:vis enum $name:ident { $($(#[$variant_meta:meta])* $variant:ident => $value:literal),+ $(,)? }
     ) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        $vis enum $name { $($variant),+ }
+        $vis enum $name { $($(#[$variant_meta])* $variant),+ }
 
         impl $name {
             /// Every value, in declaration order.

@@ -1,16 +1,16 @@
 //! The parts of amoauth, built in one place for `serve`, `demo`, every command and the
-//! embedding API: the store, the keys, the amoCRM client, metrics, events, the OAuth flow
+//! embedding API: the store, the keys, the amoCRM and Kommo clients, metrics, events, the OAuth flow
 //! and the token service. A command takes the stage it needs: the store alone, the store
 //! with its keys, or every part.
 
 use std::sync::Arc;
 
-use crate::amocrm::AmoClient;
 use crate::config::{ServerConfig, StoreConfig};
 use crate::crypto::Cipher;
 use crate::events::Events;
 use crate::flow::Flow;
 use crate::gateway::Gateway;
+use crate::integrations::Integrations;
 use crate::keys::open_cipher;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -66,7 +66,7 @@ impl Parts {
     pub fn from_keyed(config: &ServerConfig, keyed: Keyed) -> Self {
         let Keyed { store, cipher } = keyed;
         let cipher = Arc::new(cipher);
-        let amo = Arc::new(AmoClient::new(config.amocrm.clone()));
+        let integrations = Arc::new(Integrations::new(&config.integrations));
         let metrics = Arc::new(Metrics::default());
         let events = Arc::new(Events::new(
             store.clone(),
@@ -75,7 +75,7 @@ impl Parts {
         ));
         let flow = Arc::new(Flow::new(
             store.clone(),
-            Arc::clone(&amo),
+            Arc::clone(&integrations),
             Arc::clone(&cipher),
             config.state_ttl,
             config.widget_installs,
@@ -84,7 +84,7 @@ impl Parts {
         ));
         let tokens = Arc::new(TokenService::new(
             store.clone(),
-            Arc::clone(&amo),
+            Arc::clone(&integrations),
             Arc::clone(&cipher),
             config.refresh.lease,
             Arc::clone(&metrics),
@@ -93,7 +93,7 @@ impl Parts {
         let gateway = Arc::new(Gateway::new(
             store.clone(),
             Arc::clone(&tokens),
-            amo,
+            integrations,
             Arc::clone(&metrics),
             Arc::clone(&events),
             config.gateway,

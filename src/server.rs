@@ -112,12 +112,15 @@ impl Background {
 /// The HTTP application of `parts`: every route, under `config.base_path` where they live
 /// there.
 pub fn app(parts: &Parts, config: &ServerConfig, admin_token: Secret) -> axum::Router {
-    let secure_cookies = config.amocrm.redirect_uri.scheme() == "https";
+    let secure_cookies = config
+        .integrations
+        .iter()
+        .any(|integration| integration.redirect_uri.scheme() == "https");
     // A token request may wait for another process's lease, then refresh itself.
     let request_timeout = config
         .refresh
         .lease
-        .saturating_add(config.amocrm.timeout.saturating_mul(2))
+        .saturating_add(config.integrations[0].timeout.saturating_mul(2))
         .saturating_add(Duration::from_secs(5));
     let state = AppState {
         store: parts.store.clone(),
@@ -186,7 +189,7 @@ pub async fn start_with_listener(
     config: ServerConfig,
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<Running> {
-    if let Some(origin) = &config.amocrm.override_origin {
+    if let Some(origin) = &config.integrations[0].override_origin {
         tracing::warn!(
             origin = %origin,
             "AMOAUTH_AMOCRM_URL is set: every amoCRM request goes to this origin instead of amoCRM; for development and tests only"

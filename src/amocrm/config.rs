@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::Secret;
+use super::{Platform, Secret};
 
 /// amoCRM's and Kommo's account domains, the default allow-list.
 const DEFAULT_DOMAINS: [&str; 3] = ["amocrm.ru", "amocrm.com", "kommo.com"];
@@ -29,6 +29,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ClientConfig {
+    /// The platform the integration is registered on. Default: amoCRM.
+    pub platform: Platform,
     /// The integration's ID, sent as `client_id` and in the `X-Client-UUID` header.
     pub client_id: String,
     /// The integration's secret key; posted only to allowed account hosts.
@@ -52,6 +54,7 @@ impl ClientConfig {
     /// the rest.
     pub fn new(client_id: impl Into<String>, client_secret: Secret, redirect_uri: Url) -> Self {
         Self {
+            platform: Platform::Amocrm,
             client_id: client_id.into(),
             client_secret,
             redirect_uri,
@@ -59,6 +62,31 @@ impl ClientConfig {
             override_origin: None,
             timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    /// An integration registered on `platform`, reaching only that platform's account
+    /// domains ([`Platform::default_domains`]), so its consent page is the platform's own
+    /// (`www.amocrm.ru` or `www.kommo.com`).
+    ///
+    /// ```
+    /// use amoauth::Secret;
+    /// use amoauth::amocrm::{ClientConfig, Platform};
+    ///
+    /// let redirect_uri = "https://app.example/amocrm/callback".parse().unwrap();
+    /// let config = ClientConfig::for_platform(Platform::Kommo, "kommo-id", Secret::new("s"), redirect_uri);
+    /// assert_eq!(config.domains, ["kommo.com"]);
+    /// ```
+    pub fn for_platform(
+        platform: Platform,
+        client_id: impl Into<String>,
+        client_secret: Secret,
+        redirect_uri: Url,
+    ) -> Self {
+        Self {
+            platform,
+            ..Self::new(client_id, client_secret, redirect_uri)
+        }
+        .with_domains(platform.default_domains().iter().copied())
     }
 
     /// Replaces the allowed account domains (see [`domains`](Self::domains)).

@@ -30,6 +30,7 @@
 mod config;
 mod host;
 mod pacer;
+mod platform;
 mod problem;
 mod secret;
 
@@ -41,6 +42,7 @@ use url::Url;
 pub use config::ClientConfig;
 pub use host::AccountHost;
 pub(crate) use host::{account_host, is_dns_label};
+pub use platform::Platform;
 pub(crate) use problem::AmoFailure;
 pub use problem::{AmoError, Problem, ProblemKind};
 pub use secret::Secret;

@@ -59,13 +59,22 @@ pub struct IntegrationFlags {
     /// Redirect URI exactly as registered in amoCRM
     #[arg(long, env = "AMOCRM_REDIRECT_URI", hide_env_values = true)]
     redirect_uri: Option<String>,
+    /// Kommo integration id (a Kommo integration beside or instead of the amoCRM one)
+    #[arg(long, env = "KOMMO_CLIENT_ID", hide_env_values = true)]
+    kommo_client_id: Option<String>,
+    /// Kommo integration secret
+    #[arg(long, env = "KOMMO_CLIENT_SECRET", hide_env_values = true)]
+    kommo_client_secret: Option<String>,
+    /// Redirect URI exactly as registered in Kommo
+    #[arg(long, env = "KOMMO_REDIRECT_URI", hide_env_values = true)]
+    kommo_redirect_uri: Option<String>,
 }
-fills!(IntegrationFlags: client_id, client_secret, redirect_uri);
+fills!(IntegrationFlags: client_id, client_secret, redirect_uri, kommo_client_id, kommo_client_secret, kommo_redirect_uri);
 
 /// How amoCRM's accounts are reached.
 #[derive(Args)]
 pub struct AmoCrmFlags {
-    /// Allowed account domains (comma-separated); the first gives the consent host
+    /// Allowed amoCRM account domains (comma-separated); the first gives the consent host
     #[arg(long, env = "AMOCRM_DOMAINS", hide_env_values = true)]
     domains: Option<String>,
     /// Development only: send every amoCRM request to this origin

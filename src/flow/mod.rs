@@ -17,12 +17,13 @@ pub use result::{Failure, Settled};
 pub use uninstall::{UninstallError, Uninstalled};
 
 use crate::amocrm::{
-    Account, AccountHost, AmoClient, AmoError, ConsentMode, REFRESH_TOKEN_LIFETIME, TokenSet,
-    account_host, is_dns_label,
+    Account, AccountHost, AmoClient, AmoError, ConsentMode, Platform, REFRESH_TOKEN_LIFETIME,
+    TokenSet, account_host, is_dns_label,
 };
 use crate::config::Secret;
 use crate::crypto::{Cipher, random_token, sha256_hex};
 use crate::events::{ConnectionData, EventType, Events};
+use crate::integrations::Integrations;
 use crate::store::{
     Attempt, AttemptKind, Consumption, NewConnection, NewState, Outcome, Records, Saved, StateRow,
     Store, StoreError, Timestamp, now, saturating_later,
@@ -96,6 +97,8 @@ pub struct InstallRequest<'a> {
     pub external_id: Option<&'a str>,
     /// Where the browser goes after consent (connect links); must be on an allowed origin.
     pub return_url: Option<&'a str>,
+    /// `?platform=`: `amocrm` or `kommo`; none is the deployment's default platform.
+    pub platform: Option<&'a str>,
 }
 
 /// What a callback ended with, when it did not connect an account.
@@ -148,13 +151,15 @@ pub enum InstallError {
     ReturnUrlNotAllowed,
     #[error("`external_id` must be 1 to 255 characters, none of them NUL")]
     BadExternalId,
+    #[error("`platform` must be one of the configured platforms: {configured}")]
+    PlatformNotConfigured { configured: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 pub struct Flow {
     store: Store,
-    amo: Arc<AmoClient>,
+    integrations: Arc<Integrations>,
     cipher: Arc<Cipher>,
     state_ttl: Duration,
     widget_installs: bool,
@@ -165,7 +170,7 @@ pub struct Flow {
 impl Flow {
     pub fn new(
         store: Store,
-        amo: Arc<AmoClient>,
+        integrations: Arc<Integrations>,
         cipher: Arc<Cipher>,
         state_ttl: Duration,
         widget_installs: bool,
@@ -174,7 +179,7 @@ impl Flow {
     ) -> Self {
         Self {
             store,
-            amo,
+            integrations,
             cipher,
             state_ttl,
             widget_installs,
@@ -188,9 +193,34 @@ impl Flow {
         &self.return_origins
     }
 
-    /// The amoCRM domains account hosts may be on (AMOCRM_DOMAINS).
-    pub fn account_domains(&self) -> &[String] {
-        &self.amo.config().domains
+    /// The domains account hosts may be on, every configured platform's.
+    pub fn account_domains(&self) -> Vec<String> {
+        self.integrations
+            .clients()
+            .iter()
+            .flat_map(|client| client.config().domains.iter().cloned())
+            .collect()
+    }
+
+    /// The integration an install link asked for (`?platform=`), or the default one.
+    fn integration_for_install(
+        &self,
+        platform: Option<&str>,
+    ) -> Result<&Arc<AmoClient>, InstallError> {
+        let wanted = match platform.filter(|p| !p.is_empty()) {
+            None => Some(self.integrations.default_platform()),
+            Some(name) => Platform::parse(name),
+        };
+        wanted
+            .and_then(|platform| self.integrations.get(platform))
+            .ok_or_else(|| InstallError::PlatformNotConfigured {
+                configured: self
+                    .integrations
+                    .platforms()
+                    .map(Platform::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// Seed steps 1-2: a 256-bit state saved (hashed) with its TTL, then the consent URL
@@ -219,7 +249,8 @@ impl Flow {
                 return Err(InstallError::ReturnUrlNotAllowed);
             }
         }
-        let domains = &self.amo.config().domains;
+        let amo = self.integration_for_install(request.platform)?;
+        let domains = &amo.config().domains;
         let account = match request.subdomain.filter(|s| !s.is_empty()) {
             None => None,
             Some(s) if is_dns_label(s) => Some(
@@ -244,6 +275,7 @@ impl Flow {
                 external_id: request.external_id,
                 return_url: request.return_url,
                 mode: request.return_url.map(|_| request.mode.as_str()),
+                platform: amo.config().platform,
             })
             .await?;
         let fingerprint = fingerprint(&state);
@@ -259,13 +291,14 @@ impl Flow {
         tracing::info!(
             kind = AttemptKind::Install.as_str(),
             outcome = Outcome::Started.as_str(),
+            platform = amo.config().platform.as_str(),
             subdomain,
             ip = requester.ip.as_deref(),
             user_agent = requester.user_agent(),
             state_fingerprint = %fingerprint,
             "install started"
         );
-        let consent = self.amo.consent_url(
+        let consent = amo.consent_url(
             &state,
             account.as_ref().map(|a| a.host.as_str()),
             request.mode,
@@ -315,14 +348,16 @@ impl Flow {
             },
             external_id: state.external_id.clone(),
         });
-        let connected = if referer_matches(&state, &host) {
-            self.connect(&host, &code, state.external_id.as_deref(), attempt_id)
-                .await
-        } else {
-            Err(CallbackError::RefererMismatch {
+        let connected = match self.integration_of(&state, &params, &host) {
+            Ok((amo, host)) if referer_matches(&state, &host) => {
+                self.connect(amo, &host, &code, state.external_id.as_deref(), attempt_id)
+                    .await
+            }
+            Ok(_) => Err(CallbackError::RefererMismatch {
                 referer: host.host.clone(),
                 expected: state.subdomain.clone().unwrap_or_default(),
-            })
+            }),
+            Err(err) => Err(err),
         };
         let result = match connected {
             Ok(connected) => {
@@ -354,15 +389,12 @@ impl Flow {
                 CallbackError::AmoCrmReportedError(error.chars().take(100).collect())
             });
         }
-        if params
-            .client_id
-            .as_deref()
-            .is_some_and(|id| id != self.amo.config().client_id)
-        {
-            return Err(CallbackError::InvalidRequest(
-                "client_id is not this integration's".into(),
-            ));
-        }
+        let sent_for = match params.client_id.as_deref() {
+            Some(id) => Some(self.integrations.by_client_id(id).ok_or_else(|| {
+                CallbackError::InvalidRequest("client_id is not this integration's".into())
+            })?),
+            None => None,
+        };
         let (Some(code), Some(state), Some(referer)) =
             (&params.code, &params.state, &params.referer)
         else {
@@ -373,8 +405,17 @@ impl Flow {
         if code.is_empty() {
             return Err(CallbackError::InvalidRequest("code is empty".into()));
         }
-        let host =
-            account_host(referer, &self.amo.config().domains).ok_or(CallbackError::BadReferer)?;
+        // The referer must be an account of the platform the client_id names, or without one
+        // of any configured platform; the state's own platform is checked once it is read.
+        let host = match sent_for {
+            Some(amo) => account_host(referer, &amo.config().domains),
+            None => self
+                .integrations
+                .clients()
+                .iter()
+                .find_map(|amo| account_host(referer, &amo.config().domains)),
+        }
+        .ok_or(CallbackError::BadReferer)?;
         if !params::is_well_formed_state(state) {
             return Err(CallbackError::UnknownState);
         }
@@ -394,10 +435,41 @@ impl Flow {
         }
     }
 
+    /// The integration the state was issued for, with the callback held to it: the
+    /// `client_id` sent back (when present) must be that integration's and the referer on
+    /// that platform's domains, all before any request leaves amoauth.
+    fn integration_of(
+        &self,
+        state: &StateRow,
+        params: &CallbackParams,
+        host: &AccountHost,
+    ) -> Result<(&Arc<AmoClient>, AccountHost), CallbackError> {
+        let amo = self.integrations.get(state.platform).ok_or_else(|| {
+            CallbackError::InvalidRequest(format!(
+                "the install was started for {}, which is no longer configured",
+                state.platform.title()
+            ))
+        })?;
+        if params
+            .client_id
+            .as_deref()
+            .is_some_and(|id| id != amo.config().client_id)
+        {
+            return Err(CallbackError::InvalidRequest(format!(
+                "client_id is not the {} integration's the install was started for",
+                state.platform.title()
+            )));
+        }
+        let host =
+            account_host(&host.host, &amo.config().domains).ok_or(CallbackError::BadReferer)?;
+        Ok((amo, host))
+    }
+
     /// Exchanges the code, looks up the account and saves the sealed tokens, closing the
     /// pending audit row `attempt_id` and queueing the event in the same transaction.
     async fn connect(
         &self,
+        amo: &AmoClient,
         host: &AccountHost,
         code: &Secret,
         external_id: Option<&str>,
@@ -407,21 +479,20 @@ impl Flow {
             host: host.host.clone(),
             source,
         };
-        let tokens = self
-            .amo
+        let platform = amo.config().platform;
+        let tokens = amo
             .exchange_code(&host.host, code.expose())
             .await
             .map_err(exchange_failed)?;
         let issued = expiry(&tokens).map_err(exchange_failed)?;
-        let account = self
-            .amo
+        let account = amo
             .account(&host.host, &tokens.access_token)
             .await
             .map_err(|source| CallbackError::AccountLookup {
                 host: host.host.clone(),
                 source,
             })?;
-        let mut data = ConnectionData::new(Some(account.id), &host.subdomain, &host.host);
+        let mut data = ConnectionData::new(platform, Some(account.id), &host.subdomain, &host.host);
         data.external_id = external_id.map(str::to_owned);
         let event = self.events.prepare(EventType::ConnectionCreated, data);
         let records = Records {
@@ -430,6 +501,7 @@ impl Flow {
             ..Records::default()
         };
         let grant = Grant {
+            platform,
             host,
             tokens: &tokens,
             account: &account,
@@ -465,16 +537,14 @@ impl Flow {
             return Err(audit.failed(CallbackError::WidgetInstallsOff).await);
         }
         let checked = match (&params.code, &params.referer) {
-            (Some(code), Some(referer)) if !code.is_empty() => {
-                account_host(referer, &self.amo.config().domains)
-                    .map(|host| (host, Secret::new(code.as_str())))
-                    .ok_or(CallbackError::BadReferer)
-            }
+            (Some(code), Some(referer)) if !code.is_empty() => self
+                .widget_integration(params.client_id.as_deref(), referer)
+                .map(|(amo, host)| (Arc::clone(amo), host, Secret::new(code.as_str()))),
             _ => Err(CallbackError::InvalidRequest(
                 "code and referer are required".into(),
             )),
         };
-        let (host, code) = match checked {
+        let (amo, host, code) = match checked {
             Ok(checked) => checked,
             Err(err) => return Err(audit.failed(err).await),
         };
@@ -483,7 +553,7 @@ impl Flow {
         let flow = Arc::clone(self);
         let requester = requester.clone();
         tokio::spawn(async move {
-            let result = flow.connect(&host, &code, None, attempt_id).await;
+            let result = flow.connect(&amo, &host, &code, None, attempt_id).await;
             let audit = Audit {
                 store: &flow.store,
                 kind: AttemptKind::WidgetInstall,
@@ -494,6 +564,40 @@ impl Flow {
             audit.finish(attempt_id, result.as_ref()).await;
         });
         Ok(())
+    }
+}
+
+impl Flow {
+    /// A widget install's integration: the one its `client_id` names (or, without one, the
+    /// only one whose domains hold the referer), with the referer on that platform's domains.
+    fn widget_integration(
+        &self,
+        client_id: Option<&str>,
+        referer: &str,
+    ) -> Result<(&Arc<AmoClient>, AccountHost), CallbackError> {
+        let amo = match client_id {
+            Some(id) => self.integrations.by_client_id(id).ok_or_else(|| {
+                CallbackError::InvalidRequest("client_id is not this integration's".into())
+            })?,
+            None => {
+                let mut on_domain = self
+                    .integrations
+                    .clients()
+                    .iter()
+                    .filter(|amo| account_host(referer, &amo.config().domains).is_some());
+                match (on_domain.next(), on_domain.next()) {
+                    (Some(amo), None) => amo,
+                    (None, _) => return Err(CallbackError::BadReferer),
+                    (Some(_), Some(_)) => {
+                        return Err(CallbackError::InvalidRequest(
+                            "client_id is required: the referer's domain is on several integrations".into(),
+                        ));
+                    }
+                }
+            }
+        };
+        let host = account_host(referer, &amo.config().domains).ok_or(CallbackError::BadReferer)?;
+        Ok((amo, host))
     }
 }
 
@@ -641,6 +745,7 @@ fn referer_matches(state: &StateRow, host: &AccountHost) -> bool {
 /// What amoCRM granted for an account at its host: the pair, the account, and the pair's
 /// lifetime `(issued, expires_at)`.
 pub(crate) struct Grant<'a> {
+    pub platform: Platform,
     pub host: &'a AccountHost,
     pub tokens: &'a TokenSet,
     pub account: &'a Account,
@@ -658,6 +763,7 @@ pub(crate) async fn save_connection(
     records: &Records<'_>,
 ) -> Result<Saved, StoreError> {
     let Grant {
+        platform,
         host,
         tokens,
         account,
@@ -668,6 +774,7 @@ pub(crate) async fn save_connection(
     store
         .upsert_connection(
             &NewConnection {
+                platform,
                 account_id: account.id,
                 external_id,
                 account_name: &account.name,

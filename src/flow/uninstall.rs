@@ -4,7 +4,7 @@
 //! anything is wiped.
 
 use super::{Flow, Requester};
-use crate::amocrm::AmoError;
+use crate::amocrm::{AmoClient, AmoError, Platform};
 use crate::crypto::TokenColumn;
 use crate::crypto::{constant_time_eq, hmac_sha256_hex};
 use crate::events::{ConnectionData, EventType};
@@ -160,10 +160,14 @@ impl Flow {
         params: &WebhookParams,
         requester: &Requester,
     ) -> Result<Uninstalled, UninstallError> {
-        let config = self.amo.config();
-        if !constant_time_eq(&params.client_uuid, &config.client_id) {
-            return Err(UninstallError::WrongClient);
-        }
+        // client_uuid names the integration, so the signature is checked with its own secret.
+        let amo = self
+            .integrations
+            .clients()
+            .iter()
+            .find(|client| constant_time_eq(&params.client_uuid, &client.config().client_id))
+            .ok_or(UninstallError::WrongClient)?;
+        let config = amo.config();
         let expected = expected_signature(
             &config.client_id,
             config.client_secret.expose(),
@@ -172,15 +176,16 @@ impl Flow {
         if !constant_time_eq(&params.signature, &expected) {
             return Err(UninstallError::BadSignature);
         }
+        let platform = config.platform;
         let row = match self
             .store
-            .find_connection(&params.account_id.to_string())
+            .find_connection(&format!("{platform}:{}", params.account_id))
             .await?
         {
             Some(row) if row.status != ConnectionStatus::Disconnected => row,
             _ => return Ok(Uninstalled::NothingToDo),
         };
-        if !self.amocrm_refuses_the_token(&row).await? {
+        if !self.amocrm_refuses_the_token(amo, &row).await? {
             return Ok(Uninstalled::Stale);
         }
         let attempt = Attempt::new(AttemptKind::Webhook, Outcome::Success)
@@ -202,7 +207,7 @@ impl Flow {
         Ok(
             if self
                 .store
-                .disconnect(params.account_id, how, now(), &records)
+                .disconnect(platform, params.account_id, how, now(), &records)
                 .await?
             {
                 Uninstalled::Disconnected
@@ -215,13 +220,17 @@ impl Flow {
 
     /// Whether amoCRM refuses the stored access token with 401, which is what it does once
     /// the integration is uninstalled. Any other answer, or none, confirms nothing.
-    async fn amocrm_refuses_the_token(&self, row: &ConnectionRow) -> Result<bool, UninstallError> {
+    async fn amocrm_refuses_the_token(
+        &self,
+        amo: &AmoClient,
+        row: &ConnectionRow,
+    ) -> Result<bool, UninstallError> {
         if row.expires_at <= now() {
             return Err(UninstallError::Unconfirmable);
         }
         let access_token = keys::open_token(&self.cipher, row, TokenColumn::AccessToken)
             .map_err(|err| UninstallError::Corrupt(err.to_string()))?;
-        match self.amo.account(&row.domain, &access_token).await {
+        match amo.account(&row.domain, &access_token).await {
             Ok(_) => Ok(false),
             Err(AmoError::Rejected { status: 401, .. } | AmoError::Http { status: 401 }) => {
                 Ok(true)
@@ -233,13 +242,18 @@ impl Flow {
     /// The admin's disconnect from the dashboard: wipes the account's tokens, marks it
     /// `disconnected` and releases it from its `external_id`; the event is written in the
     /// same transaction. False when there was nothing to do.
-    pub async fn disconnect(&self, account_id: i64) -> Result<bool, StoreError> {
+    pub async fn disconnect(
+        &self,
+        platform: Platform,
+        account_id: i64,
+    ) -> Result<bool, StoreError> {
         // The row is read only for the event's subdomain and domain.
         let event = match self.events.is_enabled() {
             true => {
-                let data = match self.store.find_connection(&account_id.to_string()).await? {
+                let qualified = format!("{platform}:{account_id}");
+                let data = match self.store.find_connection(&qualified).await? {
                     Some(row) => ConnectionData::of(&row),
-                    None => ConnectionData::new(Some(account_id), "", ""),
+                    None => ConnectionData::new(platform, Some(account_id), "", ""),
                 };
                 self.events.prepare(
                     EventType::ConnectionDisconnected,
@@ -253,7 +267,7 @@ impl Flow {
             ..Records::default()
         };
         self.store
-            .disconnect(account_id, Disconnect::ByAdmin, now(), &records)
+            .disconnect(platform, account_id, Disconnect::ByAdmin, now(), &records)
             .await
     }
 }

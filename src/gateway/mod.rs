@@ -15,10 +15,11 @@ use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 
-use crate::amocrm::{AmoClient, error_chain};
+use crate::amocrm::error_chain;
 use crate::config::GatewayConfig;
 use crate::crypto::jitter;
 use crate::events::{EventType, Events};
+use crate::integrations::Integrations;
 use crate::metrics::{Count, GatewayRecovery, Metrics};
 use crate::store::{Reservation, Store, StoreError, now, rfc3339, saturating_later};
 use crate::tokens::{FreshToken, TokenError, TokenService};
@@ -106,6 +107,7 @@ pub enum GatewayError {
 /// The `data` of `gateway.circuit_opened`.
 #[derive(Serialize)]
 struct CircuitData<'a> {
+    platform: &'static str,
     account_id: i64,
     subdomain: &'a str,
     domain: &'a str,
@@ -116,7 +118,7 @@ struct CircuitData<'a> {
 
 pub struct Gateway {
     tokens: Arc<TokenService>,
-    amo: Arc<AmoClient>,
+    integrations: Arc<Integrations>,
     store: Store,
     metrics: Arc<Metrics>,
     events: Arc<Events>,
@@ -132,7 +134,7 @@ impl Gateway {
     pub fn new(
         store: Store,
         tokens: Arc<TokenService>,
-        amo: Arc<AmoClient>,
+        integrations: Arc<Integrations>,
         metrics: Arc<Metrics>,
         events: Arc<Events>,
         config: GatewayConfig,
@@ -141,7 +143,7 @@ impl Gateway {
         Self {
             store,
             tokens,
-            amo,
+            integrations,
             metrics,
             events,
             circuits: Circuits::default(),
@@ -290,7 +292,8 @@ impl Gateway {
             bearer.set_sensitive(true);
             headers.insert(header::AUTHORIZATION, bearer);
         }
-        self.amo
+        self.integrations
+            .api_client(token.platform)
             .api_request(
                 call.method.clone(),
                 &token.domain,
@@ -321,6 +324,7 @@ impl Gateway {
                 "amoCRM answers 403 repeatedly; gateway calls are paused"
             );
             let data = CircuitData {
+                platform: token.platform.as_str(),
                 account_id,
                 subdomain: &token.subdomain,
                 domain: &token.domain,

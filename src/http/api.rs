@@ -85,6 +85,7 @@ pub(super) fn database_unavailable(detail: &str) -> Response {
 
 #[derive(Serialize)]
 struct ConnectionJson {
+    platform: &'static str,
     account_id: Option<i64>,
     external_id: Option<String>,
     account_name: Option<String>,
@@ -99,6 +100,7 @@ struct ConnectionJson {
 impl From<ConnectionRow> for ConnectionJson {
     fn from(row: ConnectionRow) -> Self {
         Self {
+            platform: row.platform.as_str(),
             account_id: row.account_id,
             external_id: row.external_id,
             account_name: row.account_name,
@@ -158,6 +160,9 @@ pub struct ConnectLinkRequest {
     /// Absent or a string; `null` is refused, as for `mode`.
     #[serde(default, deserialize_with = "string_if_present")]
     subdomain: Option<String>,
+    /// `amocrm` or `kommo`; absent: the configured one, or amoCRM when both are.
+    #[serde(default, deserialize_with = "string_if_present")]
+    platform: Option<String>,
 }
 
 /// An optional field that, when present, must be a string (not `null`).
@@ -184,6 +189,7 @@ pub async fn connect_link(
         mode: body.mode,
         external_id: Some(&body.external_id),
         return_url: Some(&body.return_url),
+        platform: body.platform.as_deref(),
     };
     match state
         .flow
@@ -202,6 +208,11 @@ pub async fn connect_link(
         Err(err @ InstallError::ReturnUrlNotAllowed) => error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "return_url_not_allowed",
+            err.to_string(),
+        ),
+        Err(err @ InstallError::PlatformNotConfigured { .. }) => error(
+            StatusCode::BAD_REQUEST,
+            "platform_not_configured",
             err.to_string(),
         ),
         Err(err) => error(StatusCode::BAD_REQUEST, "invalid_request", err.to_string()),
@@ -230,6 +241,7 @@ pub async fn token(
     state.metrics.count(Count::TokenApiRequest(outcome));
     match result {
         Ok(token) => Json(json!({
+            "platform": token.platform.as_str(),
             "account_id": token.account_id,
             "subdomain": token.subdomain,
             "domain": token.domain,
@@ -262,6 +274,7 @@ pub(super) fn account_invalid(account: &str) -> Option<Response> {
 pub(super) fn token_error(err: &TokenError) -> Response {
     match err {
         TokenError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", err.to_string()),
+        TokenError::Ambiguous { .. } => error(StatusCode::CONFLICT, "ambiguous_account", err.to_string()),
         TokenError::NeedsReauth { reason } => (
             StatusCode::CONFLICT,
             Json(json!({

@@ -12,7 +12,7 @@ use super::auth::{Admin, csrf_field};
 use super::pages::{self, Lang};
 use super::suspicion::suspicions;
 use super::{AppState, local, store_unavailable};
-use crate::store::{StoreError, now};
+use crate::store::{ConnectionRow, StoreError, now};
 
 /// Attempts shown on the dashboard; more are read to find each callback's install.
 const SHOWN_ATTEMPTS: usize = 30;
@@ -82,7 +82,7 @@ fn refuse_csrf(lang: Lang) -> Response {
 pub async fn refresh_now(
     admin: Admin,
     State(state): State<AppState>,
-    Path(account_id): Path<i64>,
+    Path(account): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -90,7 +90,7 @@ pub async fn refresh_now(
     if !admin.csrf_ok(csrf_field(&body).as_deref(), &state.admin_token) {
         return refuse_csrf(lang);
     }
-    let row = match state.store.find_connection(&account_id.to_string()).await {
+    let row = match the_connection(&state, &account).await {
         Ok(Some(row)) => row,
         Ok(None) => return back_to_dashboard("not_found"),
         Err(err) => return store_unavailable(lang, &err),
@@ -106,7 +106,7 @@ pub async fn refresh_now(
 pub async fn disconnect(
     admin: Admin,
     State(state): State<AppState>,
-    Path(account_id): Path<i64>,
+    Path(account): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -114,11 +114,37 @@ pub async fn disconnect(
     if !admin.csrf_ok(csrf_field(&body).as_deref(), &state.admin_token) {
         return refuse_csrf(lang);
     }
-    match state.flow.disconnect(account_id).await {
+    let (platform, account_id) = match the_connection(&state, &account).await {
+        Ok(Some(ConnectionRow {
+            platform,
+            account_id: Some(account_id),
+            ..
+        })) => (platform, account_id),
+        Ok(_) => return back_to_dashboard("not_found"),
+        Err(err) => return store_unavailable(lang, &err),
+    };
+    match state.flow.disconnect(platform, account_id).await {
         Ok(_) => {
-            tracing::info!(account_id, "disconnected from the dashboard");
+            tracing::info!(
+                platform = platform.as_str(),
+                account_id,
+                "disconnected from the dashboard"
+            );
             back_to_dashboard("disconnected")
         }
         Err(err) => store_unavailable(lang, &err),
     }
+}
+
+/// The one connection the dashboard's button names: `{platform}:{account id}`, or a bare
+/// account id that only one platform has.
+async fn the_connection(
+    state: &AppState,
+    account: &str,
+) -> Result<Option<ConnectionRow>, StoreError> {
+    let mut rows = state.store.find_connections(account).await?;
+    Ok(match rows.len() {
+        1 => rows.pop(),
+        _ => None,
+    })
 }

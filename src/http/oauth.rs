@@ -36,6 +36,8 @@ pub struct InstallQuery {
     /// A value other than `popup` or `post_message` is refused by the extractor (400).
     #[serde(default)]
     mode: ConsentMode,
+    /// `amocrm` or `kommo`; default: the configured one, or amoCRM when both are.
+    platform: Option<String>,
 }
 
 pub async fn install(
@@ -51,6 +53,7 @@ pub async fn install(
         mode: query.mode,
         external_id: None,
         return_url: None,
+        platform: query.platform.as_deref(),
     };
     match state
         .flow

@@ -318,6 +318,6 @@ pub async fn serve(State(state): State<AppState>) -> Json<Value> {
     Json(document(&Contract {
         base_path: &state.base_path,
         return_origins: state.flow.return_origins(),
-        account_domains: state.flow.account_domains(),
+        account_domains: &state.flow.account_domains(),
     }))
 }

@@ -506,8 +506,9 @@ pub fn home(
                     @for c in connections {
                         @let hours = (c.expires_at - now).num_minutes() as f64 / 60.0;
                         @let account_id = c.account_id.map(|id| id.to_string()).unwrap_or_default();
+                        @let qualified = format!("{}:{account_id}", c.platform);
                         tr {
-                            td { (c.account_name.as_deref().unwrap_or("—")) br; span.muted { "ID " (account_id) } }
+                            td { (c.account_name.as_deref().unwrap_or("—")) br; span.muted { (c.platform.title()) " · ID " (account_id) } }
                             td { code { (c.domain) } }
                             td class=[(c.status != ConnectionStatus::Active).then_some("low")] { (c.status) }
                             td { (format_time(c.expires_at)) }
@@ -516,12 +517,12 @@ pub fn home(
                             td.muted { (c.last_error.as_deref().unwrap_or("—")) }
                             td {
                                 @if c.account_id.is_some() && c.status != ConnectionStatus::Disconnected {
-                                    form.inline method="post" action=(local(&format!("/connections/{account_id}/refresh"))) {
+                                    form.inline method="post" action=(local(&format!("/connections/{qualified}/refresh"))) {
                                         @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
                                         button type="submit" { (lang.pick("Обновить", "Refresh now")) }
                                     }
                                     " "
-                                    form.inline method="post" action=(local(&format!("/connections/{account_id}/disconnect"))) {
+                                    form.inline method="post" action=(local(&format!("/connections/{qualified}/disconnect"))) {
                                         @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }
                                         button.secondary type="submit" { (lang.pick("Отключить", "Disconnect")) }
                                     }

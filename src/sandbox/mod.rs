@@ -24,6 +24,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use url::Url;
 
+use crate::amocrm::Platform;
+
 pub use api::{ApiAccountStats, ApiFault, ApiLimits, ApiStats};
 use state::State;
 
@@ -50,6 +52,87 @@ pub struct SandboxConfig {
     pub accounts: Vec<SandboxAccount>,
     /// The leads and contacts API's rate limit and IP block.
     pub api: ApiLimits,
+    /// A Kommo integration beside the one above. When set, the sandbox is two platforms:
+    /// `kommo.com` accounts know only this integration and the others only the one above,
+    /// each consent page offers its platform's accounts and each token endpoint takes its
+    /// platform's credentials. Unset: the one integration serves every account.
+    pub kommo: Option<SandboxIntegration>,
+}
+
+/// An integration registered on a platform: what the client must send.
+#[derive(Clone, Debug)]
+pub struct SandboxIntegration {
+    /// The integration's ID.
+    pub client_id: String,
+    /// The integration's secret key; it also signs the uninstall webhook.
+    pub client_secret: String,
+    /// The integration's registered Redirect URI.
+    pub redirect_uri: String,
+}
+
+/// The integration a request named, with the platform it is registered on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Registered<'a> {
+    pub platform: Platform,
+    pub client_id: &'a str,
+    pub client_secret: &'a str,
+    pub redirect_uri: &'a str,
+}
+
+impl SandboxConfig {
+    /// The integration whose ID this is, on its platform.
+    pub(crate) fn integration(&self, client_id: &str) -> Option<Registered<'_>> {
+        self.integrations().find(|i| i.client_id == client_id)
+    }
+
+    /// The integration an account's platform knows (with no Kommo one, the only one).
+    pub(crate) fn integration_of(&self, account: &SandboxAccount) -> Registered<'_> {
+        let platform = account.platform();
+        self.integrations()
+            .find(|i| i.platform == platform)
+            .unwrap_or_else(|| self.main_integration())
+    }
+
+    /// Whether `integration` may be granted access to `account`: on its own platform only,
+    /// once the sandbox has two.
+    pub(crate) fn serves(&self, integration: Registered<'_>, account: &SandboxAccount) -> bool {
+        self.kommo.is_none() || integration.platform == account.platform()
+    }
+
+    fn main_integration(&self) -> Registered<'_> {
+        Registered {
+            platform: Platform::Amocrm,
+            client_id: &self.client_id,
+            client_secret: &self.client_secret,
+            redirect_uri: &self.redirect_uri,
+        }
+    }
+
+    fn integrations(&self) -> impl Iterator<Item = Registered<'_>> {
+        let kommo = self.kommo.as_ref().map(|k| Registered {
+            platform: Platform::Kommo,
+            client_id: &k.client_id,
+            client_secret: &k.client_secret,
+            redirect_uri: &k.redirect_uri,
+        });
+        std::iter::once(self.main_integration()).chain(kommo)
+    }
+
+    /// The demo configuration with a Kommo integration too (`amoauth demo`, the tests of
+    /// both platforms side by side).
+    pub fn with_kommo(
+        mut self,
+        client_id: impl Into<String>,
+        client_secret: impl Into<String>,
+        redirect_uri: impl Into<String>,
+    ) -> Self {
+        self.kommo = Some(SandboxIntegration {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            redirect_uri: redirect_uri.into(),
+        });
+        self
+    }
 }
 
 impl SandboxConfig {
@@ -79,6 +162,7 @@ impl SandboxConfig {
                 },
             ],
             api: ApiLimits::default(),
+            kommo: None,
         }
     }
 }
@@ -100,6 +184,11 @@ impl SandboxAccount {
     /// The account host as amoCRM sends it in `referer`: `{subdomain}.{domain}`.
     pub fn host(&self) -> String {
         format!("{}.{}", self.subdomain, self.domain)
+    }
+
+    /// The platform the account lives on, by its domain.
+    pub fn platform(&self) -> Platform {
+        Platform::of_domain(&self.domain)
     }
 
     /// The shared API host carried in the access token's `api_domain` claim.
@@ -301,12 +390,19 @@ impl Sandbox {
     pub async fn fire_uninstall_webhook(&self, url: &str, account_id: i64) -> Result<u16, String> {
         self.revoke_tokens(account_id);
         let config = self.config();
+        // Sent by the account's platform, for the integration registered there.
+        let account = self.state().account(account_id).cloned();
+        let integration = match &account {
+            Some(account) => config.integration_of(account),
+            None => config.main_integration(),
+        };
         let mut target =
             Url::parse(url).map_err(|error| format!("invalid webhook URL {url:?}: {error}"))?;
-        let signature = uninstall_signature(&config.client_id, &config.client_secret, account_id);
+        let signature =
+            uninstall_signature(integration.client_id, integration.client_secret, account_id);
         target
             .query_pairs_mut()
-            .append_pair("client_uuid", &config.client_id)
+            .append_pair("client_uuid", integration.client_id)
             .append_pair("account_id", &account_id.to_string())
             .append_pair("signature", &signature);
 

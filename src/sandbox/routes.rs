@@ -184,9 +184,8 @@ async fn consent(
         return error_page(StatusCode::BAD_REQUEST, "Некорректные параметры запроса.");
     };
     let config = sandbox.config();
-    let accounts = sandbox.state().accounts().to_vec();
-    match query.client_id.as_deref() {
-        Some(id) if id == config.client_id => {}
+    let integration = match query.client_id.as_deref() {
+        Some(id) if config.integration(id).is_some() => config.integration(id),
         Some(id) if !id.is_empty() => {
             return error_page(
                 StatusCode::BAD_REQUEST,
@@ -194,9 +193,20 @@ async fn consent(
             );
         }
         _ => return error_page(StatusCode::BAD_REQUEST, "Не указан client_id интеграции."),
-    }
+    };
+    let Some(integration) = integration else {
+        return error_page(StatusCode::BAD_REQUEST, "Не указан client_id интеграции.");
+    };
+    // Each platform's consent page offers only its own accounts.
+    let accounts: Vec<_> = sandbox
+        .state()
+        .accounts()
+        .iter()
+        .filter(|account| config.serves(integration, account))
+        .cloned()
+        .collect();
     let markup = page::consent(
-        &config.client_id,
+        integration.client_id,
         &accounts,
         non_empty(&query.state),
         non_empty(&query.mode),
@@ -226,10 +236,14 @@ async fn decide(
         return error_page(StatusCode::BAD_REQUEST, "Некорректные параметры формы.");
     };
     let config = sandbox.config();
-    if form.client_id.as_deref() != Some(config.client_id.as_str()) {
+    let Some(integration) = form
+        .client_id
+        .as_deref()
+        .and_then(|id| config.integration(id))
+    else {
         return error_page(StatusCode::BAD_REQUEST, "Интеграция не найдена.");
-    }
-    let Ok(mut location) = Url::parse(&config.redirect_uri) else {
+    };
+    let Ok(mut location) = Url::parse(integration.redirect_uri) else {
         return error_page(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Redirect URI интеграции не является корректным адресом.",
@@ -245,7 +259,11 @@ async fn decide(
             // Code and referer under one lock, so a concurrent rename cannot split them.
             let issued = account_id.and_then(|id| {
                 let mut state = sandbox.state();
-                let host = state.account(id).map(SandboxAccount::host)?;
+                // A code only for an account of the integration's own platform.
+                let host = state
+                    .account(id)
+                    .filter(|account| config.serves(integration, account))
+                    .map(SandboxAccount::host)?;
                 Some((state.issue_code(id)?, host))
             });
             let Some((code, host)) = issued else {
@@ -258,13 +276,13 @@ async fn decide(
             }
             query
                 .append_pair("referer", &host)
-                .append_pair("client_id", &config.client_id);
+                .append_pair("client_id", integration.client_id);
         }
         Some("deny") => {
             let mut query = location.query_pairs_mut();
             query
                 .append_pair("error", "access_denied")
-                .append_pair("client_id", &config.client_id);
+                .append_pair("client_id", integration.client_id);
             if let Some(state) = state {
                 query.append_pair("state", state);
             }

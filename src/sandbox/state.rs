@@ -262,15 +262,25 @@ impl State {
             .ok_or(bad_request("Check the `grant_type` parameter"))?;
         let client_id =
             field(&request.client_id).ok_or(bad_request("Check the `client_id` parameter"))?;
-        if client_id != config.client_id
-            || field(&request.client_secret) != Some(config.client_secret.as_str())
-        {
+        let Some(integration) = config
+            .integration(client_id)
+            .filter(|i| field(&request.client_secret) == Some(i.client_secret))
+        else {
+            return Err(TokenError::InvalidClient);
+        };
+        // Another platform's servers do not know the integration at all.
+        let account_at_host = host.and_then(|host| {
+            self.accounts
+                .iter()
+                .find(|account| account.host().eq_ignore_ascii_case(host))
+        });
+        if account_at_host.is_some_and(|account| !config.serves(integration, account)) {
             return Err(TokenError::InvalidClient);
         }
         let redirect_uri = field(&request.redirect_uri)
             .ok_or(bad_request("Check the `redirect_uri` parameter"))?;
         // amoCRM wants the registered Redirect URI byte for byte, on refreshes too.
-        if redirect_uri != config.redirect_uri {
+        if redirect_uri != integration.redirect_uri {
             return Err(bad_request("Redirect URI mismatch"));
         }
         match grant_type {
@@ -464,7 +474,7 @@ fn access_jwt(
 ) -> String {
     let header = serde_json::json!({ "typ": "JWT", "alg": "RS256" });
     let payload = serde_json::json!({
-        "aud": config.client_id,
+        "aud": config.integration_of(account).client_id,
         "jti": hex::encode(random_bytes::<16>()),
         "iat": issued_at.timestamp(),
         "nbf": issued_at.timestamp(),

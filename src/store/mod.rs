@@ -215,7 +215,13 @@ macro_rules! decoded_from_text {
         }
     )+};
 }
-decoded_from_text!(AttemptKind, Outcome, ConnectionStatus, EventStatus);
+decoded_from_text!(
+    AttemptKind,
+    Outcome,
+    ConnectionStatus,
+    EventStatus,
+    crate::amocrm::Platform
+);
 
 /// A transaction that will write. SQLite takes its write lock up front (`BEGIN IMMEDIATE`),
 /// so concurrent writers queue instead of failing to upgrade a read lock.

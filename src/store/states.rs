@@ -3,6 +3,7 @@
 use super::attempts::{Attempt, bind_attempt};
 use super::retention::Purge;
 use super::{BeginWrite as _, Context as _, Store, StoreError, Timestamp, on_pool};
+use crate::amocrm::Platform;
 
 pub struct NewState<'a> {
     pub state_hash: &'a str,
@@ -15,6 +16,8 @@ pub struct NewState<'a> {
     pub external_id: Option<&'a str>,
     pub return_url: Option<&'a str>,
     pub mode: Option<&'a str>,
+    /// Whose integration the consent page was opened for.
+    pub platform: Platform,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -27,6 +30,7 @@ pub struct StateRow {
     pub external_id: Option<String>,
     pub return_url: Option<String>,
     pub mode: Option<String>,
+    pub platform: Platform,
 }
 
 /// What happened to a state presented by a callback.
@@ -56,7 +60,7 @@ impl Store {
     pub async fn insert_state(&self, state: &NewState<'_>) -> Result<(), StoreError> {
         let sql = self.sql(
             "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at, ip, \
-             user_agent, external_id, return_url, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             user_agent, external_id, return_url, mode, platform) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         );
         on_pool!(self, pool => sqlx::query(sql)
             .bind(state.state_hash)
@@ -68,6 +72,7 @@ impl Store {
             .bind(state.external_id)
             .bind(state.return_url)
             .bind(state.mode)
+            .bind(state.platform.as_str())
             .execute(pool)
             .await
             .map(drop))
@@ -86,7 +91,7 @@ impl Store {
     ) -> Result<Consumption, StoreError> {
         const OPERATION: &str = "consuming the OAuth state";
         let select = self.sql(
-            "SELECT subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode \
+            "SELECT subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode, platform \
              FROM amocrm_oauth_states WHERE state_hash = ?",
         );
         let delete =
@@ -147,7 +152,7 @@ impl Store {
     /// States that are still valid at `now`, newest first.
     pub async fn active_states(&self, now: Timestamp) -> Result<Vec<StateRow>, StoreError> {
         let sql = self.sql(
-            "SELECT subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode \
+            "SELECT subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode, platform \
              FROM amocrm_oauth_states WHERE expires_at > ? ORDER BY created_at DESC",
         );
         on_pool!(self, pool => sqlx::query_as(sql).bind(now).fetch_all(pool).await)

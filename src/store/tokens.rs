@@ -2,10 +2,13 @@
 
 use super::attempts::write_records;
 use super::{BeginWrite as _, Context as _, Records, Store, StoreError, Timestamp, on_pool};
+use crate::amocrm::Platform;
 use crate::crypto::{Sealed, SealedPair};
 
 /// A connection to save after a successful callback. Both tokens are sealed with one key.
 pub struct NewConnection<'a> {
+    /// With the account id, the connection's key: each platform numbers its accounts.
+    pub platform: Platform,
     pub account_id: i64,
     /// The host app's tenant id, from a connect link; a reconnect without one keeps the old.
     pub external_id: Option<&'a str>,
@@ -32,6 +35,8 @@ crate::named_values::named_values! {
 #[derive(Clone, Debug)]
 pub struct ConnectionRow {
     pub id: i64,
+    /// Whose integration holds the connection: its refreshes use that one's secret.
+    pub platform: Platform,
     pub account_id: Option<i64>,
     pub external_id: Option<String>,
     pub account_name: Option<String>,
@@ -71,8 +76,8 @@ macro_rules! select_connection {
     () => {
         "SELECT id, account_id, external_id, account_name, domain, subdomain, access_token, refresh_token, \
          key_id, expires_at, refresh_expires_at, issued_at, status, raw, last_refresh_at, last_error, \
-         refresh_failures, next_refresh_at, lease_owner, lease_until, version, created_at, updated_at \
-         FROM amocrm_tokens"
+         refresh_failures, next_refresh_at, lease_owner, lease_until, version, created_at, updated_at, \
+         platform FROM amocrm_tokens"
     };
 }
 
@@ -123,11 +128,15 @@ macro_rules! bind_pair {
 }
 
 /// Without an `external_id` (the admin's install, a widget install) the owner stays.
-const RECONNECT_KEEPING_OWNER: &str = concat!(reconnect_update!(), " WHERE account_id = ?");
+const RECONNECT_KEEPING_OWNER: &str = concat!(
+    reconnect_update!(),
+    " WHERE account_id = ? AND platform = ?"
+);
 /// With one, only an account without an owner or with the same one is taken.
 const RECONNECT_FOR_OWNER: &str = concat!(
     reconnect_update!(),
-    ", external_id = ? WHERE account_id = ? AND (external_id IS NULL OR external_id = ?)"
+    ", external_id = ? WHERE account_id = ? AND platform = ? \
+     AND (external_id IS NULL OR external_id = ?)"
 );
 /// Which disconnect: the uninstall webhook's, only of the pair amoCRM was asked about, or the
 /// admin's, which also releases the account from its `external_id` (the one way an account
@@ -139,16 +148,16 @@ pub enum Disconnect {
 }
 const DISCONNECT_UNCHANGED: &str = concat!(
     disconnect_update!(),
-    " WHERE account_id = ? AND status <> 'disconnected' AND version = ?"
+    " WHERE account_id = ? AND platform = ? AND status <> 'disconnected' AND version = ?"
 );
 const DISCONNECT_BY_ADMIN: &str = concat!(
     disconnect_update!(),
-    ", external_id = NULL WHERE account_id = ? AND status <> 'disconnected'"
+    ", external_id = NULL WHERE account_id = ? AND platform = ? AND status <> 'disconnected'"
 );
 const INSERT_CONNECTION: &str = "INSERT INTO amocrm_tokens (account_id, external_id, account_name, \
      domain, subdomain, access_token, refresh_token, key_id, expires_at, refresh_expires_at, \
      issued_at, status, raw, last_refresh_at, last_error, refresh_failures, version, created_at, \
-     updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?)";
+     updated_at, platform) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', ?, NULL, NULL, 0, 1, ?, ?, ?)";
 
 #[doc(hidden)]
 impl Store {
@@ -182,8 +191,12 @@ impl Store {
                 let mut tx = tx.during(OPERATION)?;
                 let query = bind_pair!(sqlx::query(reconnect), c).bind(c.now);
                 let query = match c.external_id {
-                    Some(owner) => query.bind(owner).bind(c.account_id).bind(owner),
-                    None => query.bind(c.account_id),
+                    Some(owner) => query
+                        .bind(owner)
+                        .bind(c.account_id)
+                        .bind(c.platform.as_str())
+                        .bind(owner),
+                    None => query.bind(c.account_id).bind(c.platform.as_str()),
                 };
                 let mut saved =
                     query.execute(&mut *tx).await.during(OPERATION)?.rows_affected() == 1;
@@ -192,6 +205,7 @@ impl Store {
                     let inserted = bind_pair!(query, c)
                         .bind(c.now)
                         .bind(c.now)
+                        .bind(c.platform.as_str())
                         .execute(&mut *tx)
                         .await;
                     saved = match inserted {
@@ -244,26 +258,45 @@ impl Store {
         Ok(row.map(ConnectionRow::from))
     }
 
-    /// Finds a connection by account id (digits) or by subdomain or host.
+    /// Finds a connection by account id (digits) or by subdomain or host, optionally
+    /// qualified by its platform (`kommo:31337001`, `amocrm:fastis02`); the first of
+    /// [`find_connections`](Self::find_connections).
     pub async fn find_connection(
         &self,
         account: &str,
     ) -> Result<Option<ConnectionRow>, StoreError> {
-        let row: Option<StoredConnection> = match account.parse::<i64>() {
+        Ok(self.find_connections(account).await?.into_iter().next())
+    }
+
+    /// Every connection `account` names, oldest first: one, or for a bare id or subdomain
+    /// both platforms' accounts with it (an id is unique per platform only).
+    pub async fn find_connections(&self, account: &str) -> Result<Vec<ConnectionRow>, StoreError> {
+        let (platform, account) = match account.split_once(':') {
+            Some((platform, rest)) => match Platform::parse(platform) {
+                Some(platform) => (Some(platform), rest),
+                None => return Ok(Vec::new()),
+            },
+            None => (None, account),
+        };
+        let rows: Vec<StoredConnection> = match account.parse::<i64>() {
             Ok(account_id) => {
-                let sql = self.sql(concat!(select_connection!(), " WHERE account_id = ?"));
-                on_pool!(self, pool => sqlx::query_as(sql).bind(account_id).fetch_optional(pool).await)
+                let sql = self.sql(concat!(select_connection!(), " WHERE account_id = ? ORDER BY id"));
+                on_pool!(self, pool => sqlx::query_as(sql).bind(account_id).fetch_all(pool).await)
             }
             Err(_) => {
                 let sql = self.sql(concat!(
                     select_connection!(),
-                    " WHERE subdomain = ? OR domain = ? ORDER BY id LIMIT 1"
+                    " WHERE subdomain = ? OR domain = ? ORDER BY id LIMIT 2"
                 ));
-                on_pool!(self, pool => sqlx::query_as(sql).bind(account).bind(account).fetch_optional(pool).await)
+                on_pool!(self, pool => sqlx::query_as(sql).bind(account).bind(account).fetch_all(pool).await)
             }
         }
         .during("finding the connection")?;
-        Ok(row.map(ConnectionRow::from))
+        Ok(rows
+            .into_iter()
+            .map(ConnectionRow::from)
+            .filter(|row| platform.is_none_or(|platform| row.platform == platform))
+            .collect())
     }
 
     /// Active connections the worker should refresh: the access token expires before
@@ -487,6 +520,7 @@ impl Store {
     /// disconnected, or for `Unchanged` a pair that changed since): then nothing is written.
     pub async fn disconnect(
         &self,
+        platform: Platform,
         account_id: i64,
         how: Disconnect,
         now: Timestamp,
@@ -499,7 +533,10 @@ impl Store {
         });
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await.during(OPERATION)?;
-            let query = sqlx::query(sql).bind(now).bind(account_id);
+            let query = sqlx::query(sql)
+                .bind(now)
+                .bind(account_id)
+                .bind(platform.as_str());
             let query = match how {
                 Disconnect::Unchanged { version } => query.bind(version),
                 Disconnect::ByAdmin => query,
@@ -543,6 +580,7 @@ impl Store {
 #[derive(sqlx::FromRow)]
 struct StoredConnection {
     id: i64,
+    platform: Platform,
     account_id: Option<i64>,
     external_id: Option<String>,
     account_name: Option<String>,
@@ -579,6 +617,7 @@ impl From<StoredConnection> for ConnectionRow {
             access_token: sealed(row.access_token),
             refresh_token: sealed(row.refresh_token),
             id: row.id,
+            platform: row.platform,
             account_id: row.account_id,
             external_id: row.external_id,
             account_name: row.account_name,

@@ -12,10 +12,11 @@ use tokio::sync::OnceCell;
 
 pub use worker::run_worker;
 
-use crate::amocrm::{AmoClient, AmoError, Grant, REFRESH_TOKEN_LIFETIME, TokenSet, account_host};
+use crate::amocrm::{AmoError, Grant, Platform, REFRESH_TOKEN_LIFETIME, TokenSet};
 use crate::config::Secret;
 use crate::crypto::{Cipher, TokenColumn, jitter, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
+use crate::integrations::Integrations;
 use crate::keys;
 use crate::metrics::{Count, Metrics, RefreshOutcome};
 use crate::store::{
@@ -42,6 +43,14 @@ pub enum TokenError {
     NeedsReauth {
         /// amoCRM's answer, or what the last error was.
         reason: String,
+    },
+    /// The account id or subdomain is connected on both amoCRM and Kommo: name the platform.
+    #[error("account `{account}` is connected on more than one platform: ask for {}", qualified.join(" or "))]
+    Ambiguous {
+        /// The account as asked for.
+        account: String,
+        /// The platform-qualified forms that name each connection, e.g. `kommo:31337001`.
+        qualified: Vec<String>,
     },
     /// The integration was uninstalled in amoCRM (or an admin disconnected the account).
     #[error("the account was disconnected (the integration was uninstalled)")]
@@ -91,6 +100,7 @@ impl From<StoreError> for TokenError {
 /// An access token ready to use.
 #[derive(Debug, Clone)]
 pub struct FreshToken {
+    pub platform: Platform,
     pub account_id: Option<i64>,
     pub subdomain: String,
     pub domain: String,
@@ -102,7 +112,7 @@ type SharedRefresh = Arc<OnceCell<Result<ConnectionRow, TokenError>>>;
 
 pub struct TokenService {
     store: Store,
-    amo: Arc<AmoClient>,
+    integrations: Arc<Integrations>,
     cipher: Arc<Cipher>,
     /// Names this process in `lease_owner`.
     owner: String,
@@ -117,7 +127,7 @@ impl TokenService {
     /// never overtaken; a dead holder blocks others for at most this long.
     pub fn new(
         store: Store,
-        amo: Arc<AmoClient>,
+        integrations: Arc<Integrations>,
         cipher: Arc<Cipher>,
         lease: Duration,
         metrics: Arc<Metrics>,
@@ -126,7 +136,7 @@ impl TokenService {
         let owner = format!("{}-{}", std::process::id(), &random_token()[..12]);
         Self {
             store,
-            amo,
+            integrations,
             cipher,
             owner,
             lease,
@@ -176,6 +186,7 @@ impl TokenService {
     fn fresh(&self, row: ConnectionRow) -> Result<FreshToken, TokenError> {
         let access_token = self.open(&row, TokenColumn::AccessToken)?;
         Ok(FreshToken {
+            platform: row.platform,
             account_id: row.account_id,
             subdomain: row.subdomain,
             domain: row.domain,
@@ -213,7 +224,10 @@ impl TokenService {
             access_token: self.open(&row, TokenColumn::AccessToken)?,
             refresh_token: self.open(&row, TokenColumn::RefreshToken)?,
         };
-        let Some(host) = self.amo.moved_host(&grant).await else {
+        let Some(amo) = self.integrations.get(row.platform) else {
+            return Ok(None);
+        };
+        let Some(host) = amo.moved_host(&grant).await else {
             return Ok(None);
         };
         tracing::info!(account_id = row.account_id, from = %row.domain, to = %host.host, "account moved to a new subdomain");
@@ -227,11 +241,20 @@ impl TokenService {
 
     /// The account's connection, when it has one that is neither disconnected nor waiting
     /// for a new consent.
+    /// An id or subdomain both platforms have names no connection until it is qualified.
     async fn usable_connection(&self, account: &str) -> Result<ConnectionRow, TokenError> {
-        let row = self
-            .store
-            .find_connection(account)
-            .await?
+        let mut rows = self.store.find_connections(account).await?;
+        if rows.len() > 1 {
+            return Err(TokenError::Ambiguous {
+                account: account.to_owned(),
+                qualified: rows
+                    .iter()
+                    .map(|row| format!("{}:{account}", row.platform))
+                    .collect(),
+            });
+        }
+        let row = rows
+            .pop()
             .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
         usable(&row)?;
         Ok(row)
@@ -399,9 +422,12 @@ impl TokenService {
             access_token,
             refresh_token: refresh_token.clone(),
         };
-        let result = self.amo.refresh_grant(&mut grant).await;
+        let amo = self
+            .integrations
+            .for_connection(row.platform, &row.domain)?;
+        let result = amo.refresh_grant(&mut grant).await;
         if grant.host != row.domain
-            && let Some(host) = account_host(&grant.host, &self.amo.config().domains)
+            && let Some(host) = self.integrations.account_host(row.platform, &grant.host)
             && let Err(store_err) = self
                 .store
                 .update_host(row.id, &host.host, &host.subdomain, now())
@@ -431,7 +457,7 @@ impl TokenService {
         let account_id = account_id_of(row)?;
         let attempt = refresh_attempt(row, host, Outcome::Success, None, None);
         let mut data = ConnectionData::of(row);
-        if let Some(moved) = account_host(host, &self.amo.config().domains) {
+        if let Some(moved) = self.integrations.account_host(row.platform, host) {
             (data.domain, data.subdomain) = (moved.host, moved.subdomain);
         }
         let event = self.events.prepare(EventType::ConnectionRefreshed, data);

@@ -165,6 +165,7 @@ async fn import_takes_over_the_seed_apps_connections(source_backend: Backend) {
             account(GAMMA, "gamma"),
         ],
         api: ApiLimits::default(),
+        kommo: None,
     });
     let addr = sandbox.spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let origin = format!("http://localhost:{}", addr.port());

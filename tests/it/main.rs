@@ -52,6 +52,7 @@ mod keys;
 mod logs;
 mod metrics;
 mod php;
+mod platforms;
 mod proxy;
 mod refresh;
 mod result_page;

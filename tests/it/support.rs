@@ -23,6 +23,12 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 pub const ENCRYPTION_KEY: &str = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
 pub const ACCOUNT_ID: i64 = 31_337_001;
 pub const ACCOUNT_HOST: &str = "demo.amocrm.ru";
+/// The Kommo integration of tests with both platforms (`Options::platforms`).
+pub const KOMMO_CLIENT_ID: &str = "test-kommo-client-id";
+pub const KOMMO_CLIENT_SECRET: &str = "test-kommo-secret-4b8d2f6a0c";
+/// The sandbox's Kommo account.
+pub const KOMMO_ACCOUNT_ID: i64 = 31_337_002;
+pub const KOMMO_ACCOUNT_HOST: &str = "kommodemo.kommo.com";
 /// The key that signs events in tests.
 pub const EVENTS_SECRET: &str = "test-events-secret-5c2e8d";
 
@@ -342,6 +348,17 @@ pub struct Options {
     pub proxy_rate: Option<&'static str>,
     /// AMOAUTH_PROXY_MAX_WAIT
     pub proxy_max_wait: Option<&'static str>,
+    /// Which integrations amoauth has (and the sandbox registers); default amoCRM's only.
+    pub platforms: Platforms,
+}
+
+/// The integrations of a test deployment.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+pub enum Platforms {
+    #[default]
+    AmocrmOnly,
+    KommoOnly,
+    Both,
 }
 
 pub struct TestApp {
@@ -385,7 +402,16 @@ pub fn free_port() -> u16 {
 /// Starts the sandbox for amoauth at `redirect_uri`; returns it and its origin on `localhost`
 /// (another site than amoauth's 127.0.0.1, as amoCRM is).
 pub async fn spawn_sandbox(redirect_uri: &str) -> (Sandbox, String) {
-    let sandbox = Sandbox::new(SandboxConfig::demo(CLIENT_ID, CLIENT_SECRET, redirect_uri));
+    spawn_sandbox_for(redirect_uri, Platforms::AmocrmOnly).await
+}
+
+/// The sandbox with the Kommo integration registered too unless `platforms` is amoCRM's only.
+pub async fn spawn_sandbox_for(redirect_uri: &str, platforms: Platforms) -> (Sandbox, String) {
+    let mut config = SandboxConfig::demo(CLIENT_ID, CLIENT_SECRET, redirect_uri);
+    if platforms != Platforms::AmocrmOnly {
+        config = config.with_kommo(KOMMO_CLIENT_ID, KOMMO_CLIENT_SECRET, redirect_uri);
+    }
+    let sandbox = Sandbox::new(config);
     let addr = sandbox.spawn("127.0.0.1:0".parse().unwrap()).await.unwrap();
     (sandbox, format!("http://localhost:{}", addr.port()))
 }
@@ -400,7 +426,7 @@ impl TestApp {
         let base = format!("http://{addr}");
         let public = options.public_url.clone().unwrap_or_else(|| base.clone());
         let redirect_uri = format!("{public}/amocrm/callback");
-        let (sandbox, sandbox_origin) = spawn_sandbox(&redirect_uri).await;
+        let (sandbox, sandbox_origin) = spawn_sandbox_for(&redirect_uri, options.platforms).await;
         let database = backend.fresh_database().await;
         let proxy = match options.via_proxy {
             true => Some(Proxy::start(database.server_addr().expect("a server database")).await),
@@ -410,12 +436,17 @@ impl TestApp {
             Some(proxy) => database.url_via(proxy.addr.port()),
             None => database.url.clone(),
         };
+        let amocrm = options.platforms != Platforms::KommoOnly;
+        let kommo = options.platforms != Platforms::AmocrmOnly;
         let settings = Settings {
             database_url: Some(database_url.clone()),
             encryption_key: backend.is_server().then(|| ENCRYPTION_KEY.into()),
-            client_id: Some(CLIENT_ID.into()),
-            client_secret: Some(CLIENT_SECRET.into()),
-            redirect_uri: Some(redirect_uri),
+            client_id: amocrm.then(|| CLIENT_ID.into()),
+            client_secret: amocrm.then(|| CLIENT_SECRET.into()),
+            redirect_uri: amocrm.then(|| redirect_uri.clone()),
+            kommo_client_id: kommo.then(|| KOMMO_CLIENT_ID.into()),
+            kommo_client_secret: kommo.then(|| KOMMO_CLIENT_SECRET.into()),
+            kommo_redirect_uri: kommo.then(|| redirect_uri.clone()),
             admin_token: Some(ADMIN_TOKEN.into()),
             amocrm_url: Some(
                 options
@@ -532,9 +563,14 @@ impl TestApp {
 
     /// GET /amocrm/install as the admin; returns the consent URL it redirects to.
     pub async fn install(&self) -> String {
+        self.install_at("/amocrm/install").await
+    }
+
+    /// GET of an install link (path and query) as the admin; the consent URL.
+    pub async fn install_at(&self, path_and_query: &str) -> String {
         let response = self
             .client
-            .get(format!("{}/amocrm/install", self.base))
+            .get(format!("{}{path_and_query}", self.base))
             .bearer_auth(ADMIN_TOKEN)
             .send()
             .await

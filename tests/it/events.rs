@@ -195,6 +195,7 @@ async fn a_connect_sends_connection_created_once_and_signed(backend: Backend) {
     assert_eq!(
         body["data"],
         serde_json::json!({
+            "platform": "amocrm",
             "account_id": ACCOUNT_ID,
             "subdomain": "demo",
             "domain": ACCOUNT_HOST,
@@ -320,6 +321,7 @@ async fn the_uninstall_webhook_sends_connection_disconnected_once(backend: Backe
     assert_eq!(
         disconnected.body["data"],
         serde_json::json!({
+            "platform": "amocrm",
             "account_id": ACCOUNT_ID,
             "subdomain": "demo",
             "domain": ACCOUNT_HOST,

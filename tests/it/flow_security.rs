@@ -135,7 +135,7 @@ async fn a_callback_from_another_account_than_the_install_named_is_refused(backe
         .unwrap();
     assert_eq!(response.status(), 303);
     let consent = location(&response);
-    let callback = with_referer(&app.consent(&consent, "allow").await, "kommodemo.kommo.com");
+    let callback = with_referer(&app.consent(&consent, "allow").await, "other.amocrm.ru");
 
     let (status, body) = app.open_callback(&callback).await;
 

@@ -520,13 +520,16 @@ async fn a_403_burst_opens_the_accounts_circuit(backend: Backend) {
 /// has two accounts, so that a third account is held back too is the unit test's in
 /// `gateway/circuit.rs`.)
 async fn bursts_of_403_on_two_accounts_pause_every_account(backend: Backend) {
+    // The sandbox's other account is on Kommo, so the deployment has both integrations.
     let options = Options {
         events_url: Some(format!("http://127.0.0.1:{}/events", free_port())),
+        platforms: Platforms::Both,
         ..Options::default()
     };
     let (app, relay, key) = gateway_app(&backend, options).await;
     const OTHER_ACCOUNT_ID: i64 = 31_337_002;
-    app.connect_account(OTHER_ACCOUNT_ID).await;
+    app.connect_account_at("/amocrm/install?platform=kommo", OTHER_ACCOUNT_ID)
+        .await;
     let other_url =
         |base: &str| format!("{base}/api/v1/connections/{OTHER_ACCOUNT_ID}/proxy/api/v4/leads");
     relay.answer_with(Some(403));

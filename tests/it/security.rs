@@ -332,7 +332,7 @@ async fn a_base_path_puts_the_dashboard_api_and_probes_under_the_prefix() {
         .await
         .unwrap();
     assert!(
-        page.contains(r#"action="/amocrm/connections/31337001/refresh""#),
+        page.contains(r#"action="/amocrm/connections/amocrm:31337001/refresh""#),
         "{page}"
     );
     app.stop().await;

@@ -42,7 +42,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the HTTP server and periodic cleanup; migrates the database on start
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run amoauth and the built-in amoCRM sandbox on SQLite, preconfigured, and print the URL to open
     Demo(DemoArgs),
     /// Apply the database schema and exit
@@ -826,12 +826,22 @@ async fn retry_events(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn run_sandbox(settings: &Settings, listen: SocketAddr) -> anyhow::Result<()> {
-    let amocrm = settings.amocrm()?;
-    let sandbox = Sandbox::new(SandboxConfig::demo(
-        amocrm.client_id,
+    let integrations = settings.integrations()?;
+    let (amocrm, kommo) = (&integrations[0], integrations.get(1));
+    let mut config = SandboxConfig::demo(
+        &amocrm.client_id,
         amocrm.client_secret.expose(),
         amocrm.redirect_uri.as_str(),
-    ));
+    );
+    // Both platforms when both integrations are given; with only Kommo's, it serves all.
+    if let Some(kommo) = kommo {
+        config = config.with_kommo(
+            &kommo.client_id,
+            kommo.client_secret.expose(),
+            kommo.redirect_uri.as_str(),
+        );
+    }
+    let sandbox = Sandbox::new(config);
     let addr = sandbox
         .spawn(listen)
         .await

@@ -811,6 +811,51 @@ mod tests {
         assert_eq!(problems.to_string().lines().count(), 5);
     }
 
+    fn kommo(mut s: Settings) -> Settings {
+        s.kommo_client_id = Some("kommo-client".into());
+        s.kommo_client_secret = Some("kommo-secret-value".into());
+        s.kommo_redirect_uri = Some("https://example.ru/amocrm/callback".into());
+        s
+    }
+
+    #[test]
+    fn kommo_beside_or_instead_of_amocrm_each_on_its_own_domains() {
+        let both = kommo(settings()).server().unwrap().integrations;
+        let platforms: Vec<_> = both.iter().map(|i| i.platform).collect();
+        assert_eq!(platforms, [Platform::Amocrm, Platform::Kommo]);
+        assert_eq!(both[0].domains, ["amocrm.ru", "amocrm.com"]);
+        assert_eq!(both[1].domains, ["kommo.com"]);
+        assert_eq!(both[1].client_id, "kommo-client");
+
+        let only = kommo(Settings::default()).server().unwrap().integrations;
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].platform, Platform::Kommo);
+        assert!(!format!("{only:?}").contains("kommo-secret-value"));
+
+        let mut s = settings();
+        s.amocrm_url = Some("http://127.0.0.1:9/".into());
+        let both = kommo(s).server().unwrap().integrations;
+        assert!(
+            both.iter().all(|i| i.override_origin.is_some()),
+            "the override reaches both"
+        );
+    }
+
+    #[test]
+    fn a_partial_kommo_integration_names_what_is_missing() {
+        let mut s = settings();
+        s.kommo_client_id = Some("kommo-client".into());
+        let Err(ConfigErrors(problems)) = s.server() else {
+            panic!("accepted");
+        };
+        let variables: Vec<_> = problems.iter().map(|p| p.variable).collect();
+        assert_eq!(variables, ["KOMMO_CLIENT_SECRET", "KOMMO_REDIRECT_URI"]);
+
+        let mut s = kommo(settings());
+        s.kommo_client_id = s.client_id.clone();
+        assert_eq!(the_only_problem(s.server()).variable, "KOMMO_CLIENT_ID");
+    }
+
     #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));

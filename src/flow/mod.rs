@@ -202,6 +202,11 @@ impl Flow {
             .collect()
     }
 
+    /// The configured platforms, amoCRM's first.
+    pub fn platforms(&self) -> Vec<Platform> {
+        self.integrations.platforms().collect()
+    }
+
     /// The integration an install link asked for (`?platform=`), or the default one.
     fn integration_for_install(
         &self,
@@ -357,7 +362,7 @@ impl Flow {
                 referer: host.host.clone(),
                 expected: state.subdomain.clone().unwrap_or_default(),
             }),
-            Err(err) => Err(err),
+            Err(mismatch) => Err(mismatch.into()),
         };
         let result = match connected {
             Ok(connected) => {
@@ -443,25 +448,20 @@ impl Flow {
         state: &StateRow,
         params: &CallbackParams,
         host: &AccountHost,
-    ) -> Result<(&Arc<AmoClient>, AccountHost), CallbackError> {
-        let amo = self.integrations.get(state.platform).ok_or_else(|| {
-            CallbackError::InvalidRequest(format!(
-                "the install was started for {}, which is no longer configured",
-                state.platform.title()
-            ))
-        })?;
+    ) -> Result<(&Arc<AmoClient>, AccountHost), Mismatch> {
+        let platform = state.platform;
+        let amo = self
+            .integrations
+            .get(platform)
+            .ok_or(Mismatch::NotConfigured(platform))?;
         if params
             .client_id
             .as_deref()
             .is_some_and(|id| id != amo.config().client_id)
         {
-            return Err(CallbackError::InvalidRequest(format!(
-                "client_id is not the {} integration's the install was started for",
-                state.platform.title()
-            )));
+            return Err(Mismatch::OtherClient(platform));
         }
-        let host =
-            account_host(&host.host, &amo.config().domains).ok_or(CallbackError::BadReferer)?;
+        let host = account_host(&host.host, &amo.config().domains).ok_or(Mismatch::Referer)?;
         Ok((amo, host))
     }
 
@@ -539,7 +539,8 @@ impl Flow {
         let checked = match (&params.code, &params.referer) {
             (Some(code), Some(referer)) if !code.is_empty() => self
                 .widget_integration(params.client_id.as_deref(), referer)
-                .map(|(amo, host)| (Arc::clone(amo), host, Secret::new(code.as_str()))),
+                .map(|(amo, host)| (Arc::clone(amo), host, Secret::new(code.as_str())))
+                .map_err(CallbackError::from),
             _ => Err(CallbackError::InvalidRequest(
                 "code and referer are required".into(),
             )),
@@ -574,11 +575,12 @@ impl Flow {
         &self,
         client_id: Option<&str>,
         referer: &str,
-    ) -> Result<(&Arc<AmoClient>, AccountHost), CallbackError> {
+    ) -> Result<(&Arc<AmoClient>, AccountHost), Mismatch> {
         let amo = match client_id {
-            Some(id) => self.integrations.by_client_id(id).ok_or_else(|| {
-                CallbackError::InvalidRequest("client_id is not this integration's".into())
-            })?,
+            Some(id) => self
+                .integrations
+                .by_client_id(id)
+                .ok_or(Mismatch::UnknownClient)?,
             None => {
                 let mut on_domain = self
                     .integrations
@@ -587,17 +589,50 @@ impl Flow {
                     .filter(|amo| account_host(referer, &amo.config().domains).is_some());
                 match (on_domain.next(), on_domain.next()) {
                     (Some(amo), None) => amo,
-                    (None, _) => return Err(CallbackError::BadReferer),
-                    (Some(_), Some(_)) => {
-                        return Err(CallbackError::InvalidRequest(
-                            "client_id is required: the referer's domain is on several integrations".into(),
-                        ));
-                    }
+                    (None, _) => return Err(Mismatch::Referer),
+                    (Some(_), Some(_)) => return Err(Mismatch::ClientNeeded),
                 }
             }
         };
-        let host = account_host(referer, &amo.config().domains).ok_or(CallbackError::BadReferer)?;
+        let host = account_host(referer, &amo.config().domains).ok_or(Mismatch::Referer)?;
         Ok((amo, host))
+    }
+}
+
+/// Why a callback does not belong to the integration it must: each a refusal before any
+/// request leaves amoauth.
+#[derive(Debug, Clone, Copy)]
+enum Mismatch {
+    /// The state's platform has no integration any more.
+    NotConfigured(Platform),
+    /// The `client_id` sent back is another integration's than the state's platform's.
+    OtherClient(Platform),
+    /// The `client_id` is no integration's of this deployment.
+    UnknownClient,
+    /// A widget install without `client_id` whose referer's domain is on two integrations.
+    ClientNeeded,
+    /// The referer is not an account on the integration's platform.
+    Referer,
+}
+
+impl From<Mismatch> for CallbackError {
+    fn from(mismatch: Mismatch) -> Self {
+        let invalid = CallbackError::InvalidRequest;
+        match mismatch {
+            Mismatch::NotConfigured(platform) => invalid(format!(
+                "the install was started for {}, which is no longer configured",
+                platform.title()
+            )),
+            Mismatch::OtherClient(platform) => invalid(format!(
+                "client_id is not the {} integration's the install was started for",
+                platform.title()
+            )),
+            Mismatch::UnknownClient => invalid("client_id is not this integration's".into()),
+            Mismatch::ClientNeeded => invalid(
+                "client_id is required: the referer's domain is on several integrations".into(),
+            ),
+            Mismatch::Referer => CallbackError::BadReferer,
+        }
     }
 }
 

@@ -56,6 +56,7 @@ pub async fn home(
         csrf.as_deref(),
         notice,
         &state.gateway.circuits().open_now(),
+        &state.flow.platforms(),
     );
     Html(page.into_string()).into_response()
 }

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::api::MAX_ACCOUNT;
+use crate::amocrm::Platform;
 use crate::flow::MAX_EXTERNAL_ID;
 
 /// No NUL anywhere: PostgreSQL text cannot hold one, so the server refuses it everywhere.
@@ -20,8 +21,10 @@ pub struct Contract<'a> {
     pub base_path: &'a str,
     /// AMOAUTH_RETURN_ORIGINS, canonical (`https://app.example.com`).
     pub return_origins: &'a [String],
-    /// AMOCRM_DOMAINS, lowercase.
+    /// Every configured platform's account domains, lowercase.
     pub account_domains: &'a [String],
+    /// The configured platforms (`amocrm`, `kommo`), amoCRM's first.
+    pub platforms: &'a [&'static str],
 }
 
 fn error_response(description: &str) -> Value {
@@ -199,7 +202,7 @@ pub fn document(contract: &Contract) -> Value {
                     "summary": "A valid access token, refreshed first when close to expiry",
                     "parameters": [{
                         "name": "account", "in": "path", "required": true,
-                        "description": "The amoCRM account id or subdomain (or host).",
+                        "description": "The account id or subdomain (or host). With both amoCRM and Kommo configured, an id or subdomain both platforms have is answered 409 ambiguous_account; qualify it with its platform: `kommo:31337001`, `amocrm:31337001`.",
                         "schema": { "type": "string", "minLength": 1, "maxLength": MAX_ACCOUNT, "pattern": NO_NUL }
                     }],
                     "responses": {
@@ -209,7 +212,7 @@ pub fn document(contract: &Contract) -> Value {
                         },
                         "400": error_response("A malformed account: not UTF-8, too long or holding NUL."),
                         "404": error_response("No connection for this account."),
-                        "409": error_response("needs_reauth or disconnected: an admin must connect the account again."),
+                        "409": error_response("needs_reauth or disconnected: an admin must connect the account again; ambiguous_account: the id or subdomain is connected on both platforms, ask for `amocrm:…` or `kommo:…`."),
                         "500": error_response("The stored tokens cannot be decrypted with the configured key (corrupt)."),
                         "502": error_response("amoCRM refused or failed the refresh; the stored pair is kept."),
                         "503": error_response_with("refresh_backoff: the access token expired and refreshes are backing off after amoCRM failed them (`reason` says why; no call to amoCRM was made); or the database, or another replica's refresh, is in the way. Retry after `Retry-After`.", "Retry-After", "Seconds to wait."),
@@ -228,7 +231,11 @@ pub fn document(contract: &Contract) -> Value {
                             "external_id": external_id,
                             "return_url": return_url_schema(contract.return_origins),
                             "mode": { "type": "string", "enum": ["popup", "post_message"], "default": "popup" },
-                            "subdomain": subdomain_schema(contract.account_domains)
+                            "subdomain": subdomain_schema(contract.account_domains),
+                            "platform": {
+                                "type": "string", "enum": contract.platforms,
+                                "description": "The platform whose integration the link is for; default: the only one configured, or amocrm when both are."
+                            }
                         },
                         "additionalProperties": true,
                         "description": "Other members are ignored; a member may appear once. At most 16 KiB."
@@ -280,8 +287,9 @@ pub fn document(contract: &Contract) -> Value {
                 },
                 "Connection": {
                     "type": "object",
-                    "required": ["account_id", "external_id", "account_name", "subdomain", "domain", "status", "expires_at", "last_refresh_at", "last_error"],
+                    "required": ["platform", "account_id", "external_id", "account_name", "subdomain", "domain", "status", "expires_at", "last_refresh_at", "last_error"],
                     "properties": {
+                        "platform": { "type": "string", "enum": ["amocrm", "kommo"] },
                         "account_id": { "type": ["integer", "null"] },
                         "external_id": { "type": ["string", "null"] },
                         "account_name": { "type": ["string", "null"] },
@@ -295,8 +303,9 @@ pub fn document(contract: &Contract) -> Value {
                 },
                 "Token": {
                     "type": "object",
-                    "required": ["account_id", "subdomain", "domain", "access_token", "expires_at"],
+                    "required": ["platform", "account_id", "subdomain", "domain", "access_token", "expires_at"],
                     "properties": {
+                        "platform": { "type": "string", "enum": ["amocrm", "kommo"] },
                         "account_id": { "type": ["integer", "null"] },
                         "subdomain": { "type": "string" },
                         "domain": { "type": "string" },
@@ -319,5 +328,11 @@ pub async fn serve(State(state): State<AppState>) -> Json<Value> {
         base_path: &state.base_path,
         return_origins: state.flow.return_origins(),
         account_domains: &state.flow.account_domains(),
+        platforms: &state
+            .flow
+            .platforms()
+            .into_iter()
+            .map(Platform::as_str)
+            .collect::<Vec<_>>(),
     }))
 }

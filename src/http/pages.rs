@@ -4,7 +4,7 @@ use axum::http::HeaderMap;
 use axum::http::header::ACCEPT_LANGUAGE;
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
-use crate::amocrm::{AmoError, ProblemKind};
+use crate::amocrm::{AmoError, Platform, ProblemKind};
 use crate::flow::{Connected, Failure};
 use std::collections::HashMap;
 
@@ -463,6 +463,7 @@ pub fn home(
     csrf: Option<&str>,
     notice: Option<Notice>,
     paused: &[(Option<i64>, std::time::Duration)],
+    platforms: &[Platform],
 ) -> Markup {
     let title = lang.pick("Подключения amoCRM", "amoCRM connections");
     layout(
@@ -486,7 +487,14 @@ pub fn home(
             }
             // A div, not a p: a form inside a p closes it in the HTML parser.
             div.toolbar {
-                a.button href="/amocrm/install" { (lang.pick("Подключить amoCRM", "Connect amoCRM")) }
+                // One button per configured integration; amoCRM's link is the one it always was.
+                @for platform in platforms {
+                    @match platform {
+                        Platform::Amocrm => { a.button href="/amocrm/install" { (lang.pick("Подключить amoCRM", "Connect amoCRM")) } }
+                        Platform::Kommo => { a.button href="/amocrm/install?platform=kommo" { (lang.pick("Подключить Kommo", "Connect Kommo")) } }
+                    }
+                    " "
+                }
                 " "
                 form.inline method="post" action=(local("/logout")) {
                     @if let Some(csrf) = csrf { input type="hidden" name="csrf" value=(csrf); }

@@ -3,12 +3,15 @@
 use crate::support::*;
 
 /// Every flag that has a variable, and the variable (README's configuration table).
-const FLAG_VARIABLES: [(&str, &str); 29] = [
+const FLAG_VARIABLES: [(&str, &str); 32] = [
     ("--database-url", "DATABASE_URL"),
     ("--encryption-key", "AMOAUTH_ENCRYPTION_KEY"),
     ("--client-id", "AMOCRM_CLIENT_ID"),
     ("--client-secret", "AMOCRM_CLIENT_SECRET"),
     ("--redirect-uri", "AMOCRM_REDIRECT_URI"),
+    ("--kommo-client-id", "KOMMO_CLIENT_ID"),
+    ("--kommo-client-secret", "KOMMO_CLIENT_SECRET"),
+    ("--kommo-redirect-uri", "KOMMO_REDIRECT_URI"),
     ("--domains", "AMOCRM_DOMAINS"),
     ("--amocrm-url", "AMOAUTH_AMOCRM_URL"),
     ("--amocrm-timeout", "AMOAUTH_AMOCRM_TIMEOUT"),
@@ -46,6 +49,9 @@ const COMMANDS: [(&[&str], &[&str], &[&str]); 15] = [
             "--client-id",
             "--client-secret",
             "--redirect-uri",
+            "--kommo-client-id",
+            "--kommo-client-secret",
+            "--kommo-redirect-uri",
             "--domains",
             "--amocrm-url",
             "--listen",
@@ -73,6 +79,7 @@ const COMMANDS: [(&[&str], &[&str], &[&str]); 15] = [
             "--client-id",
             "--client-secret",
             "--redirect-uri",
+            "--kommo-client-id",
             "--amocrm-url",
             "--domains",
         ],
@@ -148,6 +155,7 @@ const COMMANDS: [(&[&str], &[&str], &[&str]); 15] = [
             "--database-url",
             "--encryption-key",
             "--client-id",
+            "--kommo-client-id",
             "--domains",
         ],
         &[

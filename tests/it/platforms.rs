@@ -326,10 +326,150 @@ async fn an_existing_single_integration_database_migrates_and_keeps_working(back
     database.drop_database().await;
 }
 
+/// Widget installs carry no state: the `client_id` names the integration, whose platform the
+/// referer must be on.
+async fn widget_installs_are_matched_by_their_client_id(backend: Backend) {
+    let options = Options {
+        widget_installs: true,
+        ..both()
+    };
+    let app = TestApp::spawn_with(&backend, options).await;
+    let widget = |client_id: &str, referer: &str| {
+        let code = app.sandbox.authorize(KOMMO_ACCOUNT_ID);
+        format!(
+            "{}/amocrm/callback?code={code}&referer={referer}&client_id={client_id}&from_widget=1",
+            app.base
+        )
+    };
+    let (status, body) = app.get(&widget(KOMMO_CLIENT_ID, ACCOUNT_HOST)).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = app.get(&widget(CLIENT_ID, KOMMO_ACCOUNT_HOST)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(app.sandbox.stats().code_exchanges, 0, "nothing was posted");
+
+    let (status, _) = app.get(&widget(KOMMO_CLIENT_ID, KOMMO_ACCOUNT_HOST)).await;
+    assert_eq!(status, 200);
+    let mut connected = Vec::new();
+    for _ in 0..100 {
+        connected = app
+            .db()
+            .strings("SELECT platform FROM amocrm_tokens WHERE account_id = 31337002")
+            .await;
+        if !connected.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(connected, [Some("kommo".into())]);
+    app.stop().await;
+}
+
 on_all_backends!(
+    widget_installs_are_matched_by_their_client_id,
     both_platforms_connect_refresh_and_uninstall_with_their_own_integrations,
     callbacks_that_mix_the_platforms_are_refused_before_any_request,
     a_kommo_only_deployment_connects_kommo_accounts,
     the_same_account_number_on_both_platforms_is_two_connections,
     an_existing_single_integration_database_migrates_and_keeps_working,
 );
+
+/// README's Kommo block as an operator uses it: its `export KOMMO_…` lines (with this test's
+/// integration for the `…`), first instead of the amoCRM variables, then beside them, given to
+/// the real `amoauth serve`, whose install links then open each platform's consent.
+#[tokio::test]
+async fn readme_kommo_setup_runs_kommo_only_and_beside_amocrm() {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let section = readme
+        .split("### amoCRM, Kommo or both")
+        .nth(1)
+        .expect("README has the Kommo section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .unwrap();
+    let port = free_port();
+    let redirect_uri = format!("http://127.0.0.1:{port}/amocrm/callback");
+    let exported: Vec<(String, String)> = block
+        .lines()
+        .filter_map(|line| line.strip_prefix("export "))
+        .map(|line| {
+            let (name, value) = line.split_once('=').unwrap();
+            let value = value.split_whitespace().next().unwrap();
+            let value = match (name, value) {
+                ("KOMMO_CLIENT_ID", "…") => KOMMO_CLIENT_ID.to_owned(),
+                ("KOMMO_CLIENT_SECRET", "…") => KOMMO_CLIENT_SECRET.to_owned(),
+                // The site's address in README is this test's server.
+                ("KOMMO_REDIRECT_URI", uri) => {
+                    assert_eq!(uri, "https://example.ru/amocrm/callback");
+                    redirect_uri.clone()
+                }
+                other => panic!("README exports {other:?}"),
+            };
+            (name.to_owned(), value)
+        })
+        .collect();
+    assert_eq!(exported.len(), 3, "{block}");
+    let (sandbox, origin) = spawn_sandbox_for(&redirect_uri, Platforms::Both).await;
+
+    for (amocrm_set, setup) in [(false, "Kommo only"), (true, "both")] {
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = format!("sqlite://{}", dir.path().join("amoauth.db").display());
+        let mut env: Vec<(&str, &str)> = exported
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        if !amocrm_set {
+            env.extend([
+                ("AMOCRM_CLIENT_ID", ""),
+                ("AMOCRM_CLIENT_SECRET", ""),
+                ("AMOCRM_REDIRECT_URI", ""),
+            ]);
+        }
+        let process = ServeProcess::start(port, &redirect_uri, &origin, &database_url, &env).await;
+        let install = |query: &'static str| {
+            let base = process.base.clone();
+            async move {
+                http_client()
+                    .get(format!("{base}/amocrm/install{query}"))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .send()
+                    .await
+                    .unwrap()
+            }
+        };
+        let kommo = install("?platform=kommo").await;
+        assert_eq!(kommo.status(), 303, "{setup}");
+        let consent = location(&kommo);
+        assert_eq!(
+            query_param(&consent, "client_id").as_deref(),
+            Some(KOMMO_CLIENT_ID),
+            "{setup}"
+        );
+        let callback =
+            consent_as(&http_client(), &origin, &consent, "allow", KOMMO_ACCOUNT_ID).await;
+        let (status, body) = open_callback(&http_client(), &callback).await;
+        assert_eq!(status, 200, "{setup}: {body}");
+        let default = install("").await;
+        let amocrm = install("?platform=amocrm").await;
+        if amocrm_set {
+            assert_eq!(
+                query_param(&location(&default), "client_id").as_deref(),
+                Some(CLIENT_ID),
+                "with both, a link without a platform is amoCRM's"
+            );
+            assert_eq!(amocrm.status(), 303);
+        } else {
+            assert_eq!(
+                query_param(&location(&default), "client_id").as_deref(),
+                Some(KOMMO_CLIENT_ID),
+                "Kommo only: a link without a platform is Kommo's"
+            );
+            assert_eq!(amocrm.status(), 400, "amoCRM is not configured");
+        }
+        process.stop();
+    }
+    assert_eq!(sandbox.stats().successful_code_exchanges, 2);
+}

@@ -526,12 +526,8 @@ impl TestApp {
         assert_eq!(status, 200, "{body}");
     }
 
-    /// Install, Allow as another of the sandbox's accounts, and callback: it is connected too.
-    pub async fn connect_account(&self, account_id: i64) {
-        self.connect_account_at("/amocrm/install", account_id).await;
-    }
-
-    /// As `connect_account`, from an install link such as `/amocrm/install?platform=kommo`.
+    /// Install from a link such as `/amocrm/install?platform=kommo`, Allow as one of the
+    /// sandbox's accounts, and callback: it is connected.
     pub async fn connect_account_at(&self, install: &str, account_id: i64) {
         let consent_url = self.install_at(install).await;
         let callback = consent_as(

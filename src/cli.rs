@@ -610,7 +610,14 @@ async fn refresh(settings: &Settings, account: Option<&str>) -> anyhow::Result<(
     let Parts { store, tokens, .. } = Parts::open(&config).await?;
     match account {
         Some(account) => {
-            let row = store.find_connection(account).await?.ok_or_else(|| {
+            let mut rows = store.find_connections(account).await?;
+            if rows.len() > 1 {
+                anyhow::bail!(
+                    "account `{account}` is connected on both amoCRM and Kommo: name one, \
+                     `amocrm:{account}` or `kommo:{account}`"
+                );
+            }
+            let row = rows.pop().ok_or_else(|| {
                 anyhow::anyhow!("no connection for account `{account}`; see `amoauth tokens`")
             })?;
             let refreshed = tokens.refresh(row.id, row.version).await?;
@@ -764,8 +771,9 @@ async fn states(settings: &Settings) -> anyhow::Result<()> {
     println!("{} active states", states.len());
     for s in states {
         println!(
-            "{:<20} created {}  expires {}  ip {}",
+            "{:<20} {:<6} created {}  expires {}  ip {}",
             s.subdomain.as_deref().unwrap_or("-"),
+            s.platform,
             s.created_at.format("%Y-%m-%d %H:%M:%S"),
             s.expires_at.format("%Y-%m-%d %H:%M:%S"),
             s.ip.as_deref().unwrap_or("-"),

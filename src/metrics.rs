@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::amocrm::Platform;
 use crate::flow::reason::CallbackReason;
 use crate::named_values::named_values;
 use crate::store::ConnectionStatus;
@@ -103,6 +104,16 @@ impl Counter {
         }
     }
 
+    /// Whether the counter is per platform (`platform="amocrm"`, `"kommo"`): flows that started
+    /// or connected and refreshes, whose integration is always known. Failed flows are by
+    /// reason only, since many fail before their platform is known (no or an unknown state).
+    fn per_platform(self) -> bool {
+        matches!(
+            self,
+            Self::FlowsStarted | Self::FlowsCompleted | Self::Refreshes
+        )
+    }
+
     /// The counter's label name with every value it can take; None when it has no label.
     fn label(self) -> Option<(&'static str, Vec<&'static str>)> {
         fn names<T: Copy>(all: &[T], as_str: fn(T) -> &'static str) -> Vec<&'static str> {
@@ -141,10 +152,10 @@ impl Counter {
 /// were pre-registered can be counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Count {
-    FlowStarted,
-    FlowCompleted,
+    FlowStarted(Platform),
+    FlowCompleted(Platform),
     FlowFailed(CallbackReason),
-    Refresh(RefreshOutcome),
+    Refresh(Platform, RefreshOutcome),
     TokenApiRequest(TokenApiOutcome),
     EventDelivery(DeliveryOutcome),
     GatewayRequest(GatewayOutcome),
@@ -152,23 +163,33 @@ pub enum Count {
 }
 
 impl Count {
-    /// The counter and label value this adds to.
+    /// The counter, platform and label value this adds to.
     fn series(self) -> Series {
         match self {
-            Self::FlowStarted => (Counter::FlowsStarted, None),
-            Self::FlowCompleted => (Counter::FlowsCompleted, None),
-            Self::FlowFailed(reason) => (Counter::FlowsFailed, Some(reason.as_str())),
-            Self::Refresh(outcome) => (Counter::Refreshes, Some(outcome.as_str())),
-            Self::TokenApiRequest(outcome) => (Counter::TokenApiRequests, Some(outcome.as_str())),
-            Self::EventDelivery(outcome) => (Counter::EventDeliveries, Some(outcome.as_str())),
-            Self::GatewayRequest(outcome) => (Counter::GatewayRequests, Some(outcome.as_str())),
-            Self::GatewayRecovery(action) => (Counter::GatewayRecoveries, Some(action.as_str())),
+            Self::FlowStarted(platform) => (Counter::FlowsStarted, Some(platform), None),
+            Self::FlowCompleted(platform) => (Counter::FlowsCompleted, Some(platform), None),
+            Self::FlowFailed(reason) => (Counter::FlowsFailed, None, Some(reason.as_str())),
+            Self::Refresh(platform, outcome) => {
+                (Counter::Refreshes, Some(platform), Some(outcome.as_str()))
+            }
+            Self::TokenApiRequest(outcome) => {
+                (Counter::TokenApiRequests, None, Some(outcome.as_str()))
+            }
+            Self::EventDelivery(outcome) => {
+                (Counter::EventDeliveries, None, Some(outcome.as_str()))
+            }
+            Self::GatewayRequest(outcome) => {
+                (Counter::GatewayRequests, None, Some(outcome.as_str()))
+            }
+            Self::GatewayRecovery(action) => {
+                (Counter::GatewayRecoveries, None, Some(action.as_str()))
+            }
         }
     }
 }
 
-/// A counter and its label value, if it has a label.
-type Series = (Counter, Option<&'static str>);
+/// A counter, its platform if it is per platform, and its label value if it has a label.
+type Series = (Counter, Option<Platform>, Option<&'static str>);
 
 #[derive(Default, Debug)]
 struct Histogram {
@@ -191,14 +212,17 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut counters = BTreeMap::new();
         for counter in Counter::ALL {
-            match counter.label() {
-                None => {
-                    counters.insert((*counter, None), 0);
-                }
-                Some((_, values)) => {
-                    for value in values {
-                        counters.insert((*counter, Some(value)), 0);
-                    }
+            let platforms: Vec<Option<Platform>> = match counter.per_platform() {
+                true => Platform::ALL.iter().copied().map(Some).collect(),
+                false => vec![None],
+            };
+            let values: Vec<Option<&'static str>> = match counter.label() {
+                None => vec![None],
+                Some((_, values)) => values.into_iter().map(Some).collect(),
+            };
+            for platform in &platforms {
+                for value in &values {
+                    counters.insert((*counter, *platform, *value), 0);
                 }
             }
         }
@@ -268,13 +292,20 @@ impl Metrics {
             let name = counter.as_str();
             header(out, name, counter.help(), "counter");
             let label = counter.label().map(|(key, _)| key);
-            for ((_, value), n) in counters.iter().filter(|((of, _), _)| of == counter) {
-                match (label, value) {
-                    (Some(key), Some(value)) => {
-                        let _ = writeln!(out, "{name}{{{key}=\"{}\"}} {n}", escape(value));
-                    }
-                    _ => {
+            for ((_, platform, value), n) in counters.iter().filter(|((of, ..), _)| of == counter) {
+                let mut labels = Vec::new();
+                if let Some(platform) = platform {
+                    labels.push(format!("platform=\"{platform}\""));
+                }
+                if let (Some(key), Some(value)) = (label, value) {
+                    labels.push(format!("{key}=\"{}\"", escape(value)));
+                }
+                match labels.is_empty() {
+                    true => {
                         let _ = writeln!(out, "{name} {n}");
+                    }
+                    false => {
+                        let _ = writeln!(out, "{name}{{{}}} {n}", labels.join(","));
                     }
                 }
             }
@@ -398,34 +429,36 @@ mod tests {
     fn a_new_process_exports_every_counter_and_label_value_at_zero() {
         let text = Metrics::default().render(&no_connections());
         let samples = samples(&text);
-        for series in
-            [
-                "amoauth_flows_started_total".to_owned(),
-                "amoauth_flows_completed_total".to_owned(),
-                "amoauth_connections{status=\"active\"}".to_owned(),
-                "amoauth_connections{status=\"needs_reauth\"}".to_owned(),
-                "amoauth_connections{status=\"disconnected\"}".to_owned(),
-            ]
-            .into_iter()
-            .chain(
-                CallbackReason::ALL
-                    .iter()
-                    .map(|reason| format!("amoauth_flows_failed_total{{reason=\"{reason}\"}}")),
-            )
-            .chain(
-                RefreshOutcome::ALL
-                    .iter()
-                    .map(|outcome| format!("amoauth_refreshes_total{{outcome=\"{outcome}\"}}")),
-            )
-            .chain(TokenApiOutcome::ALL.iter().map(|outcome| {
+        for series in [
+            "amoauth_flows_started_total{platform=\"amocrm\"}".to_owned(),
+            "amoauth_flows_started_total{platform=\"kommo\"}".to_owned(),
+            "amoauth_flows_completed_total{platform=\"amocrm\"}".to_owned(),
+            "amoauth_flows_completed_total{platform=\"kommo\"}".to_owned(),
+            "amoauth_connections{status=\"active\"}".to_owned(),
+            "amoauth_connections{status=\"needs_reauth\"}".to_owned(),
+            "amoauth_connections{status=\"disconnected\"}".to_owned(),
+        ]
+        .into_iter()
+        .chain(
+            CallbackReason::ALL
+                .iter()
+                .map(|reason| format!("amoauth_flows_failed_total{{reason=\"{reason}\"}}")),
+        )
+        .chain(Platform::ALL.iter().flat_map(|platform| {
+            RefreshOutcome::ALL.iter().map(move |outcome| {
+                format!("amoauth_refreshes_total{{platform=\"{platform}\",outcome=\"{outcome}\"}}")
+            })
+        }))
+        .chain(
+            TokenApiOutcome::ALL.iter().map(|outcome| {
                 format!("amoauth_token_api_requests_total{{outcome=\"{outcome}\"}}")
-            }))
-            .chain(
-                DeliveryOutcome::ALL.iter().map(|outcome| {
-                    format!("amoauth_event_deliveries_total{{outcome=\"{outcome}\"}}")
-                }),
-            )
-        {
+            }),
+        )
+        .chain(
+            DeliveryOutcome::ALL
+                .iter()
+                .map(|outcome| format!("amoauth_event_deliveries_total{{outcome=\"{outcome}\"}}")),
+        ) {
             assert_eq!(
                 samples.get(&series).map(String::as_str),
                 Some("0"),
@@ -458,10 +491,21 @@ mod tests {
         let fresh: Vec<String> = samples(&metrics.render(&no_connections()))
             .into_keys()
             .collect();
-        let every_count = [Count::FlowStarted, Count::FlowCompleted]
-            .into_iter()
+        let every_count = Platform::ALL
+            .iter()
+            .flat_map(|platform| {
+                [
+                    Count::FlowStarted(*platform),
+                    Count::FlowCompleted(*platform),
+                ]
+                .into_iter()
+                .chain(
+                    RefreshOutcome::ALL
+                        .iter()
+                        .map(|outcome| Count::Refresh(*platform, *outcome)),
+                )
+            })
             .chain(CallbackReason::ALL.iter().copied().map(Count::FlowFailed))
-            .chain(RefreshOutcome::ALL.iter().copied().map(Count::Refresh))
             .chain(
                 TokenApiOutcome::ALL
                     .iter()
@@ -505,7 +549,7 @@ mod tests {
         let metrics = Metrics::default();
         metrics.count(Count::FlowFailed(CallbackReason::UsedState));
         metrics.count(Count::FlowFailed(CallbackReason::UsedState));
-        metrics.count(Count::FlowStarted);
+        metrics.count(Count::FlowStarted(Platform::Kommo));
         metrics.observe_request("/amocrm/install", Duration::from_millis(3));
         let text = metrics.render(&StoredGauges {
             connections: vec![("active".into(), 2)],
@@ -516,7 +560,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("amoauth_flows_failed_total{reason=\"unknown_state\"} 0\n"));
-        assert!(text.contains("amoauth_flows_started_total 1\n"));
+        assert!(text.contains("amoauth_flows_started_total{platform=\"kommo\"} 1\n"));
+        assert!(text.contains("amoauth_flows_started_total{platform=\"amocrm\"} 0\n"));
         assert!(text.contains("amoauth_http_request_duration_seconds_bucket{route=\"/amocrm/install\",le=\"0.0025\"} 0\n"));
         assert!(text.contains("amoauth_http_request_duration_seconds_bucket{route=\"/amocrm/install\",le=\"0.005\"} 1\n"));
         assert!(text.contains("amoauth_http_request_duration_seconds_bucket{route=\"/amocrm/install\",le=\"+Inf\"} 1\n"));

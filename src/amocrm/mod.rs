@@ -541,6 +541,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn each_platforms_client_opens_its_own_consent_page_and_hosts() {
+        let redirect_uri: Url = "https://app.example/amocrm/callback".parse().unwrap();
+        for (platform, consent, account, foreign) in [
+            (
+                Platform::Amocrm,
+                "https://www.amocrm.ru/oauth?client_id=id&state=s&mode=popup",
+                "shop.amocrm.ru",
+                "shop.kommo.com",
+            ),
+            (
+                Platform::Kommo,
+                "https://www.kommo.com/oauth?client_id=id&state=s&mode=popup",
+                "shop.kommo.com",
+                "shop.amocrm.ru",
+            ),
+        ] {
+            let config =
+                ClientConfig::for_platform(platform, "id", Secret::new("s"), redirect_uri.clone());
+            let client = AmoClient::new(config);
+            assert_eq!(
+                client.consent_url("s", None, ConsentMode::Popup).as_str(),
+                consent
+            );
+            assert!(client.account_host(account).is_some(), "{platform}");
+            assert!(client.account_host(foreign).is_none(), "{platform}");
+        }
+    }
+
+    #[test]
     fn token_response_keeps_no_token_values_in_raw() {
         let body = br#"{"token_type":"Bearer","expires_in":86400,"access_token":"AAA","refresh_token":"RRR","server_time":1}"#;
         let set = parse_token_set(body).unwrap();

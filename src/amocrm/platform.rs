@@ -4,11 +4,20 @@
 crate::named_values::named_values! {
     /// Which platform an integration, a state or a connection belongs to; stored as `amocrm`
     /// or `kommo`.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "lowercase")]
     pub enum Platform {
         /// amoCRM, accounts on `amocrm.ru` (and `amocrm.com` for old ones).
         Amocrm => "amocrm",
         /// Kommo, accounts on `kommo.com`.
         Kommo => "kommo",
+    }
+}
+
+/// amoCRM: what everything was before Kommo had its own integration (rows, sealed results).
+impl Default for Platform {
+    fn default() -> Self {
+        Self::Amocrm
     }
 }
 

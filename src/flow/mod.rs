@@ -54,6 +54,9 @@ impl Requester {
 /// A connection saved by a callback.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Connected {
+    /// Absent from results sealed before Kommo: those were amoCRM's.
+    #[serde(default)]
+    pub platform: Platform,
     pub account_id: i64,
     pub account_name: String,
     pub domain: String,
@@ -234,7 +237,7 @@ impl Flow {
         &self,
         request: &InstallRequest<'_>,
         requester: &Requester,
-    ) -> Result<(Url, Timestamp), InstallError> {
+    ) -> Result<(Url, Timestamp, Platform), InstallError> {
         if let Some(external_id) = request.external_id
             && !is_valid_external_id(external_id)
         {
@@ -308,7 +311,7 @@ impl Flow {
             account.as_ref().map(|a| a.host.as_str()),
             request.mode,
         );
-        Ok((consent, expires_at))
+        Ok((consent, expires_at, amo.config().platform))
     }
 
     /// Seed steps 4-7 for a raw callback query, each failure told apart and audited.
@@ -513,6 +516,7 @@ impl Flow {
             return Err(CallbackError::AccountTaken);
         }
         Ok(Connected {
+            platform,
             account_id: account.id,
             account_name: account.name,
             domain: host.host.clone(),

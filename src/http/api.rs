@@ -196,8 +196,8 @@ pub async fn connect_link(
         .start_install(&request, &requester(peer, &headers))
         .await
     {
-        Ok((url, expires_at)) => {
-            state.metrics.count(Count::FlowStarted);
+        Ok((url, expires_at, platform)) => {
+            state.metrics.count(Count::FlowStarted(platform));
             (
                 StatusCode::CREATED,
                 Json(json!({ "url": url.as_str(), "expires_at": rfc3339(expires_at) })),

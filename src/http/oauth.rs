@@ -60,8 +60,8 @@ pub async fn install(
         .start_install(&request, &requester(peer, &headers))
         .await
     {
-        Ok((consent, _)) => {
-            state.metrics.count(Count::FlowStarted);
+        Ok((consent, _, platform)) => {
+            state.metrics.count(Count::FlowStarted(platform));
             (StatusCode::SEE_OTHER, [(LOCATION, consent.to_string())]).into_response()
         }
         Err(InstallError::Store(err)) => store_unavailable(lang, &err),
@@ -87,7 +87,9 @@ pub async fn callback(
     match &callback.result {
         Ok(CallbackOutcome::Connected(connected)) => {
             tracing::Span::current().record("account", connected.account_id);
-            state.metrics.count(Count::FlowCompleted);
+            state
+                .metrics
+                .count(Count::FlowCompleted(connected.platform));
         }
         Ok(CallbackOutcome::WidgetAccepted) => {}
         Err(err) => {

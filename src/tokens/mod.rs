@@ -586,7 +586,7 @@ impl TokenService {
             (_, Some("needs_reauth")) => RefreshOutcome::NeedsReauth,
             _ => RefreshOutcome::Failure,
         };
-        self.metrics.count(Count::Refresh(counted));
+        self.metrics.count(Count::Refresh(row.platform, counted));
         if outcome == Outcome::Success {
             tracing::info!(
                 kind = AttemptKind::Refresh.as_str(),

@@ -34,6 +34,7 @@ const FAILURE_REASONS: [&str; 16] = [
     "database_error",
 ];
 const REFRESH_OUTCOMES: [&str; 3] = ["success", "needs_reauth", "failure"];
+const PLATFORMS: [&str; 2] = ["amocrm", "kommo"];
 const TOKEN_API_OUTCOMES: [&str; 5] = ["ok", "not_found", "needs_reauth", "error", "unauthorized"];
 const DELIVERY_OUTCOMES: [&str; 2] = ["delivered", "failed_attempt"];
 const GATEWAY_OUTCOMES: [&str; 5] = ["answered", "paced_out", "circuit_open", "refused", "failed"];
@@ -56,25 +57,31 @@ fn documented_at_start() -> BTreeMap<String, f64> {
             .map(|value| (format!("{name}{{{label}=\"{value}\"}}"), 0.0))
             .collect::<Vec<_>>()
     };
-    let mut series: BTreeMap<String, f64> = [
-        ("amoauth_flows_started_total".to_owned(), 0.0),
-        ("amoauth_flows_completed_total".to_owned(), 0.0),
-        (
-            "amoauth_seconds_until_earliest_expiry".to_owned(),
-            f64::INFINITY,
-        ),
-    ]
+    let mut series: BTreeMap<String, f64> = [(
+        "amoauth_seconds_until_earliest_expiry".to_owned(),
+        f64::INFINITY,
+    )]
     .into_iter()
     .collect();
+    // Flows that started or connected, and refreshes, are per platform.
+    for platform in PLATFORMS {
+        for name in [
+            "amoauth_flows_started_total",
+            "amoauth_flows_completed_total",
+        ] {
+            series.insert(format!("{name}{{platform=\"{platform}\"}}"), 0.0);
+        }
+        for outcome in REFRESH_OUTCOMES {
+            series.insert(
+                format!("amoauth_refreshes_total{{platform=\"{platform}\",outcome=\"{outcome}\"}}"),
+                0.0,
+            );
+        }
+    }
     series.extend(labelled(
         "amoauth_flows_failed_total",
         "reason",
         &FAILURE_REASONS,
-    ));
-    series.extend(labelled(
-        "amoauth_refreshes_total",
-        "outcome",
-        &REFRESH_OUTCOMES,
     ));
     series.extend(labelled(
         "amoauth_token_api_requests_total",
@@ -329,8 +336,8 @@ async fn metrics_move_with_the_traffic_and_stay_valid(backend: Backend) {
 
     let mut expected = documented_at_start();
     for (series, value) in [
-        ("amoauth_flows_started_total", 3.0),
-        ("amoauth_flows_completed_total", 1.0),
+        ("amoauth_flows_started_total{platform=\"amocrm\"}", 3.0),
+        ("amoauth_flows_completed_total{platform=\"amocrm\"}", 1.0),
         ("amoauth_flows_failed_total{reason=\"used_state\"}", 1.0),
         ("amoauth_flows_failed_total{reason=\"access_denied\"}", 1.0),
         ("amoauth_flows_failed_total{reason=\"amocrm_error\"}", 1.0),
@@ -343,7 +350,10 @@ async fn metrics_move_with_the_traffic_and_stay_valid(backend: Backend) {
             "amoauth_token_api_requests_total{outcome=\"unauthorized\"}",
             1.0,
         ),
-        ("amoauth_refreshes_total{outcome=\"success\"}", 1.0),
+        (
+            "amoauth_refreshes_total{platform=\"amocrm\",outcome=\"success\"}",
+            1.0,
+        ),
         ("amoauth_connections{status=\"active\"}", 1.0),
     ] {
         expected.insert(series.to_owned(), value);

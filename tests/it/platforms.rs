@@ -94,6 +94,19 @@ async fn both_platforms_connect_refresh_and_uninstall_with_their_own_integration
         .map(|c| c["platform"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(listed, ["amocrm", "kommo"]);
+    let metrics = app.get(&format!("{}/metrics", app.base)).await.1;
+    for platform in ["amocrm", "kommo"] {
+        for series in [
+            format!("amoauth_flows_started_total{{platform=\"{platform}\"}} 2"),
+            format!("amoauth_flows_completed_total{{platform=\"{platform}\"}} 1"),
+            format!("amoauth_refreshes_total{{platform=\"{platform}\",outcome=\"success\"}} 1"),
+        ] {
+            assert!(
+                metrics.lines().any(|line| line == series),
+                "{series} in {metrics}"
+            );
+        }
+    }
 
     // Each platform's uninstall webhook is signed with its own integration's secret.
     let webhook = format!("{}/amocrm/webhook/uninstall", app.base);

@@ -82,7 +82,7 @@ async fn a_connected_callback_ends_on_a_result_page_that_survives_reloads(backen
     assert!(
         before
             .2
-            .contains(&"amoauth_flows_completed_total 1".to_owned()),
+            .contains(&"amoauth_flows_completed_total{platform=\"amocrm\"} 1".to_owned()),
         "{:?}",
         before.2
     );

@@ -108,10 +108,13 @@ fn layout(lang: Lang, title: &str, body: Markup) -> Markup {
 }
 
 pub fn connected(lang: Lang, connected: &Connected) -> Markup {
-    let title = lang.pick(
-        "amoCRM успешно подключена!",
-        "amoCRM connected successfully!",
-    );
+    let title = match connected.platform {
+        Platform::Amocrm => lang.pick(
+            "amoCRM успешно подключена!",
+            "amoCRM connected successfully!",
+        ),
+        Platform::Kommo => lang.pick("Kommo успешно подключена!", "Kommo connected successfully!"),
+    };
     layout(
         lang,
         title,

@@ -29,7 +29,8 @@ fn both() -> Options {
     }
 }
 
-/// Install (for `platform`), Allow as `account_id`, callback: connected.
+/// Install (for `platform`), Allow as `account_id`, callback: connected, the result page
+/// naming the platform.
 async fn connect_on(app: &TestApp, install: &str, account_id: i64) {
     let consent = app.install_at(install).await;
     let callback = consent_as(
@@ -42,6 +43,14 @@ async fn connect_on(app: &TestApp, install: &str, account_id: i64) {
     .await;
     let (status, body) = app.open_callback(&callback).await;
     assert_eq!(status, 200, "{body}");
+    let platform = match account_id {
+        KOMMO_ACCOUNT_ID => "Kommo",
+        _ => "amoCRM",
+    };
+    assert!(
+        body.contains(&format!("{platform} успешно подключена!")),
+        "{body}"
+    );
 }
 
 async fn both_platforms_connect_refresh_and_uninstall_with_their_own_integrations(

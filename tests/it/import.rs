@@ -345,3 +345,113 @@ async fn import_from_a_sqlite_seed_database() {
 async fn import_from_a_mariadb_seed_database() {
     import_takes_over_the_seed_apps_connections(Backend::mysql()).await;
 }
+
+/// The seed's table held amoCRM and Kommo accounts alike: a `kommo.com` row becomes a Kommo
+/// connection, refreshed with the Kommo integration; without that integration it is skipped,
+/// named, and nothing is sent for it.
+#[tokio::test]
+async fn import_takes_the_platform_from_the_rows_domain() {
+    let redirect_uri = "http://127.0.0.1:1/amocrm/callback";
+    let (sandbox, origin) = spawn_sandbox_for(redirect_uri, Platforms::Both).await;
+    let source = Backend::Sqlite.fresh_database().await;
+    for statement in seed_schema(&Backend::Sqlite) {
+        source.db.execute_built(statement.to_owned()).await;
+    }
+    for (account, host, (client_id, secret)) in [
+        (ACCOUNT_ID, "demo", (CLIENT_ID, CLIENT_SECRET)),
+        (
+            KOMMO_ACCOUNT_ID,
+            KOMMO_ACCOUNT_HOST,
+            (KOMMO_CLIENT_ID, KOMMO_CLIENT_SECRET),
+        ),
+    ] {
+        let code = sandbox.authorize(account);
+        let response: serde_json::Value = http_client()
+            .post(format!("{origin}/oauth2/access_token"))
+            .form(&[
+                ("client_id", client_id),
+                ("client_secret", secret),
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", redirect_uri),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let (access, refresh) = (&response["access_token"], &response["refresh_token"]);
+        source
+            .db
+            .execute_built(format!(
+                "INSERT INTO amocrm_tokens (domain, access_token, refresh_token, expires_at) \
+                 VALUES ('{host}', {access}, {refresh}, '2030-01-01 00:00:00')"
+            ))
+            .await;
+    }
+    let import = |kommo: bool| {
+        let (origin, source) = (origin.clone(), source.url.clone());
+        async move {
+            let dir = tempfile::tempdir().unwrap();
+            let database = format!("sqlite://{}", dir.path().join("amoauth.db").display());
+            let mut command = amoauth_command(dir.path());
+            command
+                .env("DATABASE_URL", &database)
+                .env("AMOAUTH_ENCRYPTION_KEY", ENCRYPTION_KEY)
+                .env("AMOCRM_CLIENT_ID", CLIENT_ID)
+                .env("AMOCRM_CLIENT_SECRET", CLIENT_SECRET)
+                .env("AMOCRM_REDIRECT_URI", redirect_uri)
+                .env("AMOAUTH_AMOCRM_URL", &origin)
+                .args(["import", "--from", &source]);
+            if kommo {
+                command
+                    .env("KOMMO_CLIENT_ID", KOMMO_CLIENT_ID)
+                    .env("KOMMO_CLIENT_SECRET", KOMMO_CLIENT_SECRET)
+                    .env("KOMMO_REDIRECT_URI", redirect_uri);
+            }
+            let output = tokio::process::Command::from(command)
+                .output()
+                .await
+                .unwrap();
+            assert!(output.status.success(), "{output:?}");
+            let store =
+                amoauth::internal::Store::connect(&amoauth::internal::DatabaseUrl::new(database))
+                    .await
+                    .unwrap();
+            let platforms: Vec<_> = store
+                .connections()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|row| (row.platform.as_str(), row.domain))
+                .collect();
+            store.close().await;
+            (String::from_utf8(output.stdout).unwrap(), platforms)
+        }
+    };
+
+    let before = sandbox.stats().refreshes;
+    let (report, imported) = import(false).await;
+    assert!(
+        report.contains("skipped kommodemo.kommo.com: `kommodemo.kommo.com` is a Kommo account, but no Kommo integration is configured"),
+        "{report}"
+    );
+    assert_eq!(imported, [("amocrm", ACCOUNT_HOST.to_owned())]);
+    assert_eq!(
+        sandbox.stats().refreshes - before,
+        1,
+        "only amoCRM's row was refreshed"
+    );
+
+    let (report, imported) = import(true).await;
+    assert!(report.contains("imported 2, skipped 0"), "{report}");
+    assert_eq!(
+        imported,
+        [
+            ("amocrm", ACCOUNT_HOST.to_owned()),
+            ("kommo", KOMMO_ACCOUNT_HOST.to_owned())
+        ]
+    );
+    source.drop_database().await;
+}

@@ -78,6 +78,23 @@ impl AmoauthBuilder {
     /// A Kommo integration's id and secret and its redirect URI, as registered in Kommo
     /// (`KOMMO_CLIENT_ID`, `KOMMO_CLIENT_SECRET`, `KOMMO_REDIRECT_URI`), beside or instead of
     /// the amoCRM one; install links take `?platform=kommo`.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let dir = tempfile::tempdir()?;
+    /// // Kommo only; add `.amocrm(…)` for both platforms side by side.
+    /// let amoauth = amoauth::Amoauth::builder()
+    ///     .database_url(format!("sqlite://{}", dir.path().join("amoauth.db").display()))
+    ///     .kommo("kommo-client-id", "kommo-secret", "https://app.example/amocrm/callback")
+    ///     .build()
+    ///     .await?;
+    /// // A platform-qualified account: Kommo's account 31337002, not connected yet.
+    /// assert!(matches!(
+    ///     amoauth.access_token("kommo:31337002").await,
+    ///     Err(amoauth::TokenError::NotFound(_))
+    /// ));
+    /// # Ok::<(), anyhow::Error>(()) }).unwrap();
+    /// ```
     pub fn kommo(
         mut self,
         client_id: impl Into<String>,
@@ -188,7 +205,9 @@ impl From<sqlx::MySqlPool> for DatabasePool {
 /// An access token ready to use, read in-process.
 #[derive(Debug, Clone)]
 pub struct AccessToken {
-    /// amoCRM's id of the account.
+    /// The platform the account is on, amoCRM or Kommo.
+    pub platform: crate::amocrm::Platform,
+    /// The platform's id of the account.
     pub account_id: Option<i64>,
     /// The account's subdomain, e.g. `mycompany`.
     pub subdomain: String,
@@ -214,11 +233,13 @@ impl Amoauth {
         server::app(&self.parts, &self.config, self.admin_token.clone())
     }
 
-    /// A valid access token for the account (id, subdomain or host), refreshed first when
-    /// close to expiry, exactly as the token API hands it out.
+    /// A valid access token for the account (id, subdomain or host; `kommo:31337002` or
+    /// `amocrm:…` where both platforms have the id), refreshed first when close to expiry,
+    /// exactly as the token API hands it out.
     pub async fn access_token(&self, account: &str) -> Result<AccessToken, TokenError> {
         let fresh = self.parts.tokens.access_token(account).await?;
         Ok(AccessToken {
+            platform: fresh.platform,
             account_id: fresh.account_id,
             subdomain: fresh.subdomain,
             domain: fresh.domain,

@@ -268,8 +268,10 @@ impl Store {
         Ok(self.find_connections(account).await?.into_iter().next())
     }
 
-    /// Every connection `account` names, oldest first: one, or for a bare id or subdomain
-    /// both platforms' accounts with it (an id is unique per platform only).
+    /// The connection `account` names on each platform, oldest first: one, or for a bare id
+    /// or subdomain both platforms' accounts with it (an id is unique per platform only).
+    /// Within a platform the first match wins, as it always did (a renamed account's
+    /// subdomain may linger on an older row).
     pub async fn find_connections(&self, account: &str) -> Result<Vec<ConnectionRow>, StoreError> {
         let (platform, account) = match account.split_once(':') {
             Some((platform, rest)) => match Platform::parse(platform) {
@@ -292,11 +294,14 @@ impl Store {
             }
         }
         .during("finding the connection")?;
-        Ok(rows
-            .into_iter()
-            .map(ConnectionRow::from)
-            .filter(|row| platform.is_none_or(|platform| row.platform == platform))
-            .collect())
+        let mut found: Vec<ConnectionRow> = Vec::new();
+        for row in rows.into_iter().map(ConnectionRow::from) {
+            let wanted = platform.is_none_or(|platform| row.platform == platform);
+            if wanted && found.iter().all(|seen| seen.platform != row.platform) {
+                found.push(row);
+            }
+        }
+        Ok(found)
     }
 
     /// Active connections the worker should refresh: the access token expires before

@@ -235,8 +235,9 @@ impl Default for Metrics {
 
 /// What the database says at scrape time.
 pub struct StoredGauges {
-    /// Connections per `amocrm_tokens.status`, as counted (statuses without rows may be absent).
-    pub connections: Vec<(String, i64)>,
+    /// Connections per platform and `amocrm_tokens.status`, as counted (pairs without rows
+    /// may be absent).
+    pub connections: Vec<(String, String, i64)>,
     /// None when no connection is active.
     pub seconds_until_earliest_expiry: Option<f64>,
 }
@@ -353,17 +354,33 @@ impl Metrics {
 }
 
 fn render_gauges(out: &mut String, gauges: &StoredGauges) {
-    header(out, CONNECTIONS, "Connections by status.", "gauge");
-    let mut counts: BTreeMap<&str, i64> = ConnectionStatus::ALL
+    header(
+        out,
+        CONNECTIONS,
+        "Connections by platform and status.",
+        "gauge",
+    );
+    let mut counts: BTreeMap<(&str, &str), i64> = Platform::ALL
         .iter()
-        .map(|status| (status.as_str(), 0))
+        .flat_map(|platform| {
+            ConnectionStatus::ALL
+                .iter()
+                .map(|status| ((platform.as_str(), status.as_str()), 0))
+        })
         .collect();
     // A status the code does not know (written by hand) is still shown rather than hidden.
-    for (status, n) in &gauges.connections {
-        *counts.entry(status.as_str()).or_default() += n;
+    for (platform, status, n) in &gauges.connections {
+        *counts
+            .entry((platform.as_str(), status.as_str()))
+            .or_default() += n;
     }
-    for (status, n) in counts {
-        let _ = writeln!(out, "{CONNECTIONS}{{status=\"{}\"}} {n}", escape(status));
+    for ((platform, status), n) in counts {
+        let _ = writeln!(
+            out,
+            "{CONNECTIONS}{{platform=\"{}\",status=\"{}\"}} {n}",
+            escape(platform),
+            escape(status)
+        );
     }
     header(
         out,
@@ -434,9 +451,9 @@ mod tests {
             "amoauth_flows_started_total{platform=\"kommo\"}".to_owned(),
             "amoauth_flows_completed_total{platform=\"amocrm\"}".to_owned(),
             "amoauth_flows_completed_total{platform=\"kommo\"}".to_owned(),
-            "amoauth_connections{status=\"active\"}".to_owned(),
-            "amoauth_connections{status=\"needs_reauth\"}".to_owned(),
-            "amoauth_connections{status=\"disconnected\"}".to_owned(),
+            "amoauth_connections{platform=\"amocrm\",status=\"active\"}".to_owned(),
+            "amoauth_connections{platform=\"amocrm\",status=\"needs_reauth\"}".to_owned(),
+            "amoauth_connections{platform=\"kommo\",status=\"disconnected\"}".to_owned(),
         ]
         .into_iter()
         .chain(
@@ -552,7 +569,7 @@ mod tests {
         metrics.count(Count::FlowStarted(Platform::Kommo));
         metrics.observe_request("/amocrm/install", Duration::from_millis(3));
         let text = metrics.render(&StoredGauges {
-            connections: vec![("active".into(), 2)],
+            connections: vec![("kommo".into(), "active".into(), 2)],
             seconds_until_earliest_expiry: Some(-1.5),
         });
         assert!(
@@ -569,9 +586,12 @@ mod tests {
             "amoauth_http_request_duration_seconds_count{route=\"/amocrm/install\"} 1\n"
         ));
         assert!(text.contains(
-            "# TYPE amoauth_connections gauge\namoauth_connections{status=\"active\"} 2\n"
+            "# TYPE amoauth_connections gauge\namoauth_connections{platform=\"amocrm\",status=\"active\"} 0\n"
         ));
-        assert!(text.contains("amoauth_connections{status=\"needs_reauth\"} 0\n"));
+        assert!(text.contains("amoauth_connections{platform=\"kommo\",status=\"active\"} 2\n"));
+        assert!(
+            text.contains("amoauth_connections{platform=\"kommo\",status=\"needs_reauth\"} 0\n")
+        );
         assert!(text.contains("amoauth_seconds_until_earliest_expiry -1.5\n"));
     }
 

@@ -556,10 +556,12 @@ impl Store {
         })
     }
 
-    /// How many connections have each status.
-    pub async fn connection_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let sql =
-            self.sql("SELECT status, COUNT(*) FROM amocrm_tokens GROUP BY status ORDER BY status");
+    /// How many connections each platform has in each status: (platform, status, count).
+    pub async fn connection_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let sql = self.sql(
+            "SELECT platform, status, COUNT(*) FROM amocrm_tokens GROUP BY platform, status \
+             ORDER BY platform, status",
+        );
         on_pool!(self, pool => sqlx::query_as(sql).fetch_all(pool).await)
             .during("counting connections")
     }

@@ -103,11 +103,14 @@ fn documented_at_start() -> BTreeMap<String, f64> {
         "action",
         &GATEWAY_RECOVERIES,
     ));
-    series.extend(labelled(
-        "amoauth_connections",
-        "status",
-        &CONNECTION_STATUSES,
-    ));
+    for platform in PLATFORMS {
+        for status in CONNECTION_STATUSES {
+            series.insert(
+                format!("amoauth_connections{{platform=\"{platform}\",status=\"{status}\"}}"),
+                0.0,
+            );
+        }
+    }
     series
 }
 
@@ -354,7 +357,10 @@ async fn metrics_move_with_the_traffic_and_stay_valid(backend: Backend) {
             "amoauth_refreshes_total{platform=\"amocrm\",outcome=\"success\"}",
             1.0,
         ),
-        ("amoauth_connections{status=\"active\"}", 1.0),
+        (
+            "amoauth_connections{platform=\"amocrm\",status=\"active\"}",
+            1.0,
+        ),
     ] {
         expected.insert(series.to_owned(), value);
     }

@@ -109,6 +109,7 @@ async fn both_platforms_connect_refresh_and_uninstall_with_their_own_integration
             format!("amoauth_flows_started_total{{platform=\"{platform}\"}} 2"),
             format!("amoauth_flows_completed_total{{platform=\"{platform}\"}} 1"),
             format!("amoauth_refreshes_total{{platform=\"{platform}\",outcome=\"success\"}} 1"),
+            format!("amoauth_connections{{platform=\"{platform}\",status=\"active\"}} 1"),
         ] {
             assert!(
                 metrics.lines().any(|line| line == series),

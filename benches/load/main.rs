@@ -289,7 +289,7 @@ async fn ceilings_and_backends(
     for (op, name) in [
         (
             Op::Flow,
-            "do-nothing flow (install, consent page, Allow, callback)",
+            "do-nothing flow (install, consent page, Allow, callback, result page)",
         ),
         (Op::Install, "fixed redirect"),
         (Op::Token, "fixed JSON"),

@@ -5,7 +5,10 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, ensure};
+use hyper::StatusCode;
+
+use crate::client::Conn;
 
 use crate::database::Database;
 use crate::direct;
@@ -106,6 +109,9 @@ async fn measure(
     server: &Server,
     name: String,
 ) -> anyhow::Result<Figures> {
+    refuses_a_wrong_key(env)
+        .await
+        .with_context(|| format!("{name}: the token API"))?;
     let mut peaks = Vec::new();
     for (op, clients, _) in WORK {
         peaks.push(crate::peak_with(bench, env, op, clients, server.pid()).await?);
@@ -121,6 +127,24 @@ async fn measure(
         halves,
         rss_peak,
     })
+}
+
+/// Both sides really check the API key: the same key with its secret's last digit changed
+/// is refused.
+async fn refuses_a_wrong_key(env: &Env) -> anyhow::Result<()> {
+    let key = env.api_key.as_deref().context("no API key")?;
+    let last = if key.ends_with('0') { '1' } else { '0' };
+    let wrong = format!("Bearer {}{last}", &key[..key.len() - 1]);
+    let path = format!("/api/v1/connections/{}/token", env.accounts[0]);
+    let reply = Conn::new(env.app_addr)
+        .get(&path, &[("authorization", &wrong)])
+        .await?;
+    ensure!(
+        reply.status == StatusCode::UNAUTHORIZED,
+        "a wrong API key got {}",
+        reply.status
+    );
+    Ok(())
 }
 
 fn report(rows: &[Figures]) -> anyhow::Result<String> {

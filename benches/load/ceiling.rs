@@ -58,6 +58,7 @@ pub fn serve(role: &str) -> anyhow::Result<()> {
             )
             .route("/amocrm/install", get(install))
             .route("/amocrm/callback", get(callback))
+            .route("/amocrm/callback/result", get(callback_result))
             .with_state(ceiling);
         axum::serve(listener, router).await?;
         Ok(())
@@ -79,6 +80,15 @@ async fn install(State(ceiling): State<Arc<Ceiling>>) -> Response {
     (StatusCode::FOUND, [(LOCATION, location)]).into_response()
 }
 
-async fn callback() -> Html<&'static str> {
+/// Post/Redirect/Get to a fixed result page, as amoauth answers a callback.
+async fn callback() -> Response {
+    (
+        StatusCode::SEE_OTHER,
+        [(LOCATION, "/amocrm/callback/result?r=fixed")],
+    )
+        .into_response()
+}
+
+async fn callback_result() -> Html<&'static str> {
     Html("<!doctype html><title>amoCRM подключён</title><p>Готово: аккаунт amoCRM подключён.</p>")
 }

@@ -8,6 +8,11 @@
 //! due. amoauth and the ceiling app run as their own processes; the sandbox and the load
 //! generator run here, on runtimes of their own so /proc tells their CPU apart.
 //!
+//! Then issue 15's yardstick (compare.rs): a direct implementation of the same work (direct.rs:
+//! axum and rusqlite inline, its own process like the ceiling app) and amoauth on each backend,
+//! the same flows, installs and token calls at their peak and at half of it, every amoauth
+//! figure also as a ratio to the direct one.
+//!
 //! Then the amoCRM API gateway on SQLite (gateway.rs): its overhead against calling the
 //! sandbox directly, and 100 accounts driven through it at 20 requests a second each.
 //!
@@ -15,12 +20,18 @@
 //! `AMOAUTH_BENCH_BACKENDS` (default `sqlite,postgres,mysql`), `AMOAUTH_BENCH_POSTGRES_URL`
 //! and `AMOAUTH_BENCH_MYSQL_URL` (servers on which the database `amoauth_bench` is dropped and
 //! created; default the local test servers), `AMOAUTH_BENCH_SECTIONS` (which parts run, default
-//! `ceilings,backends,gateway`), `AMOAUTH_BENCH_PROXY_RATE` (the gateway's pace in its paced run,
-//! default 7).
+//! `ceilings,backends,direct,gateway`), `AMOAUTH_BENCH_PROXY_RATE` (the gateway's pace in its
+//! paced run, default 7), `AMOAUTH_BENCH_AMOAUTH_BIN` (the amoauth binary to measure, e.g. an
+//! older build, so before and after come from the same machine and bench code; default the one
+//! cargo builds; it must take the same variables and commands: `serve`, `api-key create`,
+//! `cleanup`). `AMOAUTH_BENCH_CEILING` and `AMOAUTH_BENCH_DIRECT` are set by the bench itself:
+//! they turn this binary into the ceiling app or the direct implementation.
 
 mod ceiling;
 mod client;
+mod compare;
 mod database;
+mod direct;
 mod driver;
 mod gateway;
 mod process;
@@ -38,7 +49,7 @@ use hyper::StatusCode;
 use amoauth::sandbox::{ApiLimits, Sandbox, SandboxConfig};
 use database::{Backend, Database};
 use driver::{Outcome, closed_loop, open_loop};
-use process::{CpuShare, CpuTicks, Server, amoauth_command, free_addr};
+use process::{CpuShare, CpuTicks, Server, amoauth_binary, amoauth_command, free_addr};
 use scenario::{ADMIN_TOKEN, App, CLIENT_ID, CLIENT_SECRET, Env, Op};
 
 /// Thread names, by which /proc tells the sandbox's CPU from the load generator's.
@@ -60,6 +71,9 @@ const ENCRYPTION_KEY: &str = "YmVuY2gtYmVuY2gtYmVuY2gtYmVuY2gtYmVuY2gtMDE=";
 fn main() -> anyhow::Result<()> {
     if let Ok(sandbox) = std::env::var(ceiling::ROLE_VARIABLE) {
         return ceiling::serve(&sandbox);
+    }
+    if let Ok(role) = std::env::var(direct::ROLE_VARIABLE) {
+        return direct::serve(&role);
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let sandbox_runtime = tokio::runtime::Builder::new_multi_thread()
@@ -152,9 +166,20 @@ async fn peak(
     op: Op,
     app_pid: u32,
 ) -> anyhow::Result<(Outcome, CpuShare)> {
+    peak_with(bench, env, op, PEAK_CLIENTS, app_pid).await
+}
+
+/// `peak` with `clients` clients.
+async fn peak_with(
+    bench: &Bench,
+    env: &Arc<Env>,
+    op: Op,
+    clients: usize,
+    app_pid: u32,
+) -> anyhow::Result<(Outcome, CpuShare)> {
     let before = CpuTicks::now(app_pid);
     let started = Instant::now();
-    let outcome = closed_loop(env, op, PEAK_CLIENTS, WARMUP, bench.seconds).await;
+    let outcome = closed_loop(env, op, clients, WARMUP, bench.seconds).await;
     let cpu = CpuTicks::now(app_pid).share_since(&before, started.elapsed());
     check(&outcome, format!("{op:?}"))?;
     Ok((outcome, cpu))
@@ -194,16 +219,17 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
             .tempdir()?,
     };
     let sections = std::env::var("AMOAUTH_BENCH_SECTIONS")
-        .unwrap_or_else(|_| "ceilings,backends,gateway".to_owned());
+        .unwrap_or_else(|_| "ceilings,backends,direct,gateway".to_owned());
     let wanted: Vec<&str> = sections.split(',').map(str::trim).collect();
     if let Some(unknown) = wanted
         .iter()
-        .find(|s| !["ceilings", "backends", "gateway"].contains(s))
+        .find(|s| !["ceilings", "backends", "direct", "gateway"].contains(s))
     {
         bail!("AMOAUTH_BENCH_SECTIONS: unknown section `{unknown}`");
     }
     let mut report = String::new();
     writeln!(report, "# amoauth load benchmark\n\n{}", machine())?;
+    writeln!(report, "\namoauth: {}", amoauth_binary().display())?;
     // The backends' rows compare with the ceilings, so they need them.
     if wanted.contains(&"ceilings") || wanted.contains(&"backends") {
         let backends = match wanted.contains(&"backends") {
@@ -211,6 +237,11 @@ async fn run(sandbox_runtime: tokio::runtime::Handle) -> anyhow::Result<String> 
             false => "",
         };
         ceilings_and_backends(&bench, backends, &mut report).await?;
+    }
+    if wanted.contains(&"direct") {
+        let section = compare::run(&bench, &backends).await?;
+        eprintln!("{section}");
+        report.push_str(&section);
     }
     if wanted.contains(&"gateway") {
         let section = gateway::run(&bench)
@@ -258,7 +289,7 @@ async fn ceilings_and_backends(
     for (op, name) in [
         (
             Op::Flow,
-            "do-nothing flow (install, consent page, Allow, callback)",
+            "do-nothing flow (install, consent page, Allow, callback, result page)",
         ),
         (Op::Install, "fixed redirect"),
         (Op::Token, "fixed JSON"),
@@ -301,20 +332,7 @@ async fn ceilings_and_backends(
     ceiling.stop().await?;
 
     for name in backends.split(',').map(str::trim).filter(|b| !b.is_empty()) {
-        let (backend, server_url) = match name {
-            "sqlite" => (Backend::Sqlite, String::new()),
-            "postgres" => (
-                Backend::Postgres,
-                std::env::var("AMOAUTH_BENCH_POSTGRES_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
-            ),
-            "mysql" => (
-                Backend::Mysql,
-                std::env::var("AMOAUTH_BENCH_MYSQL_URL")
-                    .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned()),
-            ),
-            other => bail!("AMOAUTH_BENCH_BACKENDS: unknown backend `{other}`"),
-        };
+        let (backend, server_url) = backend(name)?;
         let database = Database::fresh(backend, &server_url).await?;
         let section = run_backend(bench, &database, &flow_accounts, &ceilings)
             .await
@@ -329,6 +347,44 @@ async fn ceilings_and_backends(
         report.push_str(&section);
     }
     Ok(())
+}
+
+/// A backend of `AMOAUTH_BENCH_BACKENDS` and the URL of its server (empty for SQLite).
+fn backend(name: &str) -> anyhow::Result<(Backend, String)> {
+    Ok(match name {
+        "sqlite" => (Backend::Sqlite, String::new()),
+        "postgres" => (
+            Backend::Postgres,
+            std::env::var("AMOAUTH_BENCH_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
+        ),
+        "mysql" => (
+            Backend::Mysql,
+            std::env::var("AMOAUTH_BENCH_MYSQL_URL")
+                .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".to_owned()),
+        ),
+        other => bail!("AMOAUTH_BENCH_BACKENDS: unknown backend `{other}`"),
+    })
+}
+
+/// What the load scenarios need of a running amoauth: an API key and the admin's session.
+async fn amoauth_load_env(
+    bench: &Bench,
+    vars: &[(&str, String)],
+    sandbox: Sandbox,
+    sandbox_addr: SocketAddr,
+) -> anyhow::Result<Arc<Env>> {
+    let api_key = amoauth_command(&["api-key", "create", "bench"], vars).await?;
+    Ok(Arc::new(Env {
+        app: App::Amoauth,
+        app_addr: bench.amoauth_addr,
+        sandbox,
+        sandbox_addr,
+        redirect_uri: bench.redirect_uri(),
+        session: Some(log_in(bench.amoauth_addr).await?),
+        api_key: Some(api_key.trim().to_owned()),
+        accounts: FLOW_ACCOUNTS.collect(),
+    }))
 }
 
 /// Everything measured on one backend, as a report section.
@@ -351,17 +407,7 @@ async fn run_backend(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (idle_rss, _) = server.memory()?;
 
-    let api_key = amoauth_command(&["api-key", "create", "bench"], &vars).await?;
-    let env = Arc::new(Env {
-        app: App::Amoauth,
-        app_addr: bench.amoauth_addr,
-        sandbox: sandbox.clone(),
-        sandbox_addr,
-        redirect_uri: bench.redirect_uri(),
-        session: Some(log_in(bench.amoauth_addr).await?),
-        api_key: Some(api_key.trim().to_owned()),
-        accounts: flow_accounts.to_vec(),
-    });
+    let env = amoauth_load_env(bench, &vars, sandbox, sandbox_addr).await?;
 
     writeln!(
         out,

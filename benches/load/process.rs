@@ -1,8 +1,9 @@
-//! The processes under test (amoauth and the ceiling app, each its own process so its memory
-//! and CPU are its own) and what /proc says about them and about this process's threads.
+//! The processes under test (amoauth, the ceiling app and the direct implementation, each its
+//! own process so its memory and CPU are its own) and what /proc says about them and about
+//! this process's threads.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -10,8 +11,16 @@ use tokio::process::{Child, Command};
 
 use crate::client::Conn;
 
-/// The amoauth binary cargo built for this bench.
-pub const AMOAUTH: &str = env!("CARGO_BIN_EXE_amoauth");
+/// Names another amoauth binary to measure (e.g. an older build), so before and after come
+/// from the same machine and the same bench code.
+pub const AMOAUTH_BIN_VARIABLE: &str = "AMOAUTH_BENCH_AMOAUTH_BIN";
+
+/// The amoauth binary under test: `AMOAUTH_BENCH_AMOAUTH_BIN`, else the one cargo built for
+/// this bench.
+pub fn amoauth_binary() -> PathBuf {
+    std::env::var_os(AMOAUTH_BIN_VARIABLE)
+        .map_or_else(|| env!("CARGO_BIN_EXE_amoauth").into(), PathBuf::from)
+}
 
 /// A server process, killed when dropped.
 pub struct Server {
@@ -27,7 +36,7 @@ impl Server {
         log: &Path,
     ) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log)?;
-        let mut command = Command::new(AMOAUTH);
+        let mut command = Command::new(amoauth_binary());
         command
             .arg("serve")
             .env("AMOAUTH_LISTEN", addr.to_string())
@@ -37,7 +46,9 @@ impl Server {
             .stderr(log)
             .kill_on_drop(true);
         let mut server = Self {
-            child: command.spawn().context("starting amoauth serve")?,
+            child: command
+                .spawn()
+                .with_context(|| format!("starting {} serve", amoauth_binary().display()))?,
             addr,
         };
         server.wait_healthy().await?;
@@ -48,6 +59,22 @@ impl Server {
     pub async fn ceiling(addr: SocketAddr, sandbox: SocketAddr) -> anyhow::Result<Self> {
         let child = Command::new(std::env::current_exe()?)
             .env(crate::ceiling::ROLE_VARIABLE, format!("{addr} {sandbox}"))
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut server = Self { child, addr };
+        server.wait_healthy().await?;
+        Ok(server)
+    }
+
+    /// This bench binary again, as the direct implementation on `addr` with its database.
+    pub async fn direct(
+        addr: SocketAddr,
+        sandbox: SocketAddr,
+        database: &Path,
+    ) -> anyhow::Result<Self> {
+        let role = format!("{addr} {sandbox} {}", database.display());
+        let child = Command::new(std::env::current_exe()?)
+            .env(crate::direct::ROLE_VARIABLE, role)
             .kill_on_drop(true)
             .spawn()?;
         let mut server = Self { child, addr };
@@ -100,7 +127,7 @@ impl Server {
 
 /// Runs an amoauth command to its end; its stdout, or an error with its stderr.
 pub async fn amoauth_command(args: &[&str], env: &[(&str, String)]) -> anyhow::Result<String> {
-    let output = Command::new(AMOAUTH)
+    let output = Command::new(amoauth_binary())
         .args(args)
         .envs(env.iter().map(|(name, value)| (name, value)))
         .current_dir(std::env::temp_dir())

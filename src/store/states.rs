@@ -1,8 +1,10 @@
 //! `amocrm_oauth_states`: create, consume once, list, purge.
 
-use super::attempts::{Attempt, bind_attempt};
+use rusqlite::OptionalExtension as _;
+
+use super::attempts::{self, Attempt, bind_attempt};
 use super::retention::Purge;
-use super::{BeginWrite as _, Context as _, Store, StoreError, Timestamp, on_pool};
+use super::{BeginWrite as _, Context as _, Hot, Store, StoreError, Timestamp, on_pool};
 
 pub struct NewState<'a> {
     pub state_hash: &'a str,
@@ -51,33 +53,174 @@ const EXPIRED_STATES: Purge = Purge {
     operation: "deleting expired states",
 };
 
+/// The columns of a new state, in the order of `NewState::values`.
+macro_rules! insert_state {
+    () => {
+        "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at, ip, \
+         user_agent, external_id, return_url, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    };
+}
+/// The columns a callback reads back, in `StateRow`'s order (`StateRow::from_sqlite`).
+macro_rules! state_columns {
+    () => {
+        "subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode"
+    };
+}
+
+/// A new state and its install's audit row (SQLite and MySQL run the two inserts in one
+/// transaction; PostgreSQL in one statement, `START_POSTGRES`).
+const INSERT_STATE: &str = insert_state!();
+const START_POSTGRES: &str = concat!(
+    "WITH state AS (",
+    insert_state!(),
+    ") ",
+    attempts::insert_attempt!()
+);
+/// The conditional DELETE decides which callback consumes a state.
+macro_rules! delete_state {
+    () => {
+        "DELETE FROM amocrm_oauth_states WHERE state_hash = ? AND expires_at > ?"
+    };
+}
+const CONSUME_SQLITE: &str = concat!(delete_state!(), " RETURNING ", state_columns!());
+/// PostgreSQL consumes the state and opens the audit row in one statement.
+const CONSUME_POSTGRES: &str = concat!(
+    "WITH consumed AS (",
+    delete_state!(),
+    " RETURNING ",
+    state_columns!(),
+    "), audit AS (INSERT INTO amocrm_oauth_attempts (",
+    attempts::attempt_columns!(),
+    ") SELECT ",
+    attempts::attempt_placeholders!(),
+    " FROM consumed RETURNING id) SELECT ",
+    state_columns!(),
+    ", audit.id AS attempt_id FROM consumed, audit"
+);
+const SELECT_STATE: &str = concat!(
+    "SELECT ",
+    state_columns!(),
+    " FROM amocrm_oauth_states WHERE state_hash = ?"
+);
+/// A callback that consumed this state before left an audit row saying so.
+const CONSUMED_BEFORE: &str = "SELECT id FROM amocrm_oauth_attempts \
+     WHERE state_fingerprint = ? AND state_consumed = ? LIMIT 1";
+
+/// Binds a new state's values (`NewState::values`) to a sqlx query.
+macro_rules! bind_state {
+    ($query:expr, $state:expr) => {{
+        let v = $state.values();
+        $query
+            .bind(v.0)
+            .bind(v.1)
+            .bind(v.2)
+            .bind(v.3)
+            .bind(v.4)
+            .bind(v.5)
+            .bind(v.6)
+            .bind(v.7)
+            .bind(v.8)
+    }};
+}
+
+/// A new state's values in the column order of `insert_state!`: the one place that order is
+/// bound, for sqlx and SQLite's inline path alike.
+type StateValues<'a> = (
+    &'a str,
+    Option<&'a str>,
+    Timestamp,
+    Timestamp,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+);
+
+impl<'a> NewState<'a> {
+    fn values(&self) -> StateValues<'a> {
+        (
+            self.state_hash,
+            self.subdomain,
+            self.created_at,
+            self.expires_at,
+            self.ip,
+            self.user_agent,
+            self.external_id,
+            self.return_url,
+            self.mode,
+        )
+    }
+}
+
+impl StateRow {
+    /// A row of `state_columns!` from SQLite's inline path.
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            subdomain: row.get(0)?,
+            created_at: row.get(1)?,
+            expires_at: row.get(2)?,
+            ip: row.get(3)?,
+            user_agent: row.get(4)?,
+            external_id: row.get(5)?,
+            return_url: row.get(6)?,
+            mode: row.get(7)?,
+        })
+    }
+}
+
+/// A consumed state with the id of the audit row opened for it (PostgreSQL's one statement).
+#[derive(sqlx::FromRow)]
+struct ConsumedRow {
+    #[sqlx(flatten)]
+    state: StateRow,
+    attempt_id: i64,
+}
+
 #[doc(hidden)]
 impl Store {
-    pub async fn insert_state(&self, state: &NewState<'_>) -> Result<(), StoreError> {
-        let sql = self.sql(
-            "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at, ip, \
-             user_agent, external_id, return_url, mode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        );
-        on_pool!(self, pool => sqlx::query(sql)
-            .bind(state.state_hash)
-            .bind(state.subdomain)
-            .bind(state.created_at)
-            .bind(state.expires_at)
-            .bind(state.ip)
-            .bind(state.user_agent)
-            .bind(state.external_id)
-            .bind(state.return_url)
-            .bind(state.mode)
-            .execute(pool)
-            .await
-            .map(drop))
-        .during("saving the OAuth state")
+    /// Saves an install's state together with its audit row `attempt`: one transaction on
+    /// SQLite and MySQL, one statement on PostgreSQL.
+    pub async fn start_state(
+        &self,
+        state: &NewState<'_>,
+        attempt: &Attempt<'_>,
+    ) -> Result<(), StoreError> {
+        const OPERATION: &str = "saving the OAuth state";
+        match self.hot() {
+            Hot::Sqlite(db) => db.write(OPERATION, |tx| {
+                tx.prepare_cached(INSERT_STATE)?.execute(state.values())?;
+                tx.prepare_cached(attempts::insert_attempt!())?
+                    .execute(attempt.values(false))?;
+                Ok(())
+            }),
+            Hot::Postgres(pool) => {
+                let query = bind_state!(sqlx::query(self.sql(START_POSTGRES)), state);
+                bind_attempt!(query, attempt, false)
+                    .execute(pool)
+                    .await
+                    .map(drop)
+                    .during(OPERATION)
+            }
+            Hot::MySql(pool) => {
+                let mut tx = pool.begin_write().await.during(OPERATION)?;
+                bind_state!(sqlx::query(self.sql(INSERT_STATE)), state)
+                    .execute(&mut *tx)
+                    .await
+                    .during(OPERATION)?;
+                bind_attempt!(sqlx::query(self.insert_attempt_sql()), attempt, false)
+                    .execute(&mut *tx)
+                    .await
+                    .during(OPERATION)?;
+                tx.commit().await.during(OPERATION)
+            }
+        }
     }
 
-    /// Verifies and deletes the state in one transaction: the conditional DELETE decides,
-    /// so of any number of concurrent callbacks exactly one sees a deleted row. The winner's
-    /// audit row is written in the same transaction, so later callbacks can tell "used"
-    /// from "unknown".
+    /// Verifies and deletes the state: the conditional DELETE decides, so of any number of
+    /// concurrent callbacks exactly one consumes it. The winner's audit row is written with
+    /// it (one transaction; one statement on PostgreSQL), so later callbacks can tell "used"
+    /// from "unknown". Only a callback that consumes nothing reads more.
     pub async fn consume_state(
         &self,
         state_hash: &str,
@@ -85,62 +228,105 @@ impl Store {
         attempt: &Attempt<'_>,
     ) -> Result<Consumption, StoreError> {
         const OPERATION: &str = "consuming the OAuth state";
-        let select = self.sql(
-            "SELECT subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode \
-             FROM amocrm_oauth_states WHERE state_hash = ?",
-        );
-        let delete =
-            self.sql("DELETE FROM amocrm_oauth_states WHERE state_hash = ? AND expires_at > ?");
-        let used = self.sql(
-            "SELECT id FROM amocrm_oauth_attempts \
-             WHERE state_fingerprint = ? AND state_consumed = ? LIMIT 1",
-        );
-        let (insert, last_id) = (self.insert_attempt_sql(), self.last_insert_id_sql());
-        on_pool!(self, pool => {
-            let mut tx = pool.begin_write().await.during(OPERATION)?;
-            let state: Option<StateRow> = sqlx::query_as(select)
+        let consumed = match self.hot() {
+            Hot::Sqlite(db) => db.write(OPERATION, |tx| {
+                let state = tx
+                    .prepare_cached(CONSUME_SQLITE)?
+                    .query_row((state_hash, now), StateRow::from_sqlite)
+                    .optional()?;
+                let Some(state) = state else {
+                    return Ok(None);
+                };
+                tx.prepare_cached(attempts::insert_attempt!())?
+                    .execute(attempt.values(true))?;
+                Ok(Some((tx.last_insert_rowid(), state)))
+            })?,
+            Hot::Postgres(pool) => {
+                let query = sqlx::query_as(self.sql(CONSUME_POSTGRES))
+                    .bind(state_hash)
+                    .bind(now);
+                let row: Option<ConsumedRow> = bind_attempt!(query, attempt, true)
+                    .fetch_optional(pool)
+                    .await
+                    .during(OPERATION)?;
+                row.map(|row| (row.attempt_id, row.state))
+            }
+            Hot::MySql(pool) => {
+                // MySQL has no DELETE ... RETURNING: the row is read first, the DELETE decides.
+                let mut tx = pool.begin_write().await.during(OPERATION)?;
+                let state: Option<StateRow> = sqlx::query_as(self.sql(concat!(
+                    "SELECT ",
+                    state_columns!(),
+                    " FROM amocrm_oauth_states WHERE state_hash = ?"
+                )))
                 .bind(state_hash)
                 .fetch_optional(&mut *tx)
                 .await
                 .during(OPERATION)?;
-            let deleted = sqlx::query(delete)
-                .bind(state_hash)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .during(OPERATION)?
-                .rows_affected();
-            let outcome = match state {
-                Some(state) if deleted == 1 => {
-                    bind_attempt!(sqlx::query(insert), attempt, true)
+                let deleted = match state {
+                    None => 0,
+                    Some(_) => sqlx::query(self.sql(delete_state!()))
+                        .bind(state_hash)
+                        .bind(now)
                         .execute(&mut *tx)
                         .await
-                        .during(OPERATION)?;
-                    let attempt_id: i64 = sqlx::query_scalar(last_id)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .during(OPERATION)?;
-                    Consumption::Consumed { attempt_id, state }
-                }
-                Some(state) if state.expires_at <= now => Consumption::Expired,
-                // Seen but not deleted by us: a concurrent callback consumed it first.
-                Some(_) => Consumption::Used,
-                None => {
-                    let consumed_before: Option<i64> = sqlx::query_scalar(used)
-                        .bind(attempt.state_fingerprint)
-                        .bind(true)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .during(OPERATION)?;
-                    if consumed_before.is_some() {
-                        Consumption::Used
-                    } else {
-                        Consumption::Unknown
+                        .during(OPERATION)?
+                        .rows_affected(),
+                };
+                let consumed = match state {
+                    Some(state) if deleted == 1 => {
+                        bind_attempt!(sqlx::query(self.insert_attempt_sql()), attempt, true)
+                            .execute(&mut *tx)
+                            .await
+                            .during(OPERATION)?;
+                        let attempt_id: i64 = sqlx::query_scalar(self.last_insert_id_sql())
+                            .fetch_one(&mut *tx)
+                            .await
+                            .during(OPERATION)?;
+                        Some((attempt_id, state))
                     }
-                }
-            };
-            tx.commit().await.during(OPERATION)?;
-            Ok(outcome)
+                    _ => None,
+                };
+                tx.commit().await.during(OPERATION)?;
+                consumed
+            }
+        };
+        match consumed {
+            Some((attempt_id, state)) => Ok(Consumption::Consumed { attempt_id, state }),
+            None => self.why_not_consumed(state_hash, now, attempt).await,
+        }
+    }
+
+    /// Why a callback consumed nothing: the state expired, was used, or never existed.
+    async fn why_not_consumed(
+        &self,
+        state_hash: &str,
+        now: Timestamp,
+        attempt: &Attempt<'_>,
+    ) -> Result<Consumption, StoreError> {
+        const OPERATION: &str = "consuming the OAuth state";
+        let state: Option<StateRow> = on_pool!(self, pool => sqlx::query_as(self.sql(SELECT_STATE))
+            .bind(state_hash)
+            .fetch_optional(pool)
+            .await)
+        .during(OPERATION)?;
+        match state {
+            Some(state) if state.expires_at <= now => return Ok(Consumption::Expired),
+            // Still valid, yet the DELETE did not take it: MySQL's concurrent callback read it
+            // too and its DELETE won.
+            Some(_) => return Ok(Consumption::Used),
+            None => {}
+        }
+        let consumed_before: Option<i64> =
+            on_pool!(self, pool => sqlx::query_scalar(self.sql(CONSUMED_BEFORE))
+                .bind(attempt.state_fingerprint)
+                .bind(true)
+                .fetch_optional(pool)
+                .await)
+            .during(OPERATION)?;
+        Ok(match consumed_before {
+            Some(_) => Consumption::Used,
+            None => Consumption::Unknown,
         })
     }
 

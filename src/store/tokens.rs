@@ -1,7 +1,9 @@
 //! `amocrm_tokens`: connected accounts and their sealed tokens.
 
 use super::attempts::write_records;
-use super::{BeginWrite as _, Context as _, Records, Store, StoreError, Timestamp, on_pool};
+use rusqlite::OptionalExtension as _;
+
+use super::{BeginWrite as _, Context as _, Hot, Records, Store, StoreError, Timestamp, on_pool};
 use crate::crypto::{Sealed, SealedPair};
 
 /// A connection to save after a successful callback. Both tokens are sealed with one key.
@@ -66,15 +68,48 @@ pub struct RefreshedPair<'a> {
     pub issued_at: Timestamp,
 }
 
-/// Every column of a connection, in `StoredConnection`'s order.
-macro_rules! select_connection {
+/// Every column of a connection, in `StoredConnection`'s order (`StoredConnection::from_sqlite`).
+macro_rules! connection_columns {
     () => {
-        "SELECT id, account_id, external_id, account_name, domain, subdomain, access_token, refresh_token, \
+        "id, account_id, external_id, account_name, domain, subdomain, access_token, refresh_token, \
          key_id, expires_at, refresh_expires_at, issued_at, status, raw, last_refresh_at, last_error, \
-         refresh_failures, next_refresh_at, lease_owner, lease_until, version, created_at, updated_at \
-         FROM amocrm_tokens"
+         refresh_failures, next_refresh_at, lease_owner, lease_until, version, created_at, updated_at"
     };
 }
+macro_rules! select_connection {
+    () => {
+        concat!("SELECT ", connection_columns!(), " FROM amocrm_tokens")
+    };
+}
+/// The token call's one statement: the connection and, beside it, the stored hash of the
+/// presented API key if that key is active (a scalar subquery, so no join is needed).
+macro_rules! keyed_connection {
+    () => {
+        concat!(
+            "SELECT ",
+            connection_columns!(),
+            ", (",
+            super::api_keys::active_key_hash!(),
+            ") AS key_hash FROM amocrm_tokens"
+        )
+    };
+}
+/// Where `find_connection` and the token call look an account up: by id, or by subdomain or
+/// host (bound twice).
+macro_rules! by_account_id {
+    () => {
+        " WHERE account_id = ?"
+    };
+}
+macro_rules! by_account_name {
+    () => {
+        " WHERE subdomain = ? OR domain = ? ORDER BY id LIMIT 1"
+    };
+}
+const KEYED_BY_ACCOUNT_ID: &str = concat!(keyed_connection!(), by_account_id!());
+const KEYED_BY_ACCOUNT_NAME: &str = concat!(keyed_connection!(), by_account_name!());
+/// The position of `key_hash` in a keyed row: after the connection's 23 columns.
+const KEY_HASH_COLUMN: usize = 23;
 
 /// What saving a connection did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,19 +286,65 @@ impl Store {
     ) -> Result<Option<ConnectionRow>, StoreError> {
         let row: Option<StoredConnection> = match account.parse::<i64>() {
             Ok(account_id) => {
-                let sql = self.sql(concat!(select_connection!(), " WHERE account_id = ?"));
+                let sql = self.sql(concat!(select_connection!(), by_account_id!()));
                 on_pool!(self, pool => sqlx::query_as(sql).bind(account_id).fetch_optional(pool).await)
             }
             Err(_) => {
-                let sql = self.sql(concat!(
-                    select_connection!(),
-                    " WHERE subdomain = ? OR domain = ? ORDER BY id LIMIT 1"
-                ));
+                let sql = self.sql(concat!(select_connection!(), by_account_name!()));
                 on_pool!(self, pool => sqlx::query_as(sql).bind(account).bind(account).fetch_optional(pool).await)
             }
         }
         .during("finding the connection")?;
         Ok(row.map(ConnectionRow::from))
+    }
+
+    /// The token call in one statement: the account's connection (as `find_connection`)
+    /// with the stored hash of the API key `key_id` when that key is active (else `None`
+    /// beside the row). `None` when the account has no connection: the key is then unchecked.
+    pub async fn keyed_connection(
+        &self,
+        key_id: &str,
+        account: &str,
+    ) -> Result<Option<(Option<String>, ConnectionRow)>, StoreError> {
+        const OPERATION: &str = "finding the connection";
+        let account_id = account.parse::<i64>().ok();
+        let sql = match account_id {
+            Some(_) => KEYED_BY_ACCOUNT_ID,
+            None => KEYED_BY_ACCOUNT_NAME,
+        };
+        let row: Option<KeyedConnection> = match self.hot() {
+            Hot::Sqlite(db) => db.read(OPERATION, |conn| {
+                let mut statement = conn.prepare_cached(sql)?;
+                let keyed = |row: &rusqlite::Row<'_>| {
+                    Ok(KeyedConnection {
+                        connection: StoredConnection::from_sqlite(row)?,
+                        key_hash: row.get(KEY_HASH_COLUMN)?,
+                    })
+                };
+                match account_id {
+                    Some(id) => statement.query_row((key_id, id), keyed),
+                    None => statement.query_row((key_id, account, account), keyed),
+                }
+                .optional()
+            })?,
+            Hot::Postgres(pool) => {
+                let query = sqlx::query_as(self.sql(sql)).bind(key_id);
+                let query = match account_id {
+                    Some(id) => query.bind(id),
+                    None => query.bind(account).bind(account),
+                };
+                query.fetch_optional(pool).await.during(OPERATION)?
+            }
+            Hot::MySql(pool) => {
+                let query = sqlx::query_as(self.sql(sql)).bind(key_id);
+                let query = match account_id {
+                    Some(id) => query.bind(id),
+                    None => query.bind(account).bind(account),
+                };
+                query.fetch_optional(pool).await.during(OPERATION)?
+            }
+        };
+        Ok(row.map(|row| (row.key_hash, ConnectionRow::from(row.connection))))
     }
 
     /// Active connections the worker should refresh: the access token expires before
@@ -539,6 +620,14 @@ impl Store {
     }
 }
 
+/// A connection with the stored hash of the presented API key (`keyed_connection!`).
+#[derive(sqlx::FromRow)]
+struct KeyedConnection {
+    #[sqlx(flatten)]
+    connection: StoredConnection,
+    key_hash: Option<String>,
+}
+
 /// A row as the database returns it, before the sealed columns are paired with their key.
 #[derive(sqlx::FromRow)]
 struct StoredConnection {
@@ -565,6 +654,46 @@ struct StoredConnection {
     version: i64,
     created_at: Timestamp,
     updated_at: Timestamp,
+}
+
+impl StoredConnection {
+    /// A row of `connection_columns!` from SQLite's inline path.
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        const STATUS: usize = 12;
+        let status: String = row.get(STATUS)?;
+        let status = ConnectionStatus::try_from(status).map_err(|unknown| {
+            rusqlite::Error::FromSqlConversionFailure(
+                STATUS,
+                rusqlite::types::Type::Text,
+                Box::new(unknown),
+            )
+        })?;
+        Ok(Self {
+            id: row.get(0)?,
+            account_id: row.get(1)?,
+            external_id: row.get(2)?,
+            account_name: row.get(3)?,
+            domain: row.get(4)?,
+            subdomain: row.get(5)?,
+            access_token: row.get(6)?,
+            refresh_token: row.get(7)?,
+            key_id: row.get(8)?,
+            expires_at: row.get(9)?,
+            refresh_expires_at: row.get(10)?,
+            issued_at: row.get(11)?,
+            status,
+            raw: row.get(13)?,
+            last_refresh_at: row.get(14)?,
+            last_error: row.get(15)?,
+            refresh_failures: row.get(16)?,
+            next_refresh_at: row.get(17)?,
+            lease_owner: row.get(18)?,
+            lease_until: row.get(19)?,
+            version: row.get(20)?,
+            created_at: row.get(21)?,
+            updated_at: row.get(22)?,
+        })
+    }
 }
 
 impl From<StoredConnection> for ConnectionRow {

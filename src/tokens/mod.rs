@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 pub use worker::run_worker;
 
 use crate::amocrm::{AmoClient, AmoError, Grant, REFRESH_TOKEN_LIFETIME, TokenSet, account_host};
+use crate::api_keys::PresentedKey;
 use crate::config::Secret;
 use crate::crypto::{Cipher, TokenColumn, jitter, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
@@ -142,6 +143,34 @@ impl TokenService {
     /// an expired token waits for a refresh, and inside the backoff it is refused at once.
     pub async fn access_token(self: &Arc<Self>, account: &str) -> Result<FreshToken, TokenError> {
         let row = self.usable_connection(account).await?;
+        self.serve(row).await
+    }
+
+    /// `access_token` for the token API: the API key is checked in the statement that reads
+    /// the connection (one round trip). `None` when `key` is not an active key, whether or
+    /// not the account has a connection.
+    pub(crate) async fn access_token_for_key(
+        self: &Arc<Self>,
+        key: &PresentedKey<'_>,
+        account: &str,
+    ) -> Result<Option<FreshToken>, TokenError> {
+        let Some((stored_hash, row)) = self.store.keyed_connection(key.key_id(), account).await?
+        else {
+            // No connection: a 404 is only for an active key.
+            return match key.is_active(&self.store).await? {
+                true => Err(TokenError::NotFound(account.to_owned())),
+                false => Ok(None),
+            };
+        };
+        if !key.matches(stored_hash.as_deref()) {
+            return Ok(None);
+        }
+        usable(&row)?;
+        self.serve(row).await.map(Some)
+    }
+
+    /// The access token of a usable connection, refreshed first when close to expiry.
+    async fn serve(self: &Arc<Self>, row: ConnectionRow) -> Result<FreshToken, TokenError> {
         let at = now();
         let still_valid = row.expires_at > at;
         let row =

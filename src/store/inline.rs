@@ -1,0 +1,154 @@
+//! SQLite's hot path: the statements of an install, a callback's state consumption, an admin
+//! session check and a token call run inline on rusqlite connections to amoauth's database,
+//! instead of through sqlx's worker thread per connection (two thread wake-ups per statement,
+//! BENCHMARKS.md). The SQL is the same constant the other backends run.
+//!
+//! One writer connection behind a mutex (SQLite has one writer anyway) and a few readers, which
+//! WAL lets read while the writer commits. The critical sections are synchronous: nothing is
+//! awaited while a connection is held.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use sqlx::ConnectOptions as _;
+use sqlx::sqlite::SqliteConnectOptions;
+
+use super::StoreError;
+
+/// Reader connections: one per core of a small server, and a spare.
+const READERS: usize = 3;
+/// Statements kept prepared per connection: every hot statement, with room to spare.
+const PREPARED: usize = 32;
+/// As long as sqlx's connections wait for the write lock (store/mod.rs).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The inline connections to one SQLite database, opened at first use.
+pub(super) struct InlineSqlite {
+    /// What `sqlite3_open_v2` opens: a path, or the `file:` URI of a shared in-memory database.
+    target: PathBuf,
+    connections: OnceLock<Connections>,
+}
+
+struct Connections {
+    writer: Mutex<Connection>,
+    readers: [Mutex<Connection>; READERS],
+    next_reader: AtomicUsize,
+}
+
+impl std::fmt::Debug for InlineSqlite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InlineSqlite")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InlineSqlite {
+    /// The database the sqlx options open. sqlx names `sqlite::memory:` databases
+    /// `file:sqlx-in-memory-N` and opens them shared in memory; the same URI reaches the same
+    /// database here, in this process, as long as one of sqlx's connections keeps it alive.
+    pub(super) fn of(options: &SqliteConnectOptions) -> Self {
+        let filename = options.get_filename();
+        let in_memory = options
+            .to_url_lossy()
+            .query_pairs()
+            .any(|(key, value)| key == "mode" && value == "memory");
+        let target = match in_memory {
+            true => PathBuf::from(format!("{}?mode=memory&cache=shared", filename.display())),
+            false => filename.to_path_buf(),
+        };
+        Self {
+            target,
+            connections: OnceLock::new(),
+        }
+    }
+
+    fn connections(&self, operation: &'static str) -> Result<&Connections, StoreError> {
+        if let Some(connections) = self.connections.get() {
+            return Ok(connections);
+        }
+        let open = || self.open().during(operation);
+        let opened = Connections {
+            writer: Mutex::new(open()?),
+            readers: [
+                Mutex::new(open()?),
+                Mutex::new(open()?),
+                Mutex::new(open()?),
+            ],
+            next_reader: AtomicUsize::new(0),
+        };
+        // Two first calls at once both open; one set is kept and the other closed.
+        Ok(self.connections.get_or_init(|| opened))
+    }
+
+    fn open(&self) -> rusqlite::Result<Connection> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let connection = Connection::open_with_flags(&self.target, flags)?;
+        connection.busy_timeout(BUSY_TIMEOUT)?;
+        // Per connection, as sqlx's: durable in WAL mode except for the last transactions
+        // before a power loss.
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
+        connection.set_prepared_statement_cache_capacity(PREPARED);
+        Ok(connection)
+    }
+
+    /// Runs `work` in a write transaction (`BEGIN IMMEDIATE`: the write lock up front) and
+    /// commits it when `work` succeeds.
+    pub(super) fn write<T>(
+        &self,
+        operation: &'static str,
+        work: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let connections = self.connections(operation)?;
+        let mut writer = locked(&connections.writer);
+        let tx = writer
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .during(operation)?;
+        let done = work(&tx).during(operation)?;
+        tx.commit().during(operation)?;
+        Ok(done)
+    }
+
+    /// Runs `work` on a reader connection: a free one, else the next in turn.
+    pub(super) fn read<T>(
+        &self,
+        operation: &'static str,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let connections = self.connections(operation)?;
+        let free = connections
+            .readers
+            .iter()
+            .find_map(|reader| reader.try_lock().ok());
+        let reader = match free {
+            Some(reader) => reader,
+            None => {
+                let turn = connections.next_reader.fetch_add(1, Ordering::Relaxed);
+                locked(&connections.readers[turn % READERS])
+            }
+        };
+        work(&reader).during(operation)
+    }
+}
+
+/// A connection whose holder panicked is still usable: its open transaction was rolled back
+/// when the holder's `Transaction` was dropped.
+fn locked(connection: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    connection.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+trait During<T> {
+    fn during(self, operation: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> During<T> for rusqlite::Result<T> {
+    fn during(self, operation: &'static str) -> Result<T, StoreError> {
+        self.map_err(|cause| StoreError::Sqlite { operation, cause })
+    }
+}

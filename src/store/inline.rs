@@ -13,11 +13,12 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
-use sqlx::ConnectOptions as _;
 use sqlx::sqlite::SqliteConnectOptions;
 
 use super::StoreError;
 
+/// How sqlx names its in-memory databases (sqlx-sqlite's options/parse.rs).
+const SQLX_IN_MEMORY: &str = "file:sqlx-in-memory-";
 /// Reader connections: one per core of a small server, and a spare.
 const READERS: usize = 3;
 /// Statements kept prepared per connection: every hot statement, with room to spare.
@@ -47,18 +48,16 @@ impl std::fmt::Debug for InlineSqlite {
 }
 
 impl InlineSqlite {
-    /// The database the sqlx options open. sqlx names `sqlite::memory:` databases
-    /// `file:sqlx-in-memory-N` and opens them shared in memory; the same URI reaches the same
-    /// database here, in this process, as long as one of sqlx's connections keeps it alive.
+    /// The database the sqlx options open. sqlx names a `sqlite::memory:` database
+    /// `file:sqlx-in-memory-N` and opens it shared in memory; the same URI reaches the same
+    /// database here, in this process, while one of sqlx's connections keeps it alive.
     pub(super) fn of(options: &SqliteConnectOptions) -> Self {
         let filename = options.get_filename();
-        let in_memory = options
-            .to_url_lossy()
-            .query_pairs()
-            .any(|(key, value)| key == "mode" && value == "memory");
-        let target = match in_memory {
-            true => PathBuf::from(format!("{}?mode=memory&cache=shared", filename.display())),
-            false => filename.to_path_buf(),
+        let target = match filename.to_string_lossy() {
+            name if name.starts_with(SQLX_IN_MEMORY) => {
+                PathBuf::from(format!("{name}?mode=memory&cache=shared"))
+            }
+            _ => filename.to_path_buf(),
         };
         Self {
             target,

@@ -169,7 +169,12 @@ const RECONNECT_FOR_OWNER: &str = concat!(
 /// moves to another tenant).
 #[derive(Debug, Clone, Copy)]
 pub enum Disconnect {
-    Unchanged { version: i64 },
+    /// The webhook's: only if the pair is still at `version`.
+    Unchanged {
+        /// The pair's version amoCRM was asked about.
+        version: i64,
+    },
+    /// The admin's: whatever the pair, and the account leaves its `external_id`.
     ByAdmin,
 }
 const DISCONNECT_UNCHANGED: &str = concat!(

@@ -4,7 +4,7 @@ use rusqlite::OptionalExtension as _;
 
 use super::attempts::{self, Attempt, bind_attempt};
 use super::retention::Purge;
-use super::{BeginWrite as _, Context as _, Hot, Store, StoreError, Timestamp, on_pool};
+use super::{Context as _, Hot, Store, StoreError, Timestamp, on_pool};
 
 pub struct NewState<'a> {
     pub state_hash: &'a str,
@@ -67,8 +67,9 @@ macro_rules! state_columns {
     };
 }
 
-/// A new state and its install's audit row (SQLite and MySQL run the two inserts in one
-/// transaction; PostgreSQL in one statement, `START_POSTGRES`).
+/// A new state and its install's audit row: SQLite runs the two inserts in one transaction,
+/// PostgreSQL in one statement, MySQL in one CALL of a procedure (its migration
+/// 20261201000015 holds the same two inserts).
 const INSERT_STATE: &str = insert_state!();
 const START_POSTGRES: &str = concat!(
     "WITH state AS (",
@@ -96,6 +97,17 @@ const CONSUME_POSTGRES: &str = concat!(
     " FROM consumed RETURNING id) SELECT ",
     state_columns!(),
     ", audit.id AS attempt_id FROM consumed, audit"
+);
+const START_MYSQL: &str = concat!(
+    "CALL amoauth_start_install(?, ?, ?, ?, ?, ?, ?, ?, ?, ",
+    attempts::attempt_placeholders!(),
+    ")"
+);
+/// MySQL has no DELETE ... RETURNING: its procedure reads the row, then the DELETE decides.
+const CONSUME_MYSQL: &str = concat!(
+    "CALL amoauth_consume_state(?, ?, ",
+    attempts::attempt_placeholders!(),
+    ")"
 );
 const SELECT_STATE: &str = concat!(
     "SELECT ",
@@ -169,7 +181,8 @@ impl StateRow {
     }
 }
 
-/// A consumed state with the id of the audit row opened for it (PostgreSQL's one statement).
+/// A consumed state with the id of the audit row opened for it (PostgreSQL's statement,
+/// MySQL's procedure).
 #[derive(sqlx::FromRow)]
 struct ConsumedRow {
     #[sqlx(flatten)]
@@ -203,23 +216,20 @@ impl Store {
                     .during(OPERATION)
             }
             Hot::MySql(pool) => {
-                let mut tx = pool.begin_write().await.during(OPERATION)?;
-                bind_state!(sqlx::query(self.sql(INSERT_STATE)), state)
-                    .execute(&mut *tx)
+                let query = bind_state!(sqlx::query(self.sql(START_MYSQL)), state);
+                bind_attempt!(query, attempt, false)
+                    .execute(pool)
                     .await
-                    .during(OPERATION)?;
-                bind_attempt!(sqlx::query(self.insert_attempt_sql()), attempt, false)
-                    .execute(&mut *tx)
-                    .await
-                    .during(OPERATION)?;
-                tx.commit().await.during(OPERATION)
+                    .map(drop)
+                    .during(OPERATION)
             }
         }
     }
 
     /// Verifies and deletes the state: the conditional DELETE decides, so of any number of
     /// concurrent callbacks exactly one consumes it. The winner's audit row is written with
-    /// it (one transaction; one statement on PostgreSQL), so later callbacks can tell "used"
+    /// it (one transaction: inline on SQLite, one statement on PostgreSQL, one CALL on MySQL),
+    /// so later callbacks can tell "used"
     /// from "unknown". Only a callback that consumes nothing reads more.
     pub async fn consume_state(
         &self,
@@ -252,43 +262,14 @@ impl Store {
                 row.map(|row| (row.attempt_id, row.state))
             }
             Hot::MySql(pool) => {
-                // MySQL has no DELETE ... RETURNING: the row is read first, the DELETE decides.
-                let mut tx = pool.begin_write().await.during(OPERATION)?;
-                let state: Option<StateRow> = sqlx::query_as(self.sql(concat!(
-                    "SELECT ",
-                    state_columns!(),
-                    " FROM amocrm_oauth_states WHERE state_hash = ?"
-                )))
-                .bind(state_hash)
-                .fetch_optional(&mut *tx)
-                .await
-                .during(OPERATION)?;
-                let deleted = match state {
-                    None => 0,
-                    Some(_) => sqlx::query(self.sql(delete_state!()))
-                        .bind(state_hash)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await
-                        .during(OPERATION)?
-                        .rows_affected(),
-                };
-                let consumed = match state {
-                    Some(state) if deleted == 1 => {
-                        bind_attempt!(sqlx::query(self.insert_attempt_sql()), attempt, true)
-                            .execute(&mut *tx)
-                            .await
-                            .during(OPERATION)?;
-                        let attempt_id: i64 = sqlx::query_scalar(self.last_insert_id_sql())
-                            .fetch_one(&mut *tx)
-                            .await
-                            .during(OPERATION)?;
-                        Some((attempt_id, state))
-                    }
-                    _ => None,
-                };
-                tx.commit().await.during(OPERATION)?;
-                consumed
+                let query = sqlx::query_as(self.sql(CONSUME_MYSQL))
+                    .bind(state_hash)
+                    .bind(now);
+                let row: Option<ConsumedRow> = bind_attempt!(query, attempt, true)
+                    .fetch_optional(pool)
+                    .await
+                    .during(OPERATION)?;
+                row.map(|row| (row.attempt_id, row.state))
             }
         };
         match consumed {
@@ -312,8 +293,7 @@ impl Store {
         .during(OPERATION)?;
         match state {
             Some(state) if state.expires_at <= now => return Ok(Consumption::Expired),
-            // Still valid, yet the DELETE did not take it: MySQL's concurrent callback read it
-            // too and its DELETE won.
+            // Still valid, yet the DELETE did not take it: a concurrent callback's did.
             Some(_) => return Ok(Consumption::Used),
             None => {}
         }

@@ -51,11 +51,14 @@ impl Store {
     pub async fn active_api_key_hash(&self, key_id: &str) -> Result<Option<String>, StoreError> {
         const OPERATION: &str = "checking the API key";
         match self.hot() {
-            Hot::Sqlite(db) => db.read(OPERATION, |conn| {
-                conn.prepare_cached(ACTIVE_KEY_HASH)?
-                    .query_row([key_id], |row| row.get(0))
-                    .optional()
-            }),
+            Hot::Sqlite(db) => {
+                db.read(OPERATION, |conn| {
+                    conn.prepare_cached(ACTIVE_KEY_HASH)?
+                        .query_row([key_id], |row| row.get(0))
+                        .optional()
+                })
+                .await
+            }
             Hot::Postgres(pool) => sqlx::query_scalar(self.sql(ACTIVE_KEY_HASH))
                 .bind(key_id)
                 .fetch_optional(pool)

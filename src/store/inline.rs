@@ -5,7 +5,7 @@
 //!
 //! One writer connection behind a mutex (SQLite has one writer anyway) and a few readers, which
 //! WAL lets read while the writer commits. The critical sections are synchronous: nothing is
-//! awaited while a connection is held.
+//! awaited while a connection is held, and nothing waits for a lock inside them.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +25,8 @@ const READERS: usize = 3;
 const PREPARED: usize = 32;
 /// As long as sqlx's connections wait for the write lock (store/mod.rs).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause before trying a busy database again: about one short write transaction.
+const BUSY_RETRY: Duration = Duration::from_micros(500);
 
 /// The inline connections to one SQLite database, opened at first use.
 pub(super) struct InlineSqlite {
@@ -89,7 +91,8 @@ impl InlineSqlite {
             | OpenFlags::SQLITE_OPEN_URI
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let connection = Connection::open_with_flags(&self.target, flags)?;
-        connection.busy_timeout(BUSY_TIMEOUT)?;
+        // Busy is retried asynchronously (`retrying_while_busy`), never waited for here.
+        connection.busy_timeout(Duration::ZERO)?;
         // Per connection, as sqlx's: durable in WAL mode except for the last transactions
         // before a power loss.
         connection.pragma_update(None, "synchronous", "NORMAL")?;
@@ -99,41 +102,74 @@ impl InlineSqlite {
 
     /// Runs `work` in a write transaction (`BEGIN IMMEDIATE`: the write lock up front) and
     /// commits it when `work` succeeds.
-    pub(super) fn write<T>(
+    pub(super) async fn write<T>(
         &self,
         operation: &'static str,
-        work: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
+        work: impl Fn(&Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
         let connections = self.connections(operation)?;
-        let mut writer = locked(&connections.writer);
-        let tx = writer
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .during(operation)?;
-        let done = work(&tx).during(operation)?;
-        tx.commit().during(operation)?;
-        Ok(done)
+        self.retrying_while_busy(operation, || {
+            let mut writer = locked(&connections.writer);
+            let tx = writer.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let done = work(&tx)?;
+            tx.commit()?;
+            Ok(done)
+        })
+        .await
     }
 
     /// Runs `work` on a reader connection: a free one, else the next in turn.
-    pub(super) fn read<T>(
+    pub(super) async fn read<T>(
         &self,
         operation: &'static str,
-        work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+        work: impl Fn(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
         let connections = self.connections(operation)?;
-        let free = connections
-            .readers
-            .iter()
-            .find_map(|reader| reader.try_lock().ok());
-        let reader = match free {
-            Some(reader) => reader,
-            None => {
-                let turn = connections.next_reader.fetch_add(1, Ordering::Relaxed);
-                locked(&connections.readers[turn % READERS])
-            }
-        };
-        work(&reader).during(operation)
+        self.retrying_while_busy(operation, || {
+            let free = connections
+                .readers
+                .iter()
+                .find_map(|reader| reader.try_lock().ok());
+            let reader = match free {
+                Some(reader) => reader,
+                None => {
+                    let turn = connections.next_reader.fetch_add(1, Ordering::Relaxed);
+                    locked(&connections.readers[turn % READERS])
+                }
+            };
+            work(&reader)
+        })
+        .await
     }
+
+    /// Runs `attempt` until the database is not busy. SQLite's own busy wait would sleep on
+    /// this runtime thread, and the lock's holder may be an async sqlx transaction (a cold
+    /// path) that needs this very thread to commit: so the connections wait for nothing
+    /// (`busy_timeout` 0) and the retry sleeps asynchronously, up to `BUSY_TIMEOUT`.
+    async fn retrying_while_busy<T>(
+        &self,
+        operation: &'static str,
+        attempt: impl Fn() -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match attempt() {
+                Err(err) if is_busy(&err) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(BUSY_RETRY).await;
+                }
+                done => return done.during(operation),
+            }
+        }
+    }
+}
+
+/// The write lock is held elsewhere (`SQLITE_BUSY`), or a table of a shared in-memory
+/// database is (`SQLITE_LOCKED`).
+fn is_busy(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 /// A connection whose holder panicked is still usable: its open transaction was rolled back

@@ -40,11 +40,14 @@ impl Store {
         const VALID_SESSION: &str =
             "SELECT id_hash FROM amoauth_sessions WHERE id_hash = ? AND expires_at > ?";
         let found: Option<String> = match self.hot() {
-            Hot::Sqlite(db) => db.read(OPERATION, |conn| {
-                conn.prepare_cached(VALID_SESSION)?
-                    .query_row((id_hash, now), |row| row.get(0))
-                    .optional()
-            })?,
+            Hot::Sqlite(db) => {
+                db.read(OPERATION, |conn| {
+                    conn.prepare_cached(VALID_SESSION)?
+                        .query_row((id_hash, now), |row| row.get(0))
+                        .optional()
+                })
+                .await?
+            }
             Hot::Postgres(pool) => sqlx::query_scalar(self.sql(VALID_SESSION))
                 .bind(id_hash)
                 .bind(now)

@@ -201,12 +201,15 @@ impl Store {
     ) -> Result<(), StoreError> {
         const OPERATION: &str = "saving the OAuth state";
         match self.hot() {
-            Hot::Sqlite(db) => db.write(OPERATION, |tx| {
-                tx.prepare_cached(INSERT_STATE)?.execute(state.values())?;
-                tx.prepare_cached(attempts::insert_attempt!())?
-                    .execute(attempt.values(false))?;
-                Ok(())
-            }),
+            Hot::Sqlite(db) => {
+                db.write(OPERATION, |tx| {
+                    tx.prepare_cached(INSERT_STATE)?.execute(state.values())?;
+                    tx.prepare_cached(attempts::insert_attempt!())?
+                        .execute(attempt.values(false))?;
+                    Ok(())
+                })
+                .await
+            }
             Hot::Postgres(pool) => {
                 let query = bind_state!(sqlx::query(self.sql(START_POSTGRES)), state);
                 bind_attempt!(query, attempt, false)
@@ -239,18 +242,21 @@ impl Store {
     ) -> Result<Consumption, StoreError> {
         const OPERATION: &str = "consuming the OAuth state";
         let consumed = match self.hot() {
-            Hot::Sqlite(db) => db.write(OPERATION, |tx| {
-                let state = tx
-                    .prepare_cached(CONSUME_SQLITE)?
-                    .query_row((state_hash, now), StateRow::from_sqlite)
-                    .optional()?;
-                let Some(state) = state else {
-                    return Ok(None);
-                };
-                tx.prepare_cached(attempts::insert_attempt!())?
-                    .execute(attempt.values(true))?;
-                Ok(Some((tx.last_insert_rowid(), state)))
-            })?,
+            Hot::Sqlite(db) => {
+                db.write(OPERATION, |tx| {
+                    let state = tx
+                        .prepare_cached(CONSUME_SQLITE)?
+                        .query_row((state_hash, now), StateRow::from_sqlite)
+                        .optional()?;
+                    let Some(state) = state else {
+                        return Ok(None);
+                    };
+                    tx.prepare_cached(attempts::insert_attempt!())?
+                        .execute(attempt.values(true))?;
+                    Ok(Some((tx.last_insert_rowid(), state)))
+                })
+                .await?
+            }
             Hot::Postgres(pool) => {
                 let query = sqlx::query_as(self.sql(CONSUME_POSTGRES))
                     .bind(state_hash)

@@ -318,20 +318,23 @@ impl Store {
             None => KEYED_BY_ACCOUNT_NAME,
         };
         let row: Option<KeyedConnection> = match self.hot() {
-            Hot::Sqlite(db) => db.read(OPERATION, |conn| {
-                let mut statement = conn.prepare_cached(sql)?;
-                let keyed = |row: &rusqlite::Row<'_>| {
-                    Ok(KeyedConnection {
-                        connection: StoredConnection::from_sqlite(row)?,
-                        key_hash: row.get(KEY_HASH_COLUMN)?,
-                    })
-                };
-                match account_id {
-                    Some(id) => statement.query_row((key_id, id), keyed),
-                    None => statement.query_row((key_id, account, account), keyed),
-                }
-                .optional()
-            })?,
+            Hot::Sqlite(db) => {
+                db.read(OPERATION, |conn| {
+                    let mut statement = conn.prepare_cached(sql)?;
+                    let keyed = |row: &rusqlite::Row<'_>| {
+                        Ok(KeyedConnection {
+                            connection: StoredConnection::from_sqlite(row)?,
+                            key_hash: row.get(KEY_HASH_COLUMN)?,
+                        })
+                    };
+                    match account_id {
+                        Some(id) => statement.query_row((key_id, id), keyed),
+                        None => statement.query_row((key_id, account, account), keyed),
+                    }
+                    .optional()
+                })
+                .await?
+            }
             Hot::Postgres(pool) => {
                 let query = sqlx::query_as(self.sql(sql)).bind(key_id);
                 let query = match account_id {

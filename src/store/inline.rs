@@ -32,6 +32,8 @@ const BUSY_RETRY: Duration = Duration::from_micros(500);
 pub(super) struct InlineSqlite {
     /// What `sqlite3_open_v2` opens: a path, or the `file:` URI of a shared in-memory database.
     target: PathBuf,
+    /// Read-only, read-write or also create, as the pool opens it.
+    flags: OpenFlags,
     connections: OnceLock<Connections>,
 }
 
@@ -55,14 +57,27 @@ impl InlineSqlite {
     /// database here, in this process, while one of sqlx's connections keeps it alive.
     pub(super) fn of(options: &SqliteConnectOptions) -> Self {
         let filename = options.get_filename();
-        let target = match filename.to_string_lossy() {
-            name if name.starts_with(SQLX_IN_MEMORY) => {
-                PathBuf::from(format!("{name}?mode=memory&cache=shared"))
-            }
-            _ => filename.to_path_buf(),
+        let name = filename.to_string_lossy();
+        if name.starts_with(SQLX_IN_MEMORY) {
+            return Self {
+                target: PathBuf::from(format!("{name}?mode=memory&cache=shared")),
+                flags: OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI,
+                connections: OnceLock::new(),
+            };
+        }
+        // Opened as the pool opens it. sqlx has no getters for these; its derived Debug
+        // names them (its URL form would panic on a file name with a colon).
+        let described = format!("{options:?}");
+        let flags = if described.contains("read_only: true") {
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+        } else if described.contains("create_if_missing: true") {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
         };
         Self {
-            target,
+            target: filename.to_path_buf(),
+            flags,
             connections: OnceLock::new(),
         }
     }
@@ -86,10 +101,7 @@ impl InlineSqlite {
     }
 
     fn open(&self) -> rusqlite::Result<Connection> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_URI
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let flags = self.flags | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let connection = Connection::open_with_flags(&self.target, flags)?;
         // Busy is retried asynchronously (`retrying_while_busy`), never waited for here.
         connection.busy_timeout(Duration::ZERO)?;
@@ -185,5 +197,38 @@ trait During<T> {
 impl<T> During<T> for rusqlite::Result<T> {
     fn during(self, operation: &'static str) -> Result<T, StoreError> {
         self.map_err(|cause| StoreError::Sqlite { operation, cause })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use super::*;
+
+    fn opened(url: &str) -> InlineSqlite {
+        InlineSqlite::of(&SqliteConnectOptions::from_str(url).unwrap())
+    }
+
+    /// Guards the reading of sqlx's options through their Debug form across sqlx upgrades.
+    #[test]
+    fn the_inline_connections_open_the_database_as_the_pool_does() {
+        assert_eq!(
+            opened("sqlite://a.db?mode=ro").flags,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+        );
+        assert_eq!(
+            opened("sqlite://a.db").flags,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+        );
+        assert_eq!(
+            opened("sqlite://a.db?mode=rwc").flags,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+        );
+        let memory = opened("sqlite::memory:");
+        let target = memory.target.to_string_lossy();
+        assert!(target.starts_with(SQLX_IN_MEMORY), "{target}");
+        assert!(target.ends_with("?mode=memory&cache=shared"), "{target}");
+        assert!(memory.flags.contains(OpenFlags::SQLITE_OPEN_URI));
     }
 }

@@ -26,19 +26,46 @@ pub async fn create(store: &Store, name: &str) -> Result<NewApiKey, StoreError> 
     })
 }
 
+/// A key as presented in `Authorization: Bearer`, split into its public id and its secret;
+/// whether it is active is for the database to say.
+pub struct PresentedKey<'a> {
+    key_id: &'a str,
+    secret: &'a str,
+}
+
+impl<'a> PresentedKey<'a> {
+    /// None when `presented` cannot be a key at all.
+    pub fn parse(presented: &'a str) -> Option<Self> {
+        let (key_id, secret) = presented
+            .strip_prefix("ak_")
+            .and_then(|rest| rest.split_once('_'))?;
+        if key_id.len() != 16 || !key_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(Self { key_id, secret })
+    }
+
+    /// The public part, by which the stored hash is found.
+    pub fn key_id(&self) -> &'a str {
+        self.key_id
+    }
+
+    /// True when `stored`, the hash of the active key with this id, is this secret's.
+    pub fn matches(&self, stored: Option<&str>) -> bool {
+        stored.is_some_and(|stored| constant_time_eq(&sha256_hex(self.secret), stored))
+    }
+
+    /// True when this is an active key.
+    pub async fn is_active(&self, store: &Store) -> Result<bool, StoreError> {
+        let stored = store.active_api_key_hash(self.key_id).await?;
+        Ok(self.matches(stored.as_deref()))
+    }
+}
+
 /// True when `presented` is an active key.
 pub async fn verify(store: &Store, presented: &str) -> Result<bool, StoreError> {
-    let Some((key_id, secret)) = presented
-        .strip_prefix("ak_")
-        .and_then(|rest| rest.split_once('_'))
-    else {
-        return Ok(false);
-    };
-    if key_id.len() != 16 || !key_id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Ok(false);
+    match PresentedKey::parse(presented) {
+        Some(key) => key.is_active(store).await,
+        None => Ok(false),
     }
-    Ok(match store.active_api_key_hash(key_id).await? {
-        Some(stored) => constant_time_eq(&sha256_hex(secret), &stored),
-        None => false,
-    })
 }

@@ -41,5 +41,7 @@ pub mod internal {
     pub use crate::http::new_login_link;
     pub use crate::parts::Keyed;
     pub use crate::server::{Running, start_with_listener};
-    pub use crate::store::{Attempt, AttemptKind, NewEvent, Outcome, Reservation, Store, now};
+    pub use crate::store::{
+        Attempt, AttemptKind, Disconnect, NewEvent, Outcome, Records, Reservation, Store, now,
+    };
 }

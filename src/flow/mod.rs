@@ -272,30 +272,25 @@ impl Flow {
         let state_hash = state_key(&state);
         let expires_at = saturating_later(created_at, self.state_ttl);
         let subdomain = account.as_ref().map(|a| a.subdomain.as_str());
-        self.store
-            .insert_state(&NewState {
-                state_hash: &state_hash,
-                subdomain,
-                created_at,
-                expires_at,
-                ip: requester.ip.as_deref(),
-                user_agent: requester.user_agent(),
-                external_id: request.external_id,
-                return_url: request.return_url,
-                mode: request.return_url.map(|_| request.mode.as_str()),
-                platform: amo.config().platform,
-            })
-            .await?;
         let fingerprint = fingerprint(&state);
-        self.store
-            .record_attempt(
-                &Attempt::new(AttemptKind::Install, Outcome::Started)
-                    .of_account(subdomain, None)
-                    .from_client(requester.ip.as_deref(), requester.user_agent())
-                    .with_state(Some(&fingerprint))
-                    .at(created_at),
-            )
-            .await?;
+        let state_row = NewState {
+            state_hash: &state_hash,
+            subdomain,
+            created_at,
+            expires_at,
+            ip: requester.ip.as_deref(),
+            user_agent: requester.user_agent(),
+            external_id: request.external_id,
+            return_url: request.return_url,
+            mode: request.return_url.map(|_| request.mode.as_str()),
+            platform: amo.config().platform,
+        };
+        let attempt = Attempt::new(AttemptKind::Install, Outcome::Started)
+            .of_account(subdomain, None)
+            .from_client(requester.ip.as_deref(), requester.user_agent())
+            .with_state(Some(&fingerprint))
+            .at(created_at);
+        self.store.start_state(&state_row, &attempt).await?;
         tracing::info!(
             kind = AttemptKind::Install.as_str(),
             outcome = Outcome::Started.as_str(),

@@ -17,7 +17,7 @@ use super::api_error::{body_rejected, error};
 use super::client::ClientIp;
 use super::oauth::requester;
 use crate::amocrm::ConsentMode;
-use crate::api_keys;
+use crate::api_keys::{self, PresentedKey};
 use crate::flow::{InstallError, InstallRequest, MAX_EXTERNAL_ID, is_valid_external_id};
 use crate::metrics::{Count, TokenApiOutcome};
 use crate::store::{ConnectionRow, rfc3339};
@@ -33,41 +33,51 @@ impl FromRequestParts<AppState> for ApiKey {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let presented = parts
+        let presented = Presented::from_request_parts(parts, state).await?;
+        match api_keys::verify(&state.store, presented.0.as_str()).await {
+            Ok(true) => Ok(ApiKey),
+            Ok(false) => Err(unauthorized(state)),
+            Err(err) => Err(database_unavailable(&err.to_string())),
+        }
+    }
+}
+
+/// The API key a request presents, not yet checked: the token route checks it in the
+/// statement that reads the connection.
+pub struct Presented(String);
+
+impl FromRequestParts<AppState> for Presented {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        parts
             .headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, key)| key.trim());
-        let unauthorized = || {
-            let mut response = error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "send `Authorization: Bearer <API key>`; create keys with `amoauth api-key create NAME`",
-            );
-            response
-                .headers_mut()
-                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            response
-        };
-        let Some(presented) = presented else {
-            state
-                .metrics
-                .count(Count::TokenApiRequest(TokenApiOutcome::Unauthorized));
-            return Err(unauthorized());
-        };
-        match api_keys::verify(&state.store, presented).await {
-            Ok(true) => Ok(ApiKey),
-            Ok(false) => {
-                state
-                    .metrics
-                    .count(Count::TokenApiRequest(TokenApiOutcome::Unauthorized));
-                Err(unauthorized())
-            }
-            Err(err) => Err(database_unavailable(&err.to_string())),
-        }
+            .map(|(_, key)| Self(key.trim().to_owned()))
+            .ok_or_else(|| unauthorized(state))
     }
+}
+
+/// The 401 for a missing, malformed, unknown or revoked key, counted.
+fn unauthorized(state: &AppState) -> Response {
+    state
+        .metrics
+        .count(Count::TokenApiRequest(TokenApiOutcome::Unauthorized));
+    let mut response = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "send `Authorization: Bearer <API key>`; create keys with `amoauth api-key create NAME`",
+    );
+    response
+        .headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 pub(super) fn database_unavailable(detail: &str) -> Response {
@@ -221,15 +231,27 @@ pub async fn connect_link(
 
 /// A valid access token for the account (id or subdomain). Never a refresh token.
 pub async fn token(
-    _key: ApiKey,
+    presented: Presented,
     State(state): State<AppState>,
     Path(account): Path<String>,
 ) -> Response {
+    let Some(key) = PresentedKey::parse(&presented.0) else {
+        return unauthorized(&state);
+    };
     if let Some(refused) = account_invalid(&account) {
-        return refused;
+        // The key is checked first, as on every route of the API.
+        return match key.is_active(&state.store).await {
+            Ok(true) => refused,
+            Ok(false) => unauthorized(&state),
+            Err(err) => database_unavailable(&err.to_string()),
+        };
     }
     tracing::Span::current().record("account", account.as_str());
-    let result = state.tokens.access_token(&account).await;
+    let result = match state.tokens.access_token_for_key(&key, &account).await {
+        Ok(Some(token)) => Ok(token),
+        Ok(None) => return unauthorized(&state),
+        Err(err) => Err(err),
+    };
     let outcome = match &result {
         Ok(_) => TokenApiOutcome::Ok,
         Err(TokenError::NotFound(_)) => TokenApiOutcome::NotFound,

@@ -1,6 +1,8 @@
 //! `amoauth_api_keys`: keys of the host app's services, stored as SHA-256 hashes.
 
-use super::{Context as _, Store, StoreError, Timestamp, on_pool};
+use rusqlite::OptionalExtension as _;
+
+use super::{Context as _, Hot, Store, StoreError, Timestamp, on_pool};
 
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct ApiKeyRow {
@@ -10,6 +12,16 @@ pub struct ApiKeyRow {
     pub created_at: Timestamp,
     pub revoked_at: Option<Timestamp>,
 }
+
+/// The hash of an active (not revoked) key, by its public id; also a scalar subquery of the
+/// token call's one statement (tokens.rs).
+macro_rules! active_key_hash {
+    () => {
+        "SELECT key_hash FROM amoauth_api_keys WHERE key_id = ? AND revoked_at IS NULL"
+    };
+}
+pub(super) use active_key_hash;
+const ACTIVE_KEY_HASH: &str = active_key_hash!();
 
 #[doc(hidden)]
 impl Store {
@@ -37,10 +49,27 @@ impl Store {
 
     /// The stored hash of an active (not revoked) key.
     pub async fn active_api_key_hash(&self, key_id: &str) -> Result<Option<String>, StoreError> {
-        let sql = self
-            .sql("SELECT key_hash FROM amoauth_api_keys WHERE key_id = ? AND revoked_at IS NULL");
-        on_pool!(self, pool => sqlx::query_scalar(sql).bind(key_id).fetch_optional(pool).await)
-            .during("checking the API key")
+        const OPERATION: &str = "checking the API key";
+        match self.hot() {
+            Hot::Sqlite(db) => {
+                db.read(OPERATION, |conn| {
+                    conn.prepare_cached(ACTIVE_KEY_HASH)?
+                        .query_row([key_id], |row| row.get(0))
+                        .optional()
+                })
+                .await
+            }
+            Hot::Postgres(pool) => sqlx::query_scalar(self.sql(ACTIVE_KEY_HASH))
+                .bind(key_id)
+                .fetch_optional(pool)
+                .await
+                .during(OPERATION),
+            Hot::MySql(pool) => sqlx::query_scalar(self.sql(ACTIVE_KEY_HASH))
+                .bind(key_id)
+                .fetch_optional(pool)
+                .await
+                .during(OPERATION),
+        }
     }
 
     pub async fn api_keys(&self) -> Result<Vec<ApiKeyRow>, StoreError> {

@@ -96,6 +96,44 @@ impl<'a> Attempt<'a> {
     }
 }
 
+/// An audit row's values in the column order of `attempt_columns!`: the one place that order
+/// is bound, for sqlx (`bind_attempt!`) and for SQLite's inline path alike.
+type AttemptValues<'a> = (
+    &'static str,
+    &'static str,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<i64>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    bool,
+    Timestamp,
+    Option<Timestamp>,
+);
+
+impl<'a> Attempt<'a> {
+    pub(super) fn values(&self, state_consumed: bool) -> AttemptValues<'a> {
+        // A row that is not pending is finished when it is written.
+        let finished_at = (self.outcome != Outcome::Pending).then_some(self.created_at);
+        (
+            self.kind.as_str(),
+            self.outcome.as_str(),
+            self.reason,
+            self.detail,
+            self.subdomain,
+            self.account_id,
+            self.ip,
+            self.user_agent,
+            self.state_fingerprint,
+            state_consumed,
+            self.created_at,
+            finished_at,
+        )
+    }
+}
+
 /// An audit row as stored.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct AttemptRecord {
@@ -158,25 +196,54 @@ macro_rules! write_records {
 }
 pub(super) use write_records;
 
-/// Binds an attempt's fields, in the column order of `insert_attempt_sql`.
+/// The columns of an audit row as written, in the order of `Attempt::values`.
+macro_rules! attempt_columns {
+    () => {
+        "kind, outcome, reason, detail, subdomain, account_id, ip, user_agent, state_fingerprint, \
+         state_consumed, created_at, finished_at"
+    };
+}
+pub(super) use attempt_columns;
+
+/// One placeholder per column of `attempt_columns!`.
+macro_rules! attempt_placeholders {
+    () => {
+        "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+    };
+}
+pub(super) use attempt_placeholders;
+
+/// Writes one audit row.
+macro_rules! insert_attempt {
+    () => {
+        concat!(
+            "INSERT INTO amocrm_oauth_attempts (",
+            $crate::store::attempts::attempt_columns!(),
+            ") VALUES (",
+            $crate::store::attempts::attempt_placeholders!(),
+            ")"
+        )
+    };
+}
+pub(super) use insert_attempt;
+
+/// Binds an attempt's values (`Attempt::values`) to a sqlx query.
 macro_rules! bind_attempt {
     ($query:expr, $attempt:expr, $state_consumed:expr) => {{
-        let attempt: &$crate::store::Attempt<'_> = $attempt;
-        let finished_at =
-            (attempt.outcome != $crate::store::Outcome::Pending).then_some(attempt.created_at);
+        let v = $crate::store::Attempt::values($attempt, $state_consumed);
         $query
-            .bind(attempt.kind.as_str())
-            .bind(attempt.outcome.as_str())
-            .bind(attempt.reason)
-            .bind(attempt.detail)
-            .bind(attempt.subdomain)
-            .bind(attempt.account_id)
-            .bind(attempt.ip)
-            .bind(attempt.user_agent)
-            .bind(attempt.state_fingerprint)
-            .bind($state_consumed)
-            .bind(attempt.created_at)
-            .bind(finished_at)
+            .bind(v.0)
+            .bind(v.1)
+            .bind(v.2)
+            .bind(v.3)
+            .bind(v.4)
+            .bind(v.5)
+            .bind(v.6)
+            .bind(v.7)
+            .bind(v.8)
+            .bind(v.9)
+            .bind(v.10)
+            .bind(v.11)
     }};
 }
 pub(super) use bind_attempt;
@@ -184,11 +251,7 @@ pub(super) use bind_attempt;
 #[doc(hidden)]
 impl Store {
     pub(super) fn insert_attempt_sql(&self) -> AssertSqlSafe<Cow<'static, str>> {
-        self.sql(
-            "INSERT INTO amocrm_oauth_attempts (kind, outcome, reason, detail, subdomain, account_id, \
-             ip, user_agent, state_fingerprint, state_consumed, created_at, finished_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
+        self.sql(insert_attempt!())
     }
 
     /// Closes a pending audit row: outcome, account id, finished at, by id.

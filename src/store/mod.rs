@@ -5,6 +5,7 @@
 mod api_keys;
 mod attempts;
 mod events;
+mod inline;
 mod pace;
 mod retention;
 mod seed;
@@ -14,6 +15,7 @@ mod tokens;
 
 use std::borrow::Cow;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::NaiveDateTime;
@@ -32,6 +34,7 @@ pub use tokens::{
 };
 
 use crate::config::DatabaseUrl;
+use inline::InlineSqlite;
 
 /// Times are stored as UTC without an offset, so operator SQL such as
 /// `expires_at > NOW()` works as written on a UTC server.
@@ -92,6 +95,11 @@ pub enum StoreError {
     Database {
         operation: &'static str,
         cause: sqlx::Error,
+    },
+    #[error("database error while {operation}: {cause}")]
+    Sqlite {
+        operation: &'static str,
+        cause: rusqlite::Error,
     },
     #[error("DATABASE_URL: cannot open {url}: {cause}")]
     Connect { url: String, cause: sqlx::Error },
@@ -267,6 +275,15 @@ impl BeginWrite for MySqlPool {
 #[doc(hidden)]
 pub struct Store {
     pool: Pool,
+    /// SQLite's hot path (inline.rs): set exactly when `pool` is SQLite's.
+    inline: Option<Arc<InlineSqlite>>,
+}
+
+/// Where a hot operation runs: inline on SQLite, one round trip on the servers.
+enum Hot<'a> {
+    Sqlite(&'a InlineSqlite),
+    Postgres(&'a PgPool),
+    MySql(&'a MySqlPool),
 }
 
 #[doc(hidden)]
@@ -332,12 +349,29 @@ impl Store {
                 )));
             }
         };
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
-    /// A store on a pool the caller opened (an embedding app's own).
+    /// A store on a pool the caller opened (an embedding app's own). On SQLite the hot path
+    /// opens its own connections to the pool's database file (or shared in-memory database).
     pub fn from_pool(pool: impl Into<Pool>) -> Self {
-        Self { pool: pool.into() }
+        let pool = pool.into();
+        let inline = match &pool {
+            Pool::Sqlite(pool) => Some(Arc::new(InlineSqlite::of(&pool.connect_options()))),
+            Pool::Postgres(_) | Pool::MySql(_) => None,
+        };
+        Self { pool, inline }
+    }
+
+    fn hot(&self) -> Hot<'_> {
+        match (&self.pool, &self.inline) {
+            (Pool::Sqlite(_), Some(inline)) => Hot::Sqlite(inline),
+            (Pool::Postgres(pool), _) => Hot::Postgres(pool),
+            (Pool::MySql(pool), _) => Hot::MySql(pool),
+            (Pool::Sqlite(_), None) => {
+                unreachable!("from_pool sets the inline path with a SQLite pool")
+            }
+        }
     }
 
     /// Applies every pending migration (under the driver's lock on server databases, so

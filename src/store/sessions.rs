@@ -1,7 +1,9 @@
 //! `amoauth_sessions`: admin browser logins, stored as hashes of the cookie value; and
 //! `amoauth_login_links`: one-time links that open such a session, stored as hashes too.
 
-use super::{Context as _, Store, StoreError, Timestamp, on_pool};
+use rusqlite::OptionalExtension as _;
+
+use super::{Context as _, Hot, Store, StoreError, Timestamp, on_pool};
 
 #[doc(hidden)]
 impl Store {
@@ -34,14 +36,31 @@ impl Store {
         id_hash: &str,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        let sql =
-            self.sql("SELECT id_hash FROM amoauth_sessions WHERE id_hash = ? AND expires_at > ?");
-        let found: Option<String> = on_pool!(self, pool => sqlx::query_scalar(sql)
-            .bind(id_hash)
-            .bind(now)
-            .fetch_optional(pool)
-            .await)
-        .during("checking the admin session")?;
+        const OPERATION: &str = "checking the admin session";
+        const VALID_SESSION: &str =
+            "SELECT id_hash FROM amoauth_sessions WHERE id_hash = ? AND expires_at > ?";
+        let found: Option<String> = match self.hot() {
+            Hot::Sqlite(db) => {
+                db.read(OPERATION, |conn| {
+                    conn.prepare_cached(VALID_SESSION)?
+                        .query_row((id_hash, now), |row| row.get(0))
+                        .optional()
+                })
+                .await?
+            }
+            Hot::Postgres(pool) => sqlx::query_scalar(self.sql(VALID_SESSION))
+                .bind(id_hash)
+                .bind(now)
+                .fetch_optional(pool)
+                .await
+                .during(OPERATION)?,
+            Hot::MySql(pool) => sqlx::query_scalar(self.sql(VALID_SESSION))
+                .bind(id_hash)
+                .bind(now)
+                .fetch_optional(pool)
+                .await
+                .during(OPERATION)?,
+        };
         Ok(found.is_some())
     }
 

@@ -1,8 +1,10 @@
 //! `amocrm_oauth_states`: create, consume once, list, purge.
 
-use super::attempts::{Attempt, bind_attempt};
+use rusqlite::OptionalExtension as _;
+
+use super::attempts::{self, Attempt, bind_attempt};
 use super::retention::Purge;
-use super::{BeginWrite as _, Context as _, Store, StoreError, Timestamp, on_pool};
+use super::{Context as _, Hot, Store, StoreError, Timestamp, on_pool};
 use crate::amocrm::Platform;
 
 pub struct NewState<'a> {
@@ -55,34 +57,191 @@ const EXPIRED_STATES: Purge = Purge {
     operation: "deleting expired states",
 };
 
+/// The columns of a new state, in the order of `NewState::values`.
+macro_rules! insert_state {
+    () => {
+        "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at, ip, \
+         user_agent, external_id, return_url, mode, platform) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    };
+}
+/// The columns a callback reads back, in `StateRow`'s order (`StateRow::from_sqlite`).
+macro_rules! state_columns {
+    () => {
+        "subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode, platform"
+    };
+}
+
+/// A new state and its install's audit row: SQLite runs the two inserts in one transaction,
+/// PostgreSQL in one statement, MySQL in one CALL of a procedure (its migration
+/// 20261201000018 holds the same two inserts).
+const INSERT_STATE: &str = insert_state!();
+const START_POSTGRES: &str = concat!(
+    "WITH state AS (",
+    insert_state!(),
+    ") ",
+    attempts::insert_attempt!()
+);
+/// The conditional DELETE decides which callback consumes a state.
+macro_rules! delete_state {
+    () => {
+        "DELETE FROM amocrm_oauth_states WHERE state_hash = ? AND expires_at > ?"
+    };
+}
+const CONSUME_SQLITE: &str = concat!(delete_state!(), " RETURNING ", state_columns!());
+/// PostgreSQL consumes the state and opens the audit row in one statement.
+const CONSUME_POSTGRES: &str = concat!(
+    "WITH consumed AS (",
+    delete_state!(),
+    " RETURNING ",
+    state_columns!(),
+    "), audit AS (INSERT INTO amocrm_oauth_attempts (",
+    attempts::attempt_columns!(),
+    ") SELECT ",
+    attempts::attempt_placeholders!(),
+    " FROM consumed RETURNING id) SELECT ",
+    state_columns!(),
+    ", audit.id AS attempt_id FROM consumed, audit"
+);
+const START_MYSQL: &str = concat!(
+    "CALL amoauth_start_install(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ",
+    attempts::attempt_placeholders!(),
+    ")"
+);
+/// MySQL has no DELETE ... RETURNING: its procedure reads the row, then the DELETE decides.
+const CONSUME_MYSQL: &str = concat!(
+    "CALL amoauth_consume_state(?, ?, ",
+    attempts::attempt_placeholders!(),
+    ")"
+);
+const SELECT_STATE: &str = concat!(
+    "SELECT ",
+    state_columns!(),
+    " FROM amocrm_oauth_states WHERE state_hash = ?"
+);
+/// A callback that consumed this state before left an audit row saying so.
+const CONSUMED_BEFORE: &str = "SELECT id FROM amocrm_oauth_attempts \
+     WHERE state_fingerprint = ? AND state_consumed = ? LIMIT 1";
+
+/// Binds a new state's values (`NewState::values`) to a sqlx query.
+macro_rules! bind_state {
+    ($query:expr, $state:expr) => {{
+        let v = $state.values();
+        $query
+            .bind(v.0)
+            .bind(v.1)
+            .bind(v.2)
+            .bind(v.3)
+            .bind(v.4)
+            .bind(v.5)
+            .bind(v.6)
+            .bind(v.7)
+            .bind(v.8)
+            .bind(v.9)
+    }};
+}
+
+/// A new state's values in the column order of `insert_state!`: the one place that order is
+/// bound, for sqlx and SQLite's inline path alike.
+type StateValues<'a> = (
+    &'a str,
+    Option<&'a str>,
+    Timestamp,
+    Timestamp,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    &'static str,
+);
+
+impl<'a> NewState<'a> {
+    fn values(&self) -> StateValues<'a> {
+        (
+            self.state_hash,
+            self.subdomain,
+            self.created_at,
+            self.expires_at,
+            self.ip,
+            self.user_agent,
+            self.external_id,
+            self.return_url,
+            self.mode,
+            self.platform.as_str(),
+        )
+    }
+}
+
+impl StateRow {
+    /// A row of `state_columns!` from SQLite's inline path.
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            subdomain: row.get(0)?,
+            created_at: row.get(1)?,
+            expires_at: row.get(2)?,
+            ip: row.get(3)?,
+            user_agent: row.get(4)?,
+            external_id: row.get(5)?,
+            return_url: row.get(6)?,
+            mode: row.get(7)?,
+            platform: super::inline::named_value(row, 8)?,
+        })
+    }
+}
+
+/// A consumed state with the id of the audit row opened for it (PostgreSQL's statement,
+/// MySQL's procedure).
+#[derive(sqlx::FromRow)]
+struct ConsumedRow {
+    #[sqlx(flatten)]
+    state: StateRow,
+    attempt_id: i64,
+}
+
 #[doc(hidden)]
 impl Store {
-    pub async fn insert_state(&self, state: &NewState<'_>) -> Result<(), StoreError> {
-        let sql = self.sql(
-            "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at, ip, \
-             user_agent, external_id, return_url, mode, platform) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        );
-        on_pool!(self, pool => sqlx::query(sql)
-            .bind(state.state_hash)
-            .bind(state.subdomain)
-            .bind(state.created_at)
-            .bind(state.expires_at)
-            .bind(state.ip)
-            .bind(state.user_agent)
-            .bind(state.external_id)
-            .bind(state.return_url)
-            .bind(state.mode)
-            .bind(state.platform.as_str())
-            .execute(pool)
-            .await
-            .map(drop))
-        .during("saving the OAuth state")
+    /// Saves an install's state together with its audit row `attempt`: one transaction on
+    /// SQLite and MySQL, one statement on PostgreSQL.
+    pub async fn start_state(
+        &self,
+        state: &NewState<'_>,
+        attempt: &Attempt<'_>,
+    ) -> Result<(), StoreError> {
+        const OPERATION: &str = "saving the OAuth state";
+        match self.hot() {
+            Hot::Sqlite(db) => {
+                db.write(OPERATION, |tx| {
+                    tx.prepare_cached(INSERT_STATE)?.execute(state.values())?;
+                    tx.prepare_cached(attempts::insert_attempt!())?
+                        .execute(attempt.values(false))?;
+                    Ok(())
+                })
+                .await
+            }
+            Hot::Postgres(pool) => {
+                let query = bind_state!(sqlx::query(self.sql(START_POSTGRES)), state);
+                bind_attempt!(query, attempt, false)
+                    .execute(pool)
+                    .await
+                    .map(drop)
+                    .during(OPERATION)
+            }
+            Hot::MySql(pool) => {
+                let query = bind_state!(sqlx::query(self.sql(START_MYSQL)), state);
+                bind_attempt!(query, attempt, false)
+                    .execute(pool)
+                    .await
+                    .map(drop)
+                    .during(OPERATION)
+            }
+        }
     }
 
-    /// Verifies and deletes the state in one transaction: the conditional DELETE decides,
-    /// so of any number of concurrent callbacks exactly one sees a deleted row. The winner's
-    /// audit row is written in the same transaction, so later callbacks can tell "used"
-    /// from "unknown".
+    /// Verifies and deletes the state: the conditional DELETE decides, so of any number of
+    /// concurrent callbacks exactly one consumes it. The winner's audit row is written with
+    /// it (one transaction: inline on SQLite, one statement on PostgreSQL, one CALL on MySQL),
+    /// so later callbacks can tell "used"
+    /// from "unknown". Only a callback that consumes nothing reads more.
     pub async fn consume_state(
         &self,
         state_hash: &str,
@@ -90,71 +249,88 @@ impl Store {
         attempt: &Attempt<'_>,
     ) -> Result<Consumption, StoreError> {
         const OPERATION: &str = "consuming the OAuth state";
-        let select = self.sql(
-            "SELECT subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode, platform \
-             FROM amocrm_oauth_states WHERE state_hash = ?",
-        );
-        let delete =
-            self.sql("DELETE FROM amocrm_oauth_states WHERE state_hash = ? AND expires_at > ?");
-        let used = self.sql(
-            "SELECT id FROM amocrm_oauth_attempts \
-             WHERE state_fingerprint = ? AND state_consumed = ? LIMIT 1",
-        );
-        let (insert, last_id) = (self.insert_attempt_sql(), self.last_insert_id_sql());
-        on_pool!(self, pool => {
-            let mut tx = pool.begin_write().await.during(OPERATION)?;
-            let state: Option<StateRow> = sqlx::query_as(select)
-                .bind(state_hash)
-                .fetch_optional(&mut *tx)
-                .await
-                .during(OPERATION)?;
-            let deleted = sqlx::query(delete)
-                .bind(state_hash)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .during(OPERATION)?
-                .rows_affected();
-            let outcome = match state {
-                Some(state) if deleted == 1 => {
-                    bind_attempt!(sqlx::query(insert), attempt, true)
-                        .execute(&mut *tx)
-                        .await
-                        .during(OPERATION)?;
-                    let attempt_id: i64 = sqlx::query_scalar(last_id)
-                        .fetch_one(&mut *tx)
-                        .await
-                        .during(OPERATION)?;
-                    Consumption::Consumed { attempt_id, state }
-                }
-                Some(state) if state.expires_at <= now => Consumption::Expired,
-                // Seen but not deleted by us: a concurrent callback consumed it first.
-                Some(_) => Consumption::Used,
-                None => {
-                    let consumed_before: Option<i64> = sqlx::query_scalar(used)
-                        .bind(attempt.state_fingerprint)
-                        .bind(true)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .during(OPERATION)?;
-                    if consumed_before.is_some() {
-                        Consumption::Used
-                    } else {
-                        Consumption::Unknown
-                    }
-                }
-            };
-            tx.commit().await.during(OPERATION)?;
-            Ok(outcome)
+        let consumed = match self.hot() {
+            Hot::Sqlite(db) => {
+                db.write(OPERATION, |tx| {
+                    let state = tx
+                        .prepare_cached(CONSUME_SQLITE)?
+                        .query_row((state_hash, now), StateRow::from_sqlite)
+                        .optional()?;
+                    let Some(state) = state else {
+                        return Ok(None);
+                    };
+                    tx.prepare_cached(attempts::insert_attempt!())?
+                        .execute(attempt.values(true))?;
+                    Ok(Some((tx.last_insert_rowid(), state)))
+                })
+                .await?
+            }
+            Hot::Postgres(pool) => {
+                let query = sqlx::query_as(self.sql(CONSUME_POSTGRES))
+                    .bind(state_hash)
+                    .bind(now);
+                let row: Option<ConsumedRow> = bind_attempt!(query, attempt, true)
+                    .fetch_optional(pool)
+                    .await
+                    .during(OPERATION)?;
+                row.map(|row| (row.attempt_id, row.state))
+            }
+            Hot::MySql(pool) => {
+                let query = sqlx::query_as(self.sql(CONSUME_MYSQL))
+                    .bind(state_hash)
+                    .bind(now);
+                let row: Option<ConsumedRow> = bind_attempt!(query, attempt, true)
+                    .fetch_optional(pool)
+                    .await
+                    .during(OPERATION)?;
+                row.map(|row| (row.attempt_id, row.state))
+            }
+        };
+        match consumed {
+            Some((attempt_id, state)) => Ok(Consumption::Consumed { attempt_id, state }),
+            None => self.why_not_consumed(state_hash, now, attempt).await,
+        }
+    }
+
+    /// Why a callback consumed nothing: the state expired, was used, or never existed.
+    async fn why_not_consumed(
+        &self,
+        state_hash: &str,
+        now: Timestamp,
+        attempt: &Attempt<'_>,
+    ) -> Result<Consumption, StoreError> {
+        const OPERATION: &str = "consuming the OAuth state";
+        let state: Option<StateRow> = on_pool!(self, pool => sqlx::query_as(self.sql(SELECT_STATE))
+            .bind(state_hash)
+            .fetch_optional(pool)
+            .await)
+        .during(OPERATION)?;
+        match state {
+            Some(state) if state.expires_at <= now => return Ok(Consumption::Expired),
+            // Still valid, yet the DELETE did not take it: a concurrent callback's did.
+            Some(_) => return Ok(Consumption::Used),
+            None => {}
+        }
+        let consumed_before: Option<i64> =
+            on_pool!(self, pool => sqlx::query_scalar(self.sql(CONSUMED_BEFORE))
+                .bind(attempt.state_fingerprint)
+                .bind(true)
+                .fetch_optional(pool)
+                .await)
+            .during(OPERATION)?;
+        Ok(match consumed_before {
+            Some(_) => Consumption::Used,
+            None => Consumption::Unknown,
         })
     }
 
     /// States that are still valid at `now`, newest first.
     pub async fn active_states(&self, now: Timestamp) -> Result<Vec<StateRow>, StoreError> {
-        let sql = self.sql(
-            "SELECT subdomain, created_at, expires_at, ip, user_agent, external_id, return_url, mode, platform \
-             FROM amocrm_oauth_states WHERE expires_at > ? ORDER BY created_at DESC",
-        );
+        let sql = self.sql(concat!(
+            "SELECT ",
+            state_columns!(),
+            " FROM amocrm_oauth_states WHERE expires_at > ? ORDER BY created_at DESC"
+        ));
         on_pool!(self, pool => sqlx::query_as(sql).bind(now).fetch_all(pool).await)
             .during("listing active states")
     }

@@ -1,7 +1,7 @@
 //! `amocrm_tokens`: connected accounts and their sealed tokens.
 
 use super::attempts::write_records;
-use super::{BeginWrite as _, Context as _, Records, Store, StoreError, Timestamp, on_pool};
+use super::{BeginWrite as _, Context as _, Hot, Records, Store, StoreError, Timestamp, on_pool};
 use crate::amocrm::Platform;
 use crate::crypto::{Sealed, SealedPair};
 
@@ -71,15 +71,50 @@ pub struct RefreshedPair<'a> {
     pub issued_at: Timestamp,
 }
 
-/// Every column of a connection, in `StoredConnection`'s order.
-macro_rules! select_connection {
+/// Every column of a connection, in `StoredConnection`'s order (`StoredConnection::from_sqlite`).
+macro_rules! connection_columns {
     () => {
-        "SELECT id, account_id, external_id, account_name, domain, subdomain, access_token, refresh_token, \
+        "id, account_id, external_id, account_name, domain, subdomain, access_token, refresh_token, \
          key_id, expires_at, refresh_expires_at, issued_at, status, raw, last_refresh_at, last_error, \
          refresh_failures, next_refresh_at, lease_owner, lease_until, version, created_at, updated_at, \
-         platform FROM amocrm_tokens"
+         platform"
     };
 }
+macro_rules! select_connection {
+    () => {
+        concat!("SELECT ", connection_columns!(), " FROM amocrm_tokens")
+    };
+}
+/// The token call's one statement: the connection and, beside it, the stored hash of the
+/// presented API key if that key is active (a scalar subquery, so no join is needed).
+macro_rules! keyed_connection {
+    () => {
+        concat!(
+            "SELECT ",
+            connection_columns!(),
+            ", (",
+            super::api_keys::active_key_hash!(),
+            ") AS key_hash FROM amocrm_tokens"
+        )
+    };
+}
+/// Where `find_connections` and the token call look an account up: by id (one row per
+/// platform), or by subdomain or host (bound twice; the oldest rows first, as a renamed
+/// account's subdomain may linger on an older row).
+macro_rules! by_account_id {
+    () => {
+        " WHERE account_id = ? ORDER BY id"
+    };
+}
+macro_rules! by_account_name {
+    () => {
+        " WHERE subdomain = ? OR domain = ? ORDER BY id LIMIT 2"
+    };
+}
+const KEYED_BY_ACCOUNT_ID: &str = concat!(keyed_connection!(), by_account_id!());
+const KEYED_BY_ACCOUNT_NAME: &str = concat!(keyed_connection!(), by_account_name!());
+/// The position of `key_hash` in a keyed row: after the connection's 24 columns.
+const KEY_HASH_COLUMN: usize = 24;
 
 /// What saving a connection did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +178,12 @@ const RECONNECT_FOR_OWNER: &str = concat!(
 /// moves to another tenant).
 #[derive(Debug, Clone, Copy)]
 pub enum Disconnect {
-    Unchanged { version: i64 },
+    /// The webhook's: only if the pair is still at `version`.
+    Unchanged {
+        /// The pair's version amoCRM was asked about.
+        version: i64,
+    },
+    /// The admin's: whatever the pair, and the account leaves its `external_id`.
     ByAdmin,
 }
 const DISCONNECT_UNCHANGED: &str = concat!(
@@ -273,35 +313,77 @@ impl Store {
     /// Within a platform the first match wins, as it always did (a renamed account's
     /// subdomain may linger on an older row).
     pub async fn find_connections(&self, account: &str) -> Result<Vec<ConnectionRow>, StoreError> {
-        let (platform, account) = match account.split_once(':') {
-            Some((platform, rest)) => match Platform::parse(platform) {
-                Some(platform) => (Some(platform), rest),
-                None => return Ok(Vec::new()),
-            },
-            None => (None, account),
+        let Some((platform, account)) = qualified(account) else {
+            return Ok(Vec::new());
         };
         let rows: Vec<StoredConnection> = match account.parse::<i64>() {
             Ok(account_id) => {
-                let sql = self.sql(concat!(select_connection!(), " WHERE account_id = ? ORDER BY id"));
+                let sql = self.sql(concat!(select_connection!(), by_account_id!()));
                 on_pool!(self, pool => sqlx::query_as(sql).bind(account_id).fetch_all(pool).await)
             }
             Err(_) => {
-                let sql = self.sql(concat!(
-                    select_connection!(),
-                    " WHERE subdomain = ? OR domain = ? ORDER BY id LIMIT 2"
-                ));
+                let sql = self.sql(concat!(select_connection!(), by_account_name!()));
                 on_pool!(self, pool => sqlx::query_as(sql).bind(account).bind(account).fetch_all(pool).await)
             }
         }
         .during("finding the connection")?;
-        let mut found: Vec<ConnectionRow> = Vec::new();
-        for row in rows.into_iter().map(ConnectionRow::from) {
-            let wanted = platform.is_none_or(|platform| row.platform == platform);
-            if wanted && found.iter().all(|seen| seen.platform != row.platform) {
-                found.push(row);
+        Ok(first_per_platform(platform, rows))
+    }
+
+    /// The token call in one statement: the connections `account` names (as
+    /// `find_connections`), with the stored hash of the API key `key_id` when that key is
+    /// active (else `None`). With no connection the key is left unchecked: `(None, [])`.
+    pub async fn keyed_connections(
+        &self,
+        key_id: &str,
+        account: &str,
+    ) -> Result<(Option<String>, Vec<ConnectionRow>), StoreError> {
+        const OPERATION: &str = "finding the connection";
+        let Some((platform, account)) = qualified(account) else {
+            return Ok((None, Vec::new()));
+        };
+        let account_id = account.parse::<i64>().ok();
+        let sql = match account_id {
+            Some(_) => KEYED_BY_ACCOUNT_ID,
+            None => KEYED_BY_ACCOUNT_NAME,
+        };
+        let rows: Vec<KeyedConnection> = match self.hot() {
+            Hot::Sqlite(db) => {
+                db.read(OPERATION, |conn| {
+                    let mut statement = conn.prepare_cached(sql)?;
+                    let keyed = |row: &rusqlite::Row<'_>| {
+                        Ok(KeyedConnection {
+                            connection: StoredConnection::from_sqlite(row)?,
+                            key_hash: row.get(KEY_HASH_COLUMN)?,
+                        })
+                    };
+                    match account_id {
+                        Some(id) => statement.query_map((key_id, id), keyed)?.collect(),
+                        None => statement.query_map((key_id, account, account), keyed)?.collect(),
+                    }
+                })
+                .await?
             }
-        }
-        Ok(found)
+            Hot::Postgres(pool) => {
+                let query = sqlx::query_as(self.sql(sql)).bind(key_id);
+                let query = match account_id {
+                    Some(id) => query.bind(id),
+                    None => query.bind(account).bind(account),
+                };
+                query.fetch_all(pool).await.during(OPERATION)?
+            }
+            Hot::MySql(pool) => {
+                let query = sqlx::query_as(self.sql(sql)).bind(key_id);
+                let query = match account_id {
+                    Some(id) => query.bind(id),
+                    None => query.bind(account).bind(account),
+                };
+                query.fetch_all(pool).await.during(OPERATION)?
+            }
+        };
+        let key_hash = rows.first().and_then(|row| row.key_hash.clone());
+        let rows = rows.into_iter().map(|row| row.connection).collect();
+        Ok((key_hash, first_per_platform(platform, rows)))
     }
 
     /// Active connections the worker should refresh: the access token expires before
@@ -583,6 +665,14 @@ impl Store {
     }
 }
 
+/// A connection with the stored hash of the presented API key (`keyed_connection!`).
+#[derive(sqlx::FromRow)]
+struct KeyedConnection {
+    #[sqlx(flatten)]
+    connection: StoredConnection,
+    key_hash: Option<String>,
+}
+
 /// A row as the database returns it, before the sealed columns are paired with their key.
 #[derive(sqlx::FromRow)]
 struct StoredConnection {
@@ -610,6 +700,62 @@ struct StoredConnection {
     version: i64,
     created_at: Timestamp,
     updated_at: Timestamp,
+}
+
+/// `kommo:31337001` → (Kommo, `31337001`); a bare account → (any platform, it); `None` for
+/// an unknown platform, which names no connection.
+fn qualified(account: &str) -> Option<(Option<Platform>, &str)> {
+    match account.split_once(':') {
+        Some((platform, rest)) => Some((Some(Platform::parse(platform)?), rest)),
+        None => Some((None, account)),
+    }
+}
+
+/// The first row of each platform (of `platform` only, when given), oldest first.
+fn first_per_platform(
+    platform: Option<Platform>,
+    rows: Vec<StoredConnection>,
+) -> Vec<ConnectionRow> {
+    let mut found: Vec<ConnectionRow> = Vec::new();
+    for row in rows.into_iter().map(ConnectionRow::from) {
+        let wanted = platform.is_none_or(|platform| row.platform == platform);
+        if wanted && found.iter().all(|seen| seen.platform != row.platform) {
+            found.push(row);
+        }
+    }
+    found
+}
+
+impl StoredConnection {
+    /// A row of `connection_columns!` from SQLite's inline path.
+    fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            account_id: row.get(1)?,
+            external_id: row.get(2)?,
+            account_name: row.get(3)?,
+            domain: row.get(4)?,
+            subdomain: row.get(5)?,
+            access_token: row.get(6)?,
+            refresh_token: row.get(7)?,
+            key_id: row.get(8)?,
+            expires_at: row.get(9)?,
+            refresh_expires_at: row.get(10)?,
+            issued_at: row.get(11)?,
+            status: super::inline::named_value(row, 12)?,
+            raw: row.get(13)?,
+            last_refresh_at: row.get(14)?,
+            last_error: row.get(15)?,
+            refresh_failures: row.get(16)?,
+            next_refresh_at: row.get(17)?,
+            lease_owner: row.get(18)?,
+            lease_until: row.get(19)?,
+            version: row.get(20)?,
+            created_at: row.get(21)?,
+            updated_at: row.get(22)?,
+            platform: super::inline::named_value(row, 23)?,
+        })
+    }
 }
 
 impl From<StoredConnection> for ConnectionRow {

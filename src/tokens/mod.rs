@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 pub use worker::run_worker;
 
 use crate::amocrm::{AmoError, Grant, Platform, REFRESH_TOKEN_LIFETIME, TokenSet};
+use crate::api_keys::PresentedKey;
 use crate::config::Secret;
 use crate::crypto::{Cipher, TokenColumn, jitter, random_token};
 use crate::events::{ConnectionData, EventType, Events, grant_reason};
@@ -152,6 +153,34 @@ impl TokenService {
     /// an expired token waits for a refresh, and inside the backoff it is refused at once.
     pub async fn access_token(self: &Arc<Self>, account: &str) -> Result<FreshToken, TokenError> {
         let row = self.usable_connection(account).await?;
+        self.serve(row).await
+    }
+
+    /// `access_token` for the token API: the API key is checked in the statement that reads
+    /// the connection (one round trip). `None` when `key` is not an active key, whether or
+    /// not the account has a connection.
+    pub(crate) async fn access_token_for_key(
+        self: &Arc<Self>,
+        key: &PresentedKey<'_>,
+        account: &str,
+    ) -> Result<Option<FreshToken>, TokenError> {
+        let (stored_hash, rows) = self.store.keyed_connections(key.key_id(), account).await?;
+        if rows.is_empty() {
+            // No connection: a 404 is only for an active key.
+            return match key.is_active(&self.store).await? {
+                true => Err(TokenError::NotFound(account.to_owned())),
+                false => Ok(None),
+            };
+        }
+        if !key.matches(stored_hash.as_deref()) {
+            return Ok(None);
+        }
+        let row = the_one_usable(account, rows)?;
+        self.serve(row).await.map(Some)
+    }
+
+    /// The access token of a usable connection, refreshed first when close to expiry.
+    async fn serve(self: &Arc<Self>, row: ConnectionRow) -> Result<FreshToken, TokenError> {
         let at = now();
         let still_valid = row.expires_at > at;
         let row =
@@ -243,21 +272,8 @@ impl TokenService {
     /// for a new consent.
     /// An id or subdomain both platforms have names no connection until it is qualified.
     async fn usable_connection(&self, account: &str) -> Result<ConnectionRow, TokenError> {
-        let mut rows = self.store.find_connections(account).await?;
-        if rows.len() > 1 {
-            return Err(TokenError::Ambiguous {
-                account: account.to_owned(),
-                qualified: rows
-                    .iter()
-                    .map(|row| format!("{}:{account}", row.platform))
-                    .collect(),
-            });
-        }
-        let row = rows
-            .pop()
-            .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
-        usable(&row)?;
-        Ok(row)
+        let rows = self.store.find_connections(account).await?;
+        the_one_usable(account, rows)
     }
 
     /// Whether a refresh of this connection is under way here or in another process.
@@ -641,6 +657,25 @@ fn backing_off(row: &ConnectionRow, at: Timestamp) -> Option<TokenError> {
 }
 
 /// Errors that are about the connection, not the request.
+/// The one connection `account` names, if usable: an id or subdomain both platforms have
+/// names none until it is qualified.
+fn the_one_usable(account: &str, mut rows: Vec<ConnectionRow>) -> Result<ConnectionRow, TokenError> {
+    if rows.len() > 1 {
+        return Err(TokenError::Ambiguous {
+            account: account.to_owned(),
+            qualified: rows
+                .iter()
+                .map(|row| format!("{}:{account}", row.platform))
+                .collect(),
+        });
+    }
+    let row = rows
+        .pop()
+        .ok_or_else(|| TokenError::NotFound(account.to_owned()))?;
+    usable(&row)?;
+    Ok(row)
+}
+
 fn usable(row: &ConnectionRow) -> Result<(), TokenError> {
     match row.status {
         ConnectionStatus::Active => Ok(()),

@@ -46,6 +46,7 @@ mod flow_security;
 mod gateway;
 mod host_app;
 mod hostile;
+mod hot_path;
 mod http_security;
 mod import;
 mod keys;

@@ -1,0 +1,143 @@
+//! The hot path (an install, a callback's state, a token call) reads and writes the database
+//! on every request, with no cache: the next request on another replica sees a refreshed
+//! token, a revoked API key and a disconnected account. On SQLite it runs on connections of
+//! its own (store/inline.rs), also on an in-memory database an embedding app hands over.
+
+use amoauth::internal::{Disconnect, Records, create_api_key, now};
+use chrono::{NaiveDateTime, Utc};
+
+use crate::support::*;
+
+fn token_url(base: &str, account: &str) -> String {
+    format!("{base}/api/v1/connections/{account}/token")
+}
+
+fn from_now(seconds: i64) -> NaiveDateTime {
+    Utc::now().naive_utc() + chrono::Duration::seconds(seconds)
+}
+
+async fn the_next_token_call_on_a_replica_sees_every_change(backend: Backend) {
+    let app = TestApp::spawn(&backend).await;
+    app.connect().await;
+    let revoked = create_api_key(app.store(), "to-revoke").await.unwrap().full;
+    let kept = create_api_key(app.store(), "kept").await.unwrap().full;
+    let replica = app.replica().await;
+    let replica_base = format!("http://{}{}", replica.addr, replica.base_path);
+    let by_id = ACCOUNT_ID.to_string();
+    let ask = |base: &str, account: &str, key: &str| {
+        let (client, url, key) = (app.client.clone(), token_url(base, account), key.to_owned());
+        async move { api_get(&client, &url, &key).await }
+    };
+
+    // Both replicas serve the stored token, by account id and by subdomain or host.
+    let (status, first) = ask(&app.base, &by_id, &kept).await;
+    assert_eq!(status, 200, "{first}");
+    for account in [by_id.as_str(), "demo", ACCOUNT_HOST] {
+        let (status, body) = ask(&replica_base, account, &revoked).await;
+        assert_eq!(status, 200, "{account}: {body}");
+        assert_eq!(body["access_token"], first["access_token"]);
+    }
+
+    // This replica refreshes a token close to expiry; the other serves the new one next.
+    app.db().set_token_time("expires_at", from_now(30)).await;
+    let (status, refreshed) = ask(&app.base, &by_id, &kept).await;
+    assert_eq!(status, 200, "{refreshed}");
+    assert_ne!(refreshed["access_token"], first["access_token"]);
+    let (status, body) = ask(&replica_base, &by_id, &kept).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["access_token"], refreshed["access_token"]);
+
+    // A revoked key is refused by the next call on either replica; another key still works.
+    assert!(
+        app.store()
+            .revoke_api_key("to-revoke", now())
+            .await
+            .unwrap()
+    );
+    for base in [&replica_base, &app.base] {
+        let (status, body) = ask(base, &by_id, &revoked).await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(body["error"], "unauthorized");
+        let (status, body) = ask(base, "no-such-account", &revoked).await;
+        assert_eq!(
+            status, 401,
+            "a revoked key learns nothing of accounts: {body}"
+        );
+    }
+    let (status, body) = ask(&replica_base, "no-such-account", &kept).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = ask(&replica_base, &"x".repeat(300), &revoked).await;
+    assert_eq!(status, 401, "the key is checked before the account: {body}");
+    let (status, body) = ask(&replica_base, &"x".repeat(300), &kept).await;
+    assert_eq!(status, 400, "{body}");
+
+    // An account disconnected here is refused by the next call on the other replica.
+    let store = app.store();
+    let records = Records::default();
+    let disconnected = store
+        .disconnect(amoauth::amocrm::Platform::Amocrm, ACCOUNT_ID, Disconnect::ByAdmin, now(), &records)
+        .await
+        .unwrap();
+    assert!(disconnected);
+    let (status, body) = ask(&replica_base, &by_id, &kept).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], "disconnected");
+
+    replica.stop().await.unwrap();
+    app.stop().await;
+}
+
+/// An embedding app's `sqlite::memory:` pool: the hot path opens the same shared in-memory
+/// database, so a state saved by an install is the one sqlx's connections see.
+#[tokio::test]
+async fn an_in_memory_sqlite_pool_serves_the_hot_path_too() {
+    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+    let amoauth = amoauth::Amoauth::builder()
+        .amocrm(
+            CLIENT_ID,
+            CLIENT_SECRET,
+            "http://127.0.0.1:9/amocrm/callback",
+        )
+        .admin_token(ADMIN_TOKEN)
+        .encryption_key(ENCRYPTION_KEY)
+        .database(pool.clone())
+        .build()
+        .await
+        .unwrap();
+    let (listener, addr) = loopback_listener().await;
+    let app = amoauth
+        .router()
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = http_client();
+
+    for _ in 0..3 {
+        let response = client
+            .get(format!("http://{addr}/amocrm/install"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 303);
+    }
+    let states: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM amocrm_oauth_states")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let installs: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM amocrm_oauth_attempts WHERE kind = 'install'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((states, installs), (3, 3));
+
+    let key = create_api_key(&amoauth::internal::Store::from_pool(pool.clone()), "memory")
+        .await
+        .unwrap()
+        .full;
+    let (status, body) = api_get(&client, &token_url(&format!("http://{addr}"), "42"), &key).await;
+    assert_eq!(status, 404, "the key made through sqlx is seen: {body}");
+    server.abort();
+}
+
+on_all_backends!(the_next_token_call_on_a_replica_sees_every_change);

@@ -60,8 +60,10 @@ const PEAK_CLIENTS: usize = 32;
 /// Clients on a fixed schedule: enough that a slow answer does not delay the next request.
 const SCHEDULED_CLIENTS: usize = 64;
 const WARMUP: Duration = Duration::from_secs(1);
-/// Accounts the flows connect (one consent page lists them all, as amoCRM lists a user's).
-const FLOW_ACCOUNTS: std::ops::RangeInclusive<i64> = 1_000_001..=1_000_008;
+/// Accounts the flows connect, all offered by one consent page as amoCRM offers a user's.
+/// Enough that amoauth's pacing of each account (7 calls in any 1.25 s, two per flow) does not
+/// bound thousands of flows a second.
+const FLOW_ACCOUNTS: std::ops::RangeInclusive<i64> = 1_000_001..=1_001_600;
 const REFRESH_ACCOUNTS: std::ops::RangeInclusive<i64> = 2_000_001..=2_010_000;
 const EXPIRED_STATES: i64 = 1_000_000;
 /// Installs per second while the cleanup runs: far above any real install rate.

@@ -359,7 +359,9 @@ impl Store {
                     };
                     match account_id {
                         Some(id) => statement.query_map((key_id, id), keyed)?.collect(),
-                        None => statement.query_map((key_id, account, account), keyed)?.collect(),
+                        None => statement
+                            .query_map((key_id, account, account), keyed)?
+                            .collect(),
                     }
                 })
                 .await?

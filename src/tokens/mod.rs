@@ -659,7 +659,10 @@ fn backing_off(row: &ConnectionRow, at: Timestamp) -> Option<TokenError> {
 /// Errors that are about the connection, not the request.
 /// The one connection `account` names, if usable: an id or subdomain both platforms have
 /// names none until it is qualified.
-fn the_one_usable(account: &str, mut rows: Vec<ConnectionRow>) -> Result<ConnectionRow, TokenError> {
+fn the_one_usable(
+    account: &str,
+    mut rows: Vec<ConnectionRow>,
+) -> Result<ConnectionRow, TokenError> {
     if rows.len() > 1 {
         return Err(TokenError::Ambiguous {
             account: account.to_owned(),

@@ -75,7 +75,13 @@ async fn the_next_token_call_on_a_replica_sees_every_change(backend: Backend) {
     let store = app.store();
     let records = Records::default();
     let disconnected = store
-        .disconnect(amoauth::amocrm::Platform::Amocrm, ACCOUNT_ID, Disconnect::ByAdmin, now(), &records)
+        .disconnect(
+            amoauth::amocrm::Platform::Amocrm,
+            ACCOUNT_ID,
+            Disconnect::ByAdmin,
+            now(),
+            &records,
+        )
         .await
         .unwrap();
     assert!(disconnected);

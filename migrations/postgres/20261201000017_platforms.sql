@@ -1,7 +1,8 @@
 -- amoCRM and Kommo integrations side by side: every state and connection names its platform
 -- ('amocrm' or 'kommo'); rows from before are amoCRM's. An account id is unique per platform,
--- since the two platforms number their accounts apart.
+-- since the two platforms number their accounts apart. The id leads the unique index, so a
+-- lookup by bare id (the token API's) uses it too.
 ALTER TABLE amocrm_oauth_states ADD COLUMN platform VARCHAR(16) NOT NULL DEFAULT 'amocrm';
 ALTER TABLE amocrm_tokens ADD COLUMN platform VARCHAR(16) NOT NULL DEFAULT 'amocrm';
 ALTER TABLE amocrm_tokens DROP CONSTRAINT amocrm_tokens_account_id_key;
-CREATE UNIQUE INDEX amocrm_tokens_platform_account_id ON amocrm_tokens (platform, account_id);
+CREATE UNIQUE INDEX amocrm_tokens_account_id_platform ON amocrm_tokens (account_id, platform);

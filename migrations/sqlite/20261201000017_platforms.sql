@@ -1,7 +1,8 @@
 -- amoCRM and Kommo integrations side by side: every state and connection names its platform
 -- ('amocrm' or 'kommo'); rows from before are amoCRM's. An account id is unique per platform,
 -- since the two platforms number their accounts apart. SQLite cannot drop a column's UNIQUE,
--- so amocrm_tokens is rebuilt with the same columns, ids and indexes.
+-- so amocrm_tokens is rebuilt with the same columns, ids and indexes. The id leads the unique
+-- index, so a lookup by bare id (the token API's) uses it too.
 ALTER TABLE amocrm_oauth_states ADD COLUMN platform TEXT NOT NULL DEFAULT 'amocrm';
 
 CREATE TABLE amocrm_tokens_with_platforms (
@@ -43,4 +44,4 @@ DROP TABLE amocrm_tokens;
 ALTER TABLE amocrm_tokens_with_platforms RENAME TO amocrm_tokens;
 CREATE INDEX amocrm_tokens_expires_at ON amocrm_tokens (expires_at);
 CREATE INDEX amocrm_tokens_external_id ON amocrm_tokens (external_id);
-CREATE UNIQUE INDEX amocrm_tokens_platform_account_id ON amocrm_tokens (platform, account_id);
+CREATE UNIQUE INDEX amocrm_tokens_account_id_platform ON amocrm_tokens (account_id, platform);

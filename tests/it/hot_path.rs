@@ -147,3 +147,25 @@ async fn an_in_memory_sqlite_pool_serves_the_hot_path_too() {
 }
 
 on_all_backends!(the_next_token_call_on_a_replica_sees_every_change);
+
+/// The token call finds a connection by its bare account id through an index, not a scan of
+/// every connection: the unique index per platform has the id first.
+#[tokio::test]
+async fn a_token_lookup_by_account_id_uses_an_index() {
+    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+    amoauth::internal::Store::from_pool(pool.clone())
+        .migrate()
+        .await
+        .unwrap();
+    // EXPLAIN QUERY PLAN's rows are (id, parent, notused, detail).
+    let plan: Vec<(i64, i64, i64, String)> =
+        sqlx::query_as("EXPLAIN QUERY PLAN SELECT id FROM amocrm_tokens WHERE account_id = 7")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        plan.iter()
+            .any(|step| step.3.contains("INDEX amocrm_tokens_account_id_platform")),
+        "{plan:?}"
+    );
+}

@@ -109,6 +109,11 @@ async fn measure(
     server: &Server,
     name: String,
 ) -> anyhow::Result<Figures> {
+    // Every account is connected before anything is measured, so the token calls never depend
+    // on how far the flows got (a slower build connects fewer in its flows phase).
+    crate::scenario::connect_directly(env.app_addr, &env.sandbox, &env.accounts, PEAK_CLIENTS)
+        .await
+        .with_context(|| format!("{name}: connecting the accounts"))?;
     refuses_a_wrong_key(env)
         .await
         .with_context(|| format!("{name}: the token API"))?;

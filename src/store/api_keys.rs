@@ -2,7 +2,7 @@
 
 use rusqlite::OptionalExtension as _;
 
-use super::{Context as _, Hot, Store, StoreError, Timestamp, on_pool};
+use super::{Context as _, Store, StoreError, Timestamp, on_hot_path, on_pool};
 
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct ApiKeyRow {
@@ -50,26 +50,18 @@ impl Store {
     /// The stored hash of an active (not revoked) key.
     pub async fn active_api_key_hash(&self, key_id: &str) -> Result<Option<String>, StoreError> {
         const OPERATION: &str = "checking the API key";
-        match self.hot() {
-            Hot::Sqlite(db) => {
+        on_hot_path!(self, db => {
                 db.read(OPERATION, |conn| {
                     conn.prepare_cached(ACTIVE_KEY_HASH)?
                         .query_row([key_id], |row| row.get(0))
                         .optional()
                 })
                 .await
-            }
-            Hot::Postgres(pool) => sqlx::query_scalar(self.sql(ACTIVE_KEY_HASH))
-                .bind(key_id)
-                .fetch_optional(pool)
-                .await
-                .during(OPERATION),
-            Hot::MySql(pool) => sqlx::query_scalar(self.sql(ACTIVE_KEY_HASH))
-                .bind(key_id)
-                .fetch_optional(pool)
-                .await
-                .during(OPERATION),
-        }
+        }, pool => sqlx::query_scalar(self.sql(ACTIVE_KEY_HASH))
+            .bind(key_id)
+            .fetch_optional(pool)
+            .await
+            .during(OPERATION))
     }
 
     pub async fn api_keys(&self) -> Result<Vec<ApiKeyRow>, StoreError> {

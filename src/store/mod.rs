@@ -286,6 +286,19 @@ enum Hot<'a> {
     MySql(&'a MySqlPool),
 }
 
+/// Runs a hot operation: `$inline` on SQLite's inline connections, else `$server`, compiled
+/// once per server driver (as `on_pool!`), so each query's sqlx code is written once.
+macro_rules! on_hot_path {
+    ($store:expr, $db:ident => $inline:expr, $pool:ident => $server:expr) => {
+        match $store.hot() {
+            $crate::store::Hot::Sqlite($db) => $inline,
+            $crate::store::Hot::Postgres($pool) => $server,
+            $crate::store::Hot::MySql($pool) => $server,
+        }
+    };
+}
+pub(crate) use on_hot_path;
+
 #[doc(hidden)]
 impl Store {
     /// Opens the database (creating a SQLite file when missing). Does not migrate.
@@ -437,6 +450,18 @@ impl Store {
         match self.pool {
             Pool::Postgres(_) => AssertSqlSafe(Cow::Owned(numbered_placeholders(text))),
             _ => AssertSqlSafe(Cow::Borrowed(text)),
+        }
+    }
+
+    /// Picks the statement written for this server's dialect (SQLite's hot path runs its own).
+    fn server_dialect(
+        &self,
+        postgres: &'static str,
+        mysql: &'static str,
+    ) -> AssertSqlSafe<Cow<'static, str>> {
+        match self.pool {
+            Pool::Postgres(_) => AssertSqlSafe(Cow::Owned(numbered_placeholders(postgres))),
+            _ => AssertSqlSafe(Cow::Borrowed(mysql)),
         }
     }
 

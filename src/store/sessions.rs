@@ -3,7 +3,7 @@
 
 use rusqlite::OptionalExtension as _;
 
-use super::{Context as _, Hot, Store, StoreError, Timestamp, on_pool};
+use super::{Context as _, Store, StoreError, Timestamp, on_hot_path, on_pool};
 
 #[doc(hidden)]
 impl Store {
@@ -39,28 +39,19 @@ impl Store {
         const OPERATION: &str = "checking the admin session";
         const VALID_SESSION: &str =
             "SELECT id_hash FROM amoauth_sessions WHERE id_hash = ? AND expires_at > ?";
-        let found: Option<String> = match self.hot() {
-            Hot::Sqlite(db) => {
+        let found: Option<String> = on_hot_path!(self, db => {
                 db.read(OPERATION, |conn| {
                     conn.prepare_cached(VALID_SESSION)?
                         .query_row((id_hash, now), |row| row.get(0))
                         .optional()
                 })
                 .await?
-            }
-            Hot::Postgres(pool) => sqlx::query_scalar(self.sql(VALID_SESSION))
-                .bind(id_hash)
-                .bind(now)
-                .fetch_optional(pool)
-                .await
-                .during(OPERATION)?,
-            Hot::MySql(pool) => sqlx::query_scalar(self.sql(VALID_SESSION))
-                .bind(id_hash)
-                .bind(now)
-                .fetch_optional(pool)
-                .await
-                .during(OPERATION)?,
-        };
+        }, pool => sqlx::query_scalar(self.sql(VALID_SESSION))
+            .bind(id_hash)
+            .bind(now)
+            .fetch_optional(pool)
+            .await
+            .during(OPERATION)?);
         Ok(found.is_some())
     }
 

@@ -4,7 +4,7 @@ use rusqlite::OptionalExtension as _;
 
 use super::attempts::{self, Attempt, bind_attempt};
 use super::retention::Purge;
-use super::{Context as _, Hot, Store, StoreError, Timestamp, on_pool};
+use super::{Context as _, Store, StoreError, Timestamp, on_hot_path, on_pool};
 use crate::amocrm::Platform;
 
 pub struct NewState<'a> {
@@ -208,33 +208,23 @@ impl Store {
         attempt: &Attempt<'_>,
     ) -> Result<(), StoreError> {
         const OPERATION: &str = "saving the OAuth state";
-        match self.hot() {
-            Hot::Sqlite(db) => {
-                db.write(OPERATION, |tx| {
-                    tx.prepare_cached(INSERT_STATE)?.execute(state.values())?;
-                    tx.prepare_cached(attempts::insert_attempt!())?
-                        .execute(attempt.values(false))?;
-                    Ok(())
-                })
+        on_hot_path!(self, db => {
+            db.write(OPERATION, |tx| {
+                tx.prepare_cached(INSERT_STATE)?.execute(state.values())?;
+                tx.prepare_cached(attempts::insert_attempt!())?
+                    .execute(attempt.values(false))?;
+                Ok(())
+            })
+            .await
+        }, pool => {
+            let sql = self.server_dialect(START_POSTGRES, START_MYSQL);
+            let query = bind_state!(sqlx::query(sql), state);
+            bind_attempt!(query, attempt, false)
+                .execute(pool)
                 .await
-            }
-            Hot::Postgres(pool) => {
-                let query = bind_state!(sqlx::query(self.sql(START_POSTGRES)), state);
-                bind_attempt!(query, attempt, false)
-                    .execute(pool)
-                    .await
-                    .map(drop)
-                    .during(OPERATION)
-            }
-            Hot::MySql(pool) => {
-                let query = bind_state!(sqlx::query(self.sql(START_MYSQL)), state);
-                bind_attempt!(query, attempt, false)
-                    .execute(pool)
-                    .await
-                    .map(drop)
-                    .during(OPERATION)
-            }
-        }
+                .map(drop)
+                .during(OPERATION)
+        })
     }
 
     /// Verifies and deletes the state: the conditional DELETE decides, so of any number of
@@ -249,43 +239,29 @@ impl Store {
         attempt: &Attempt<'_>,
     ) -> Result<Consumption, StoreError> {
         const OPERATION: &str = "consuming the OAuth state";
-        let consumed = match self.hot() {
-            Hot::Sqlite(db) => {
-                db.write(OPERATION, |tx| {
-                    let state = tx
-                        .prepare_cached(CONSUME_SQLITE)?
-                        .query_row((state_hash, now), StateRow::from_sqlite)
-                        .optional()?;
-                    let Some(state) = state else {
-                        return Ok(None);
-                    };
-                    tx.prepare_cached(attempts::insert_attempt!())?
-                        .execute(attempt.values(true))?;
-                    Ok(Some((tx.last_insert_rowid(), state)))
-                })
-                .await?
-            }
-            Hot::Postgres(pool) => {
-                let query = sqlx::query_as(self.sql(CONSUME_POSTGRES))
-                    .bind(state_hash)
-                    .bind(now);
-                let row: Option<ConsumedRow> = bind_attempt!(query, attempt, true)
-                    .fetch_optional(pool)
-                    .await
-                    .during(OPERATION)?;
-                row.map(|row| (row.attempt_id, row.state))
-            }
-            Hot::MySql(pool) => {
-                let query = sqlx::query_as(self.sql(CONSUME_MYSQL))
-                    .bind(state_hash)
-                    .bind(now);
-                let row: Option<ConsumedRow> = bind_attempt!(query, attempt, true)
-                    .fetch_optional(pool)
-                    .await
-                    .during(OPERATION)?;
-                row.map(|row| (row.attempt_id, row.state))
-            }
-        };
+        let consumed = on_hot_path!(self, db => {
+            db.write(OPERATION, |tx| {
+                let state = tx
+                    .prepare_cached(CONSUME_SQLITE)?
+                    .query_row((state_hash, now), StateRow::from_sqlite)
+                    .optional()?;
+                let Some(state) = state else {
+                    return Ok(None);
+                };
+                tx.prepare_cached(attempts::insert_attempt!())?
+                    .execute(attempt.values(true))?;
+                Ok(Some((tx.last_insert_rowid(), state)))
+            })
+            .await?
+        }, pool => {
+            let sql = self.server_dialect(CONSUME_POSTGRES, CONSUME_MYSQL);
+            let query = sqlx::query_as(sql).bind(state_hash).bind(now);
+            let row: Option<ConsumedRow> = bind_attempt!(query, attempt, true)
+                .fetch_optional(pool)
+                .await
+                .during(OPERATION)?;
+            row.map(|row| (row.attempt_id, row.state))
+        });
         match consumed {
             Some((attempt_id, state)) => Ok(Consumption::Consumed { attempt_id, state }),
             None => self.why_not_consumed(state_hash, now, attempt).await,

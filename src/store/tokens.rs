@@ -1,7 +1,9 @@
 //! `amocrm_tokens`: connected accounts and their sealed tokens.
 
 use super::attempts::write_records;
-use super::{BeginWrite as _, Context as _, Hot, Records, Store, StoreError, Timestamp, on_pool};
+use super::{
+    BeginWrite as _, Context as _, Records, Store, StoreError, Timestamp, on_hot_path, on_pool,
+};
 use crate::amocrm::Platform;
 use crate::crypto::{Sealed, SealedPair};
 
@@ -347,42 +349,29 @@ impl Store {
             Some(_) => KEYED_BY_ACCOUNT_ID,
             None => KEYED_BY_ACCOUNT_NAME,
         };
-        let rows: Vec<KeyedConnection> = match self.hot() {
-            Hot::Sqlite(db) => {
-                db.read(OPERATION, |conn| {
-                    let mut statement = conn.prepare_cached(sql)?;
-                    let keyed = |row: &rusqlite::Row<'_>| {
-                        Ok(KeyedConnection {
-                            connection: StoredConnection::from_sqlite(row)?,
-                            key_hash: row.get(KEY_HASH_COLUMN)?,
-                        })
-                    };
-                    match account_id {
-                        Some(id) => statement.query_map((key_id, id), keyed)?.collect(),
-                        None => statement
-                            .query_map((key_id, account, account), keyed)?
-                            .collect(),
-                    }
-                })
-                .await?
-            }
-            Hot::Postgres(pool) => {
-                let query = sqlx::query_as(self.sql(sql)).bind(key_id);
-                let query = match account_id {
-                    Some(id) => query.bind(id),
-                    None => query.bind(account).bind(account),
+        let rows: Vec<KeyedConnection> = on_hot_path!(self, db => {
+            db.read(OPERATION, |conn| {
+                let mut statement = conn.prepare_cached(sql)?;
+                let keyed = |row: &rusqlite::Row<'_>| {
+                    Ok(KeyedConnection {
+                        connection: StoredConnection::from_sqlite(row)?,
+                        key_hash: row.get(KEY_HASH_COLUMN)?,
+                    })
                 };
-                query.fetch_all(pool).await.during(OPERATION)?
-            }
-            Hot::MySql(pool) => {
-                let query = sqlx::query_as(self.sql(sql)).bind(key_id);
-                let query = match account_id {
-                    Some(id) => query.bind(id),
-                    None => query.bind(account).bind(account),
-                };
-                query.fetch_all(pool).await.during(OPERATION)?
-            }
-        };
+                match account_id {
+                    Some(id) => statement.query_map((key_id, id), keyed)?.collect(),
+                    None => statement.query_map((key_id, account, account), keyed)?.collect(),
+                }
+            })
+            .await?
+        }, pool => {
+            let query = sqlx::query_as(self.sql(sql)).bind(key_id);
+            let query = match account_id {
+                Some(id) => query.bind(id),
+                None => query.bind(account).bind(account),
+            };
+            query.fetch_all(pool).await.during(OPERATION)?
+        });
         let key_hash = rows.first().and_then(|row| row.key_hash.clone());
         let rows = rows.into_iter().map(|row| row.connection).collect();
         Ok((key_hash, first_per_platform(platform, rows)))

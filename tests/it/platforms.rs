@@ -496,3 +496,54 @@ async fn readme_kommo_setup_runs_kommo_only_and_beside_amocrm() {
     }
     assert_eq!(sandbox.stats().successful_code_exchanges, 2);
 }
+
+/// `--kommo-client-id`, `--kommo-client-secret` and `--kommo-redirect-uri` (README's
+/// configuration table) configure the Kommo integration as the variables do: a Kommo-only
+/// `amoauth serve` started with them alone connects a Kommo account.
+#[tokio::test]
+async fn the_kommo_flags_configure_a_kommo_only_serve() {
+    let port = free_port();
+    let redirect_uri = format!("http://127.0.0.1:{port}/amocrm/callback");
+    let (sandbox, origin) = spawn_sandbox_for(&redirect_uri, Platforms::Both).await;
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = format!("sqlite://{}", dir.path().join("amoauth.db").display());
+    let no_amocrm = [
+        ("AMOCRM_CLIENT_ID", ""),
+        ("AMOCRM_CLIENT_SECRET", ""),
+        ("AMOCRM_REDIRECT_URI", ""),
+    ];
+    let flags = [
+        "--kommo-client-id",
+        KOMMO_CLIENT_ID,
+        "--kommo-client-secret",
+        KOMMO_CLIENT_SECRET,
+        "--kommo-redirect-uri",
+        &redirect_uri,
+    ];
+    let process = ServeProcess::start_with_flags(
+        port,
+        &redirect_uri,
+        &origin,
+        &database_url,
+        &no_amocrm,
+        &flags,
+    )
+    .await;
+    let install = http_client()
+        .get(format!("{}/amocrm/install", process.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(install.status(), 303);
+    let consent = location(&install);
+    assert_eq!(
+        query_param(&consent, "client_id").as_deref(),
+        Some(KOMMO_CLIENT_ID)
+    );
+    let callback = consent_as(&http_client(), &origin, &consent, "allow", KOMMO_ACCOUNT_ID).await;
+    let (status, body) = open_callback(&http_client(), &callback).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sandbox.stats().successful_code_exchanges, 1);
+    process.stop();
+}

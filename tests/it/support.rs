@@ -760,6 +760,18 @@ impl ServeProcess {
         database_url: &str,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_with_flags(port, redirect_uri, sandbox_origin, database_url, env, &[]).await
+    }
+
+    /// `start`, with `flags` after `serve` on the command line.
+    pub async fn start_with_flags(
+        port: u16,
+        redirect_uri: &str,
+        sandbox_origin: &str,
+        database_url: &str,
+        env: &[(&str, &str)],
+        flags: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("amoauth.log");
         let file = std::fs::File::create(&log).unwrap();
@@ -776,6 +788,7 @@ impl ServeProcess {
             .env("AMOAUTH_RATE_LIMIT", "off")
             .envs(env.iter().copied())
             .arg("serve")
+            .args(flags)
             .stdout(Stdio::from(file.try_clone().unwrap()))
             .stderr(Stdio::from(file));
         let mut child = command.spawn().unwrap();

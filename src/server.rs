@@ -15,7 +15,7 @@ use crate::config::{Secret, ServerConfig};
 use crate::crypto::random_token;
 use crate::events::run_delivery;
 use crate::http::client::{PerIpRequests, RateLimiter};
-use crate::http::{AppState, router};
+use crate::http::{AppState, Shared, router};
 use crate::parts::Parts;
 use crate::store::{Store, now};
 use crate::tokens::run_worker;
@@ -122,7 +122,7 @@ pub fn app(parts: &Parts, config: &ServerConfig, admin_token: Secret) -> axum::R
         .lease
         .saturating_add(config.integrations[0].timeout.saturating_mul(2))
         .saturating_add(Duration::from_secs(5));
-    let state = AppState {
+    let state = AppState::new(Shared {
         store: parts.store.clone(),
         gateway: Arc::clone(&parts.gateway),
         flow: Arc::clone(&parts.flow),
@@ -135,7 +135,7 @@ pub fn app(parts: &Parts, config: &ServerConfig, admin_token: Secret) -> axum::R
         per_ip_requests: Arc::new(PerIpRequests::new(config.per_ip_concurrency)),
         trusted_proxies: Arc::new(config.trusted_proxies.clone()),
         base_path: Arc::from(config.base_path.as_str()),
-    };
+    });
     router(state, request_timeout, config.read_timeout)
 }
 

@@ -61,9 +61,28 @@ const MAX_IN_FLIGHT: usize = 512;
 /// The largest request body any route takes.
 pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024;
 
-/// What every handler shares.
+/// What every handler shares, behind one reference count: axum clones the state for every
+/// middleware and extractor that takes it, and a dozen contended counts per clone were an
+/// eighth of a token call's CPU (BENCHMARKS.md).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     /// The database: handlers read and write it here, the flows and tokens through their own.
     pub store: Store,
     pub flow: Arc<Flow>,

@@ -196,6 +196,36 @@ macro_rules! write_records {
 }
 pub(super) use write_records;
 
+/// Closes a pending audit row: outcome, account id, finished at, by id.
+const FINISH_PENDING: &str = "UPDATE amocrm_oauth_attempts SET outcome = ?, reason = NULL, \
+     detail = NULL, account_id = ?, finished_at = ? WHERE id = ?";
+
+/// `write_records!` on SQLite's inline path, with the same statements.
+pub(super) fn write_records_inline(
+    tx: &rusqlite::Transaction<'_>,
+    records: &Records<'_>,
+    account_id: i64,
+    at: Timestamp,
+) -> rusqlite::Result<()> {
+    if let Some(attempt) = records.attempt {
+        tx.prepare_cached(insert_attempt!())?
+            .execute(attempt.values(false))?;
+    }
+    if let Some(attempt_id) = records.finish_pending {
+        tx.prepare_cached(FINISH_PENDING)?.execute((
+            Outcome::Success.as_str(),
+            account_id,
+            at,
+            attempt_id,
+        ))?;
+    }
+    if let Some(event) = records.event {
+        tx.prepare_cached(super::events::INSERT_EVENT)?
+            .execute(super::events::event_values(event))?;
+    }
+    Ok(())
+}
+
 /// The columns of an audit row as written, in the order of `Attempt::values`.
 macro_rules! attempt_columns {
     () => {
@@ -254,12 +284,8 @@ impl Store {
         self.sql(insert_attempt!())
     }
 
-    /// Closes a pending audit row: outcome, account id, finished at, by id.
     pub(super) fn finish_pending_sql(&self) -> AssertSqlSafe<Cow<'static, str>> {
-        self.sql(
-            "UPDATE amocrm_oauth_attempts SET outcome = ?, reason = NULL, detail = NULL, \
-             account_id = ?, finished_at = ? WHERE id = ?",
-        )
+        self.sql(FINISH_PENDING)
     }
 
     /// The id the last INSERT on this connection generated (MySQL has no RETURNING).

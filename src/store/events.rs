@@ -53,15 +53,29 @@ macro_rules! select_event {
 /// Binds an event's fields, in the column order of `insert_event_sql`.
 macro_rules! bind_event {
     ($query:expr, $event:expr) => {{
-        let event: &$crate::store::NewEvent = $event;
+        let (event_type, payload, created_at, due_at) = $crate::store::events::event_values($event);
         $query
-            .bind(event.event_type)
-            .bind(&event.payload)
-            .bind(event.created_at)
-            .bind(event.created_at)
+            .bind(event_type)
+            .bind(payload)
+            .bind(created_at)
+            .bind(due_at)
     }};
 }
 pub(super) use bind_event;
+
+/// Adds a pending event, due at once.
+pub(super) const INSERT_EVENT: &str = "INSERT INTO amoauth_events (event_type, payload, \
+     created_at, attempts, next_attempt_at, status) VALUES (?, ?, ?, 0, ?, 'pending')";
+
+/// What `INSERT_EVENT` binds: the event's type, payload, creation time, and due time (now).
+pub(super) fn event_values(event: &NewEvent) -> (&'static str, &str, Timestamp, Timestamp) {
+    (
+        event.event_type,
+        &event.payload,
+        event.created_at,
+        event.created_at,
+    )
+}
 
 #[doc(hidden)]
 impl Store {
@@ -82,10 +96,7 @@ impl Store {
 
     /// Adds a pending event, due at once (bind with `bind_event!`).
     pub(super) fn insert_event_sql(&self) -> AssertSqlSafe<Cow<'static, str>> {
-        self.sql(
-            "INSERT INTO amoauth_events (event_type, payload, created_at, attempts, \
-             next_attempt_at, status) VALUES (?, ?, ?, 0, ?, 'pending')",
-        )
+        self.sql(INSERT_EVENT)
     }
 
     /// Pending events due at `now` whose lease is free, oldest first. Not claimed yet:

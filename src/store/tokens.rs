@@ -1,6 +1,6 @@
 //! `amocrm_tokens`: connected accounts and their sealed tokens.
 
-use super::attempts::write_records;
+use super::attempts::{self, write_records};
 use super::{
     BeginWrite as _, Context as _, Records, Store, StoreError, Timestamp, on_hot_path, on_pool,
 };
@@ -146,22 +146,61 @@ macro_rules! disconnect_update {
     };
 }
 
-/// Binds what a (re)connect writes, from `account_name` to `raw`, in the column order that
-/// `reconnect_update!` and `INSERT_CONNECTION` share.
+/// Binds what a (re)connect writes (`connection_values`) to a sqlx query.
 macro_rules! bind_pair {
-    ($query:expr, $c:expr) => {
+    ($query:expr, $c:expr) => {{
+        let v = connection_values($c);
         $query
-            .bind($c.account_name)
-            .bind($c.domain)
-            .bind($c.subdomain)
-            .bind(&$c.tokens.access_token.ciphertext)
-            .bind(&$c.tokens.refresh_token.ciphertext)
-            .bind(&$c.tokens.access_token.key_id)
-            .bind($c.expires_at)
-            .bind($c.refresh_expires_at)
-            .bind($c.now)
-            .bind($c.raw)
-    };
+            .bind(v.0)
+            .bind(v.1)
+            .bind(v.2)
+            .bind(v.3)
+            .bind(v.4)
+            .bind(v.5)
+            .bind(v.6)
+            .bind(v.7)
+            .bind(v.8)
+            .bind(v.9)
+    }};
+}
+
+/// What a (re)connect writes, from `account_name` to `raw`, in the column order that
+/// `reconnect_update!` and `INSERT_CONNECTION` share.
+type ConnectionValues<'c> = (
+    &'c str,
+    &'c str,
+    &'c str,
+    &'c str,
+    &'c str,
+    &'c str,
+    Timestamp,
+    Timestamp,
+    Timestamp,
+    &'c str,
+);
+
+fn connection_values<'c>(c: &'c NewConnection<'_>) -> ConnectionValues<'c> {
+    (
+        c.account_name,
+        c.domain,
+        c.subdomain,
+        &c.tokens.access_token.ciphertext,
+        &c.tokens.refresh_token.ciphertext,
+        &c.tokens.access_token.key_id,
+        c.expires_at,
+        c.refresh_expires_at,
+        c.now,
+        c.raw,
+    )
+}
+
+/// A second row for the same key: the account is connected for another `external_id`.
+fn is_unique_violation(err: &rusqlite::Error) -> bool {
+    matches!(
+        err,
+        rusqlite::Error::SqliteFailure(failure, _)
+            if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+    )
 }
 
 /// Without an `external_id` (the admin's install, a widget install) the owner stays.
@@ -213,60 +252,92 @@ impl Store {
         records: &Records<'_>,
     ) -> Result<Saved, StoreError> {
         const OPERATION: &str = "saving the connection's tokens";
-        // An insert racing ours makes the first update miss and our insert collide: the
-        // second try's update then sees the row. A collision aborts the transaction on
-        // PostgreSQL, so each try has its own.
-        for _ in 0..2 {
-            let reconnect = self.sql(match c.external_id {
-                Some(_) => RECONNECT_FOR_OWNER,
-                None => RECONNECT_KEEPING_OWNER,
-            });
-            let insert = self.sql(INSERT_CONNECTION);
-            let saved: bool = on_pool!(self, pool => {
-                // The callback's state is consumed by now: a pooled connection the server
-                // closed during a restart (they are not pinged at checkout) must not cost
-                // the user the install, so a failed BEGIN gets one more connection.
-                let tx = match pool.begin_write().await {
-                    Err(sqlx::Error::Io(_)) => pool.begin_write().await,
-                    begun => begun,
+        on_hot_path!(self, db => {
+            db.write(OPERATION, |tx| {
+                // The write lock is taken at BEGIN, so no other insert can race this one.
+                let p = connection_values(c);
+                let updated = match c.external_id {
+                    Some(owner) => tx.prepare_cached(RECONNECT_FOR_OWNER)?.execute((
+                        p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7, p.8, p.9, c.now, owner,
+                        c.account_id, c.platform.as_str(), owner,
+                    ))?,
+                    None => tx.prepare_cached(RECONNECT_KEEPING_OWNER)?.execute((
+                        p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7, p.8, p.9, c.now,
+                        c.account_id, c.platform.as_str(),
+                    ))?,
                 };
-                let mut tx = tx.during(OPERATION)?;
-                let query = bind_pair!(sqlx::query(reconnect), c).bind(c.now);
-                let query = match c.external_id {
-                    Some(owner) => query
-                        .bind(owner)
-                        .bind(c.account_id)
-                        .bind(c.platform.as_str())
-                        .bind(owner),
-                    None => query.bind(c.account_id).bind(c.platform.as_str()),
-                };
-                let mut saved =
-                    query.execute(&mut *tx).await.during(OPERATION)?.rows_affected() == 1;
-                if !saved {
-                    let query = sqlx::query(insert).bind(c.account_id).bind(c.external_id);
-                    let inserted = bind_pair!(query, c)
-                        .bind(c.now)
-                        .bind(c.now)
-                        .bind(c.platform.as_str())
-                        .execute(&mut *tx)
-                        .await;
-                    saved = match inserted {
-                        Ok(_) => true,
-                        Err(sqlx::Error::Database(err)) if err.is_unique_violation() => false,
-                        Err(cause) => return Err(StoreError::Database { operation: OPERATION, cause }),
+                if updated == 0 {
+                    let inserted = tx.prepare_cached(INSERT_CONNECTION)?.execute((
+                        c.account_id, c.external_id, p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7,
+                        p.8, p.9, c.now, c.now, c.platform.as_str(),
+                    ));
+                    match inserted {
+                        Ok(_) => {}
+                        // Another owner's row: the failed statement changed nothing.
+                        Err(err) if is_unique_violation(&err) => return Ok(Saved::AccountTaken),
+                        Err(err) => return Err(err),
+                    }
+                }
+                attempts::write_records_inline(tx, records, c.account_id, c.now)?;
+                Ok(Saved::Saved)
+            })
+            .await
+        }, pool => {
+            // An insert racing ours makes the first update miss and our insert collide: the
+            // second try's update then sees the row. A collision aborts the transaction on
+            // PostgreSQL, so each try has its own.
+            for _ in 0..2 {
+                let reconnect = self.sql(match c.external_id {
+                    Some(_) => RECONNECT_FOR_OWNER,
+                    None => RECONNECT_KEEPING_OWNER,
+                });
+                let insert = self.sql(INSERT_CONNECTION);
+                let saved: bool = {
+                    // The callback's state is consumed by now: a pooled connection the server
+                    // closed during a restart (they are not pinged at checkout) must not cost
+                    // the user the install, so a failed BEGIN gets one more connection.
+                    let tx = match pool.begin_write().await {
+                        Err(sqlx::Error::Io(_)) => pool.begin_write().await,
+                        begun => begun,
                     };
-                }
+                    let mut tx = tx.during(OPERATION)?;
+                    let query = bind_pair!(sqlx::query(reconnect), c).bind(c.now);
+                    let query = match c.external_id {
+                        Some(owner) => query
+                            .bind(owner)
+                            .bind(c.account_id)
+                            .bind(c.platform.as_str())
+                            .bind(owner),
+                        None => query.bind(c.account_id).bind(c.platform.as_str()),
+                    };
+                    let mut saved =
+                        query.execute(&mut *tx).await.during(OPERATION)?.rows_affected() == 1;
+                    if !saved {
+                        let query = sqlx::query(insert).bind(c.account_id).bind(c.external_id);
+                        let inserted = bind_pair!(query, c)
+                            .bind(c.now)
+                            .bind(c.now)
+                            .bind(c.platform.as_str())
+                            .execute(&mut *tx)
+                            .await;
+                        saved = match inserted {
+                            Ok(_) => true,
+                            Err(sqlx::Error::Database(err)) if err.is_unique_violation() => false,
+                            Err(cause) => return Err(StoreError::Database { operation: OPERATION, cause }),
+                        };
+                    }
+                    if saved {
+                        write_records!(self, tx, records, c.account_id, c.now, OPERATION);
+                        tx.commit().await.during(OPERATION)?;
+                    }
+                    saved
+                };
                 if saved {
-                    write_records!(self, tx, records, c.account_id, c.now, OPERATION);
-                    tx.commit().await.during(OPERATION)?;
+                    return Ok(Saved::Saved);
                 }
-                saved
-            });
-            if saved {
-                return Ok(Saved::Saved);
             }
-        }
-        Ok(Saved::AccountTaken)
+            Ok(Saved::AccountTaken)
+        })
     }
 
     pub async fn connections(&self) -> Result<Vec<ConnectionRow>, StoreError> {

@@ -1,17 +1,13 @@
 //! The one error shape of the JSON API: `{"error": code, "message": sentence}` as
-//! `application/json`. Handlers build it with `error`; `json_errors` gives the same shape to
+//! `application/json`. Handlers build it with `error`; `as_json_error` gives the same shape to
 //! what the framework answers under `/api/` by itself (rejected queries and paths, unknown
 //! routes, other methods, the rate limit, timeouts), keeping the status and headers.
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::body::Body;
-use axum::extract::Request;
 use axum::extract::rejection::JsonRejection;
 use axum::http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -37,22 +33,22 @@ pub fn body_rejected(rejection: &JsonRejection) -> Response {
     error(status, code(status), rejection.body_text())
 }
 
-/// Marks a response as amoCRM's own (the gateway's), so [`json_errors`] leaves it as it is.
+/// Marks a response as amoCRM's own (the gateway's), so [`as_json_error`] leaves it as it is.
 #[derive(Clone, Copy, Debug)]
 pub struct Forwarded;
 
-/// Middleware: an error under `<base>/api/` that is not JSON yet becomes the JSON error.
-pub async fn json_errors(base: Arc<str>, request: Request, next: Next) -> Response {
-    let is_api = request
-        .uri()
-        .path()
-        .strip_prefix(&*base)
-        .is_some_and(|path| path.starts_with("/api/"));
-    let response = next.run(request).await;
+/// Whether `path` is under `<base>/api/`, where every error is the JSON error.
+pub fn is_api(base: &str, path: &str) -> bool {
+    path.strip_prefix(base)
+        .is_some_and(|path| path.starts_with("/api/"))
+}
+
+/// An API route's error that is not JSON yet (the framework's, a timeout's, a limit's)
+/// becomes the JSON error, keeping its status and headers.
+pub async fn as_json_error(response: Response) -> Response {
     let status = response.status();
     let from_amocrm = response.extensions().get::<Forwarded>().is_some();
-    if !is_api
-        || from_amocrm
+    if from_amocrm
         || !(status.is_client_error() || status.is_server_error())
         || is_json(&response)
     {
@@ -121,21 +117,15 @@ fn default_message(status: StatusCode, headers: &axum::http::HeaderMap) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::Router;
-    use axum::routing::get;
-    use tower::ServiceExt;
 
     /// A timeout answers 504 with no body; under /api/ it becomes the JSON error.
     async fn answer(path: &str, base: &str) -> Response {
-        let base: Arc<str> = Arc::from(base);
-        Router::new()
-            .fallback(get(|| async { StatusCode::GATEWAY_TIMEOUT }))
-            .layer(axum::middleware::from_fn(move |request, next| {
-                json_errors(Arc::clone(&base), request, next)
-            }))
-            .oneshot(Request::get(path).body(Body::empty()).unwrap())
-            .await
-            .unwrap()
+        let timed_out = StatusCode::GATEWAY_TIMEOUT.into_response();
+        if is_api(base, path) {
+            as_json_error(timed_out).await
+        } else {
+            timed_out
+        }
     }
 
     #[tokio::test]

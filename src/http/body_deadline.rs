@@ -5,45 +5,37 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::http::header::CONNECTION;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::MAX_BODY_BYTES;
 
-/// Middleware: reads the whole body (at most `MAX_BODY_BYTES`, the gateway's own limit on its
-/// route) within `read_timeout`, before the request takes one of the shared slots, then hands
-/// it on.
-pub async fn read_body(
-    State(read_timeout): State<Duration>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// Reads the whole body (at most `MAX_BODY_BYTES`, the gateway's own limit on its route)
+/// within `read_timeout`, before the request takes one of the shared slots; the request with
+/// its body in hand, or the answer that refuses it.
+pub async fn read_body(read_timeout: Duration, request: Request) -> Result<Request, Response> {
     let (parts, body) = request.into_parts();
     let limit = match super::gateway::proxied_path(parts.uri.path()) {
         Some(_) => super::gateway::MAX_BODY_BYTES,
         None => MAX_BODY_BYTES,
     };
     match tokio::time::timeout(read_timeout, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(bytes)) => {
-            next.run(Request::from_parts(parts, Body::from(bytes)))
-                .await
-        }
-        Ok(Err(err)) if is_too_large(&err) => (
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
+        Ok(Err(err)) if is_too_large(&err) => Err((
             StatusCode::PAYLOAD_TOO_LARGE,
             [(CONNECTION, "close")],
             format!("413 Payload Too Large: the body exceeds {limit} bytes\n"),
         )
-            .into_response(),
-        Ok(Err(_)) => (
+            .into_response()),
+        Ok(Err(_)) => Err((
             StatusCode::BAD_REQUEST,
             [(CONNECTION, "close")],
             "400 Bad Request: the request body could not be read\n",
         )
-            .into_response(),
-        Err(_) => (
+            .into_response()),
+        Err(_) => Err((
             StatusCode::REQUEST_TIMEOUT,
             [(CONNECTION, "close")],
             format!(
@@ -51,7 +43,7 @@ pub async fn read_body(
                 read_timeout.as_secs_f64()
             ),
         )
-            .into_response(),
+            .into_response()),
     }
 }
 

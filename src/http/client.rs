@@ -9,10 +9,9 @@ use std::time::Instant;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::Request;
 use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
@@ -58,36 +57,32 @@ fn forwarded_address(entry: &str) -> Option<IpAddr> {
         .or_else(|| entry.parse::<SocketAddr>().ok().map(|addr| addr.ip()))
 }
 
-/// Middleware, before the global limit on requests in flight: works out the client IP, applies
-/// the rate limit, and holds one of the IP's request slots until the answer is ready, so one
-/// client cannot take every slot.
+/// Before the global limit on requests in flight: works out the client IP (recorded on the
+/// request), applies the rate limit, and takes one of the IP's request slots, to be held
+/// until the answer is ready, so one client cannot take every slot. The answer that refuses
+/// the request otherwise.
 pub async fn identify(
-    State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+    state: &AppState,
+    peer: SocketAddr,
+    request: &mut Request,
+) -> Result<Option<Slot>, Response> {
     let ip = client_ip(peer.ip(), request.headers(), &state.trusted_proxies);
     request.extensions_mut().insert(ClientIp(ip));
     if is_limited(request.uri().path(), &state.base_path)
         && let Some(wait) = state.rate_limiter.check(ip)
     {
         tracing::warn!(%ip, path = %log_safe(request.uri().path()), "rate limit exceeded");
-        return (
+        return Err((
             StatusCode::TOO_MANY_REQUESTS,
             [(RETRY_AFTER, wait.to_string())],
             "429 Too Many Requests: slow down\n",
         )
-            .into_response();
+            .into_response());
     }
-    let _slot = match state.per_ip_requests.admit(ip).await {
-        Ok(slot) => slot,
-        Err(refusal) => {
-            tracing::warn!(%ip, "{}", refusal.log_line());
-            return refusal.into_response();
-        }
-    };
-    next.run(request).await
+    state.per_ip_requests.admit(ip).await.map_err(|refusal| {
+        tracing::warn!(%ip, "{}", refusal.log_line());
+        refusal.into_response()
+    })
 }
 
 /// Every route but the probes and metrics, under the base path (the seed's `/amocrm/…`

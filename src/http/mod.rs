@@ -15,11 +15,12 @@ mod suspicion;
 pub mod throttle;
 mod webhook;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, REFERRER_POLICY, STRICT_TRANSPORT_SECURITY,
     X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
@@ -30,7 +31,6 @@ use axum::routing::{get, post};
 use tokio::sync::Semaphore;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 pub use auth::new_login_link;
@@ -56,7 +56,7 @@ pub(crate) fn local(path: &str) -> String {
     format!("{base}{path}")
 }
 
-/// Requests handled at once, across all routes but the gateway.
+/// Requests handled at once, across all routes but the gateway (`admit`).
 const MAX_IN_FLIGHT: usize = 512;
 /// The largest request body any route takes.
 pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -105,7 +105,6 @@ pub struct Shared {
 pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration) -> Router {
     let secure = state.secure_cookies;
     let base = Arc::clone(&state.base_path);
-    let api_base = Arc::clone(&base);
     // The dashboard, API, health and metrics live under the base path; the seed's paths
     // (/amocrm/install, /amocrm/callback and the webhook) stay where amoCRM expects them.
     let own = Router::new()
@@ -150,47 +149,22 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
             .merge(seed)
             .merge(dashboard_slash)
     };
+    let front_door = Arc::new(FrontDoor {
+        state: state.clone(),
+        slots: Semaphore::new(MAX_IN_FLIGHT),
+        request_timeout,
+        read_timeout,
+    });
     let router = routes
-        .layer(axum::middleware::from_fn(
-            move |request, next: axum::middleware::Next| {
-                let base = Arc::clone(&base);
-                BASE_PATH.scope(base, next.run(request))
-            },
-        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            time_request,
+            route_context,
         ))
-        .with_state(state.clone())
+        .with_state(state)
         // The gateway takes its body whole (`Request`), to its own limit, so this limit of
         // the extractors does not apply to it.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        // Past this many requests in flight, new ones wait: memory and database connections
-        // stay bounded however many clients arrive at once.
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            bound_in_flight,
-        ))
-        // The body is read before a shared slot is taken, within its own deadline.
-        .layer(axum::middleware::from_fn_with_state(
-            read_timeout,
-            body_deadline::read_body,
-        ))
-        // Per client IP, before anything shared: one client cannot take every slot.
-        .layer(axum::middleware::from_fn_with_state(
-            state,
-            client::identify,
-        ))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            request_timeout,
-        ))
-        // Outside the timeout and the rate limit, so their answers under /api/ are JSON too.
-        .layer(axum::middleware::from_fn(
-            move |request, next: axum::middleware::Next| {
-                api_error::json_errors(Arc::clone(&api_base), request, next)
-            },
-        ))
+        .layer(axum::middleware::from_fn_with_state(front_door, admit))
         // Pages can show tokens' metadata and the callback URL carries a code: never cache,
         // never leak the URL to another site through Referer.
         .layer(SetResponseHeaderLayer::overriding(
@@ -265,39 +239,82 @@ pub(crate) fn store_unavailable(lang: Lang, err: &StoreError) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, Html(page.into_string())).into_response()
 }
 
-/// Times every request under its route template (`/api/v1/connections/{account}/token`),
-/// so the histogram's labels stay few whatever the URLs.
-/// Takes one of the shared in-flight slots for the request, except for gateway calls: they
-/// spend most of their time asleep until their account's pacing slot, which bounds them
-/// already (a slot further than `AMOAUTH_PROXY_MAX_WAIT` away is refused at once), and
-/// queueing them here would hold callers past that promise.
-async fn bound_in_flight(
-    State(slots): State<Arc<Semaphore>>,
+/// What `admit` needs beside the handlers' state.
+struct FrontDoor {
+    state: AppState,
+    /// Requests handled at once, across all routes but the gateway.
+    slots: Semaphore,
+    request_timeout: Duration,
+    read_timeout: Duration,
+}
+
+/// Every request's way in, as one middleware (each of axum's boxes a future and clones the
+/// service behind it, per request): within the route timeout, the client's IP and its bounds
+/// (client.rs), then the body within its own deadline (body_deadline.rs), then a shared
+/// slot, which past `MAX_IN_FLIGHT` requests is waited for, so memory and database
+/// connections stay bounded however many clients arrive at once. Under /api/ whatever the
+/// framework, a limit or the timeout answers becomes the JSON error.
+///
+/// Gateway calls take no shared slot: they spend most of their time asleep until their
+/// account's pacing slot, which bounds them already (a slot further than
+/// `AMOAUTH_PROXY_MAX_WAIT` away is refused at once), and queueing them here would hold
+/// callers past that promise.
+async fn admit(
+    State(door): State<Arc<FrontDoor>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if gateway::proxied_path(request.uri().path()).is_some() {
-        return next.run(request).await;
-    }
-    let _slot = slots
-        .acquire()
+    let is_api = api_error::is_api(&door.state.base_path, request.uri().path());
+    let admitted = async {
+        let mut request = request;
+        let _ip_slot = match client::identify(&door.state, peer, &mut request).await {
+            Ok(slot) => slot,
+            Err(refused) => return refused,
+        };
+        let request = match body_deadline::read_body(door.read_timeout, request).await {
+            Ok(request) => request,
+            Err(refused) => return refused,
+        };
+        let _slot = match gateway::proxied_path(request.uri().path()) {
+            Some(_) => None,
+            None => Some(
+                door.slots
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed"),
+            ),
+        };
+        next.run(request).await
+    };
+    let response = tokio::time::timeout(door.request_timeout, admitted)
         .await
-        .expect("the semaphore is never closed");
-    next.run(request).await
+        .unwrap_or_else(|_| StatusCode::GATEWAY_TIMEOUT.into_response());
+    if is_api {
+        api_error::as_json_error(response).await
+    } else {
+        response
+    }
 }
 
-async fn time_request(
+/// Inside the router, where the route is known: the base path for the links the handler
+/// answers with, and the request's time in the histogram under its route template
+/// (`/api/v1/connections/{account}/token`), so the labels stay few whatever the URLs.
+async fn route_context(
     State(state): State<AppState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let started = std::time::Instant::now();
     let route = request
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let started = std::time::Instant::now();
-    let response = next.run(request).await;
-    state.metrics.observe_request(&route, started.elapsed());
+        .cloned();
+    let response = BASE_PATH
+        .scope(Arc::clone(&state.base_path), next.run(request))
+        .await;
+    let route = route.as_ref().map_or("unmatched", |path| path.as_str());
+    state.metrics.observe_request(route, started.elapsed());
     response
 }
 

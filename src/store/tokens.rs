@@ -101,11 +101,12 @@ macro_rules! keyed_connection {
     };
 }
 /// Where `find_connections` and the token call look an account up: by id (one row per
-/// platform), or by subdomain or host (bound twice; the oldest rows first, as a renamed
-/// account's subdomain may linger on an older row).
+/// platform, so at most two, put in order by `first_per_platform` rather than in a temporary
+/// b-tree on every token call), or by subdomain or host (bound twice; the
+/// oldest rows first, as a renamed account's subdomain may linger on an older row).
 macro_rules! by_account_id {
     () => {
-        " WHERE account_id = ? ORDER BY id"
+        " WHERE account_id = ?"
     };
 }
 macro_rules! by_account_name {
@@ -776,8 +777,9 @@ fn qualified(account: &str) -> Option<(Option<Platform>, &str)> {
 /// The first row of each platform (of `platform` only, when given), oldest first.
 fn first_per_platform(
     platform: Option<Platform>,
-    rows: Vec<StoredConnection>,
+    mut rows: Vec<StoredConnection>,
 ) -> Vec<ConnectionRow> {
+    rows.sort_by_key(|row| row.id);
     let mut found: Vec<ConnectionRow> = Vec::new();
     for row in rows.into_iter().map(ConnectionRow::from) {
         let wanted = platform.is_none_or(|platform| row.platform == platform);

@@ -48,9 +48,7 @@ pub fn is_api(base: &str, path: &str) -> bool {
 pub async fn as_json_error(response: Response) -> Response {
     let status = response.status();
     let from_amocrm = response.extensions().get::<Forwarded>().is_some();
-    if from_amocrm
-        || !(status.is_client_error() || status.is_server_error())
-        || is_json(&response)
+    if from_amocrm || !(status.is_client_error() || status.is_server_error()) || is_json(&response)
     {
         return response;
     }

@@ -169,3 +169,65 @@ async fn a_token_lookup_by_account_id_uses_an_index() {
         "{plan:?}"
     );
 }
+
+#[tokio::test]
+async fn sqlite_keeps_a_state_in_one_b_tree_and_the_migration_copies_pending_states() {
+    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+    let migrations = sqlx::migrate!("./migrations/sqlite");
+    const CLUSTERED: i64 = 20261201000019;
+    // The schema just before, with a pending install's state in it.
+    for migration in migrations.iter().filter(|m| m.version < CLUSTERED) {
+        sqlx::raw_sql(migration.sql.clone())
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO amocrm_oauth_states (state_hash, subdomain, created_at, expires_at, ip, \
+         user_agent, platform) VALUES ('0000019abc-key', 'example', '2026-12-01 04:00:00', \
+         '2026-12-01 04:15:00', '203.0.113.7', 'Firefox', 'kommo')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let clustered = migrations.iter().find(|m| m.version == CLUSTERED).unwrap();
+    sqlx::raw_sql(clustered.sql.clone())
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let kept: (String, String, String, String) = sqlx::query_as(
+        "SELECT subdomain, expires_at, user_agent, platform FROM amocrm_oauth_states \
+         WHERE state_hash = '0000019abc-key'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        kept,
+        (
+            "example".to_owned(),
+            "2026-12-01 04:15:00".to_owned(),
+            "Firefox".to_owned(),
+            "kommo".to_owned()
+        )
+    );
+    let table: (String,) =
+        sqlx::query_as("SELECT sql FROM sqlite_master WHERE name = 'amocrm_oauth_states'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(table.0.ends_with("WITHOUT ROWID"), "{}", table.0);
+    // Cleanup still finds expired states by the index, not by reading every state.
+    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+        "EXPLAIN QUERY PLAN DELETE FROM amocrm_oauth_states WHERE expires_at < '2026-12-01'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        plan.iter()
+            .any(|step| step.3.contains("INDEX amocrm_oauth_states_expires_at")),
+        "{plan:?}"
+    );
+}

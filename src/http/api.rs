@@ -229,6 +229,18 @@ pub async fn connect_link(
     }
 }
 
+/// The token route's answer, serialized as it is (no intermediate JSON tree), its fields in
+/// the order the other answers' maps give them.
+#[derive(Serialize)]
+struct TokenAnswer<'a> {
+    access_token: &'a str,
+    account_id: Option<i64>,
+    domain: &'a str,
+    expires_at: String,
+    platform: &'static str,
+    subdomain: &'a str,
+}
+
 /// A valid access token for the account (id or subdomain). Never a refresh token.
 pub async fn token(
     presented: Presented,
@@ -262,14 +274,14 @@ pub async fn token(
     };
     state.metrics.count(Count::TokenApiRequest(outcome));
     match result {
-        Ok(token) => Json(json!({
-            "platform": token.platform.as_str(),
-            "account_id": token.account_id,
-            "subdomain": token.subdomain,
-            "domain": token.domain,
-            "access_token": token.access_token.expose(),
-            "expires_at": rfc3339(token.expires_at),
-        }))
+        Ok(token) => Json(TokenAnswer {
+            access_token: token.access_token.expose(),
+            account_id: token.account_id,
+            domain: &token.domain,
+            expires_at: rfc3339(token.expires_at),
+            platform: token.platform.as_str(),
+            subdomain: &token.subdomain,
+        })
         .into_response(),
         Err(err) => token_error(&err),
     }

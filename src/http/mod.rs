@@ -200,8 +200,7 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
                     let route = request
                         .extensions()
                         .get::<axum::extract::MatchedPath>()
-                        .map(|path| path.as_str().to_owned())
-                        .unwrap_or_default();
+                        .map_or("", |path| path.as_str());
                     // `account` is filled in by the handlers that know it.
                     tracing::info_span!(
                         "request",

@@ -15,7 +15,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use sqlx::sqlite::SqliteConnectOptions;
 
-use super::StoreError;
+use super::{StoreError, Timestamp};
 
 /// How sqlx names its in-memory databases (sqlx-sqlite's options/parse.rs).
 const SQLX_IN_MEMORY: &str = "file:sqlx-in-memory-";
@@ -216,11 +216,121 @@ where
     })
 }
 
+/// A timestamp column read as sqlx and rusqlite write it (`YYYY-MM-DD HH:MM:SS[.fraction]`) by
+/// a fixed-layout reader: chrono's, which walks a format string per value, was a tenth of a
+/// token call's row decoding. Any other spelling still goes to chrono's reader.
+struct SqlTime(Timestamp);
+
+impl rusqlite::types::FromSql for SqlTime {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        if let rusqlite::types::ValueRef::Text(text) = value
+            && let Some(at) = fixed_layout_timestamp(text)
+        {
+            return Ok(Self(at));
+        }
+        Timestamp::column_result(value).map(Self)
+    }
+}
+
+/// A timestamp column (`SqlTime`).
+pub(super) fn timestamp(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Timestamp> {
+    row.get::<_, SqlTime>(column).map(|at| at.0)
+}
+
+/// A timestamp column that may be NULL (`SqlTime`).
+pub(super) fn optional_timestamp(
+    row: &rusqlite::Row<'_>,
+    column: usize,
+) -> rusqlite::Result<Option<Timestamp>> {
+    row.get::<_, Option<SqlTime>>(column)
+        .map(|at| at.map(|at| at.0))
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (or `T` between date and time), then optionally `.` and 1 to 9
+/// digits; None for anything else.
+fn fixed_layout_timestamp(text: &[u8]) -> Option<Timestamp> {
+    let number = |digits: &[u8]| {
+        digits.iter().try_fold(0u32, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+        })
+    };
+    let (head, fraction) = text.split_at_checked(19)?;
+    if head[4] != b'-'
+        || head[7] != b'-'
+        || !matches!(head[10], b' ' | b'T')
+        || head[13] != b':'
+        || head[16] != b':'
+    {
+        return None;
+    }
+    let nanos = match fraction {
+        [] => 0,
+        [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
+            number(digits)? * 10u32.pow(9 - digits.len() as u32)
+        }
+        _ => return None,
+    };
+    let year = i32::try_from(number(&head[..4])?).ok()?;
+    chrono::NaiveDate::from_ymd_opt(year, number(&head[5..7])?, number(&head[8..10])?)?
+        .and_hms_nano_opt(
+            number(&head[11..13])?,
+            number(&head[14..16])?,
+            number(&head[17..19])?,
+            nanos,
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
 
     use super::*;
+
+    #[test]
+    fn timestamps_read_by_the_fixed_layout_equal_chronos_reading() {
+        let connection = Connection::open_in_memory().unwrap();
+        let written = [
+            "2026-12-01 04:00:00",
+            "2026-12-01 04:00:00.5",
+            "2026-12-01 04:00:00.123456",
+            "2026-12-01T23:59:59.999999999",
+            "1999-02-28 00:00:01.000001",
+        ];
+        for text in written {
+            let fixed = fixed_layout_timestamp(text.as_bytes()).unwrap();
+            let chrono: Timestamp = connection
+                .query_row("SELECT ?", [text], |row| row.get(0))
+                .unwrap();
+            assert_eq!(fixed, chrono, "{text}");
+        }
+        // What rusqlite binds comes back as it was, to the nanosecond.
+        let at = crate::store::now();
+        let read: SqlTime = connection
+            .query_row("SELECT ?", [at], |row| row.get(0))
+            .unwrap();
+        assert_eq!(read.0, at);
+        // Other spellings are not guessed at: chrono's reader gets them, or refuses them.
+        for other in [
+            "2026-12-01 04:00",
+            "2026-13-01 04:00:00",
+            "2026-12-01 04:00:00.",
+            "2026-12-01 04:00:00+03:00",
+            "2026-12-01 4:00:00",
+            "2026-12-01 04:00:00.1234567890",
+            "２026-12-01 04:00:00",
+        ] {
+            assert_eq!(fixed_layout_timestamp(other.as_bytes()), None, "{other}");
+        }
+        let short_hour: SqlTime = connection
+            .query_row("SELECT '2026-12-01 4:00:00'", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(short_hour.0.to_string(), "2026-12-01 04:00:00");
+        assert!(
+            connection
+                .query_row("SELECT 'not a time'", [], |row| row.get::<_, SqlTime>(0))
+                .is_err()
+        );
+    }
 
     fn opened(url: &str) -> InlineSqlite {
         InlineSqlite::of(&SqliteConnectOptions::from_str(url).unwrap())

@@ -177,8 +177,8 @@ impl StateRow {
     fn from_sqlite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
             subdomain: row.get(0)?,
-            created_at: row.get(1)?,
-            expires_at: row.get(2)?,
+            created_at: super::inline::timestamp(row, 1)?,
+            expires_at: super::inline::timestamp(row, 2)?,
             ip: row.get(3)?,
             user_agent: row.get(4)?,
             external_id: row.get(5)?,

@@ -51,7 +51,9 @@ crate::named_values::named_values! {
 /// A connection's two tokens, sealed together with the writing key for one account.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SealedPair {
+    /// The access token, sealed for its column and account.
     pub access_token: Sealed,
+    /// The refresh token, sealed for its column and account.
     pub refresh_token: Sealed,
 }
 

@@ -33,15 +33,17 @@ pub use tokens::TokenError;
 #[doc(hidden)]
 pub mod internal {
     #![allow(missing_docs)]
+    pub use crate::amocrm::Platform;
     pub use crate::api_keys::create as create_api_key;
     pub use crate::cli::run;
     pub use crate::config::{DatabaseUrl, Settings};
-    pub use crate::crypto::{Cipher, Sealed, TokenColumn, key_id, sha256_hex};
+    pub use crate::crypto::{Cipher, Sealed, SealedPair, TokenColumn, key_id, sha256_hex};
     pub use crate::gateway::{MAX_RETRIES as GATEWAY_MAX_RETRIES, circuit::BURST as CIRCUIT_BURST};
     pub use crate::http::new_login_link;
     pub use crate::parts::Keyed;
     pub use crate::server::{Running, start_with_listener};
     pub use crate::store::{
-        Attempt, AttemptKind, Disconnect, NewEvent, Outcome, Records, Reservation, Store, now,
+        Attempt, AttemptKind, Disconnect, NewConnection, NewEvent, Outcome, Records, Reservation,
+        Saved, Store, now,
     };
 }

@@ -232,7 +232,10 @@ decoded_from_text!(
 );
 
 /// A transaction that will write. SQLite takes its write lock up front (`BEGIN IMMEDIATE`),
-/// so concurrent writers queue instead of failing to upgrade a read lock.
+/// so concurrent writers queue instead of failing to upgrade a read lock. MySQL's runs at READ
+/// COMMITTED, PostgreSQL's default: at InnoDB's default (REPEATABLE READ) an update that finds
+/// no row locks the gap where it would be, and two first connections of neighbouring accounts
+/// then deadlock on each other's insert.
 pub(crate) trait BeginWrite {
     type Db: sqlx::Database;
     fn begin_write(
@@ -266,7 +269,8 @@ impl BeginWrite for MySqlPool {
         &self,
     ) -> impl Future<Output = Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>> + Send
     {
-        self.begin()
+        // Sets the level of the next transaction only; one round trip with the BEGIN.
+        self.begin_with("SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION")
     }
 }
 

@@ -11,17 +11,25 @@ use crate::crypto::{Sealed, SealedPair};
 pub struct NewConnection<'a> {
     /// With the account id, the connection's key: each platform numbers its accounts.
     pub platform: Platform,
+    /// The account's id on its platform.
     pub account_id: i64,
     /// The host app's tenant id, from a connect link; a reconnect without one keeps the old.
     pub external_id: Option<&'a str>,
+    /// The account's name, as amoCRM gives it.
     pub account_name: &'a str,
+    /// The account's host, e.g. `example.amocrm.ru`.
     pub domain: &'a str,
+    /// The account's subdomain, e.g. `example`.
     pub subdomain: &'a str,
+    /// The new pair, sealed.
     pub tokens: &'a SealedPair,
+    /// When the access token expires.
     pub expires_at: Timestamp,
+    /// When the refresh token expires unless used.
     pub refresh_expires_at: Timestamp,
     /// The token and account responses with every token value removed.
     pub raw: &'a str,
+    /// The time of the save.
     pub now: Timestamp,
 }
 
@@ -122,6 +130,7 @@ const KEY_HASH_COLUMN: usize = 24;
 /// What saving a connection did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Saved {
+    /// Inserted, or the account's row updated.
     Saved,
     /// The account belongs to another `external_id`; nothing was changed.
     AccountTaken,

@@ -656,7 +656,6 @@ fn backing_off(row: &ConnectionRow, at: Timestamp) -> Option<TokenError> {
     })
 }
 
-/// Errors that are about the connection, not the request.
 /// The one connection `account` names, if usable: an id or subdomain both platforms have
 /// names none until it is qualified.
 fn the_one_usable(
@@ -679,6 +678,7 @@ fn the_one_usable(
     Ok(row)
 }
 
+/// Errors that are about the connection, not the request.
 fn usable(row: &ConnectionRow) -> Result<(), TokenError> {
     match row.status {
         ConnectionStatus::Active => Ok(()),

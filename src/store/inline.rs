@@ -217,7 +217,7 @@ where
 }
 
 /// A timestamp column read as sqlx and rusqlite write it (`YYYY-MM-DD HH:MM:SS[.fraction]`) by
-/// a fixed-layout reader: chrono's, which walks a format string per value, was a tenth of a
+/// a fixed-layout reader: chrono's, which walks a format string per value, was half of a
 /// token call's row decoding. Any other spelling still goes to chrono's reader.
 struct SqlTime(Timestamp);
 

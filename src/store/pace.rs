@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{Context as _, Pool, Store, StoreError};
+use super::{BeginWrite as _, Context as _, Pool, Store, StoreError};
 
 /// The outcome of asking for a send slot.
 #[doc(hidden)]
@@ -69,7 +69,7 @@ impl Store {
             }
             // No UPDATE … RETURNING: the same in one transaction holding the row's lock.
             Pool::MySql(pool) => async {
-                let mut tx = pool.begin().await?;
+                let mut tx = pool.begin_write().await?;
                 // Locks the row exclusively at once (INSERT IGNORE's shared lock would deadlock
                 // two callers upgrading it together); the locking read then sees the latest.
                 sqlx::query(

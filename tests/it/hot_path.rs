@@ -157,16 +157,26 @@ async fn a_token_lookup_by_account_id_uses_an_index() {
         .migrate()
         .await
         .unwrap();
+    assert_plan_uses(
+        &pool,
+        "SELECT id FROM amocrm_tokens WHERE account_id = 7",
+        "INDEX amocrm_tokens_account_id_platform",
+    )
+    .await;
+}
+
+/// SQLite's plan for `statement` has a step that names `index`.
+async fn assert_plan_uses(pool: &sqlx::SqlitePool, statement: &str, index: &str) {
     // EXPLAIN QUERY PLAN's rows are (id, parent, notused, detail).
-    let plan: Vec<(i64, i64, i64, String)> =
-        sqlx::query_as("EXPLAIN QUERY PLAN SELECT id FROM amocrm_tokens WHERE account_id = 7")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN QUERY PLAN {statement}"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap();
     assert!(
-        plan.iter()
-            .any(|step| step.3.contains("INDEX amocrm_tokens_account_id_platform")),
-        "{plan:?}"
+        plan.iter().any(|step| step.3.contains(index)),
+        "{statement}: {plan:?}"
     );
 }
 
@@ -219,15 +229,10 @@ async fn sqlite_keeps_a_state_in_one_b_tree_and_the_migration_copies_pending_sta
             .unwrap();
     assert!(table.0.ends_with("WITHOUT ROWID"), "{}", table.0);
     // Cleanup still finds expired states by the index, not by reading every state.
-    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
-        "EXPLAIN QUERY PLAN DELETE FROM amocrm_oauth_states WHERE expires_at < '2026-12-01'",
+    assert_plan_uses(
+        &pool,
+        "DELETE FROM amocrm_oauth_states WHERE expires_at < '2026-12-01'",
+        "INDEX amocrm_oauth_states_expires_at",
     )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert!(
-        plan.iter()
-            .any(|step| step.3.contains("INDEX amocrm_oauth_states_expires_at")),
-        "{plan:?}"
-    );
+    .await;
 }

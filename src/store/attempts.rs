@@ -2,8 +2,10 @@
 
 use std::borrow::Cow;
 
+use rusqlite::params_from_iter;
 use sqlx::AssertSqlSafe;
 
+use super::inline::{IntoOwnedRow as _, OwnedRow};
 use super::{Context as _, Store, StoreError, Timestamp, on_pool};
 
 crate::named_values::named_values! {
@@ -203,27 +205,43 @@ const FINISH_PENDING: &str = "UPDATE amocrm_oauth_attempts SET outcome = ?, reas
 /// `write_records!` on SQLite's inline path, with the same statements.
 pub(super) fn write_records_inline(
     tx: &rusqlite::Transaction<'_>,
-    records: &Records<'_>,
-    account_id: i64,
-    at: Timestamp,
+    records: &InlineRecords,
 ) -> rusqlite::Result<()> {
-    if let Some(attempt) = records.attempt {
+    if let Some(attempt) = &records.attempt {
         tx.prepare_cached(insert_attempt!())?
-            .execute(attempt.values(false))?;
+            .execute(params_from_iter(attempt))?;
     }
-    if let Some(attempt_id) = records.finish_pending {
-        tx.prepare_cached(FINISH_PENDING)?.execute((
-            Outcome::Success.as_str(),
-            account_id,
-            at,
-            attempt_id,
-        ))?;
+    if let Some(finish) = &records.finish_pending {
+        tx.prepare_cached(FINISH_PENDING)?
+            .execute(params_from_iter(finish))?;
     }
-    if let Some(event) = records.event {
+    if let Some(event) = &records.event {
         tx.prepare_cached(super::events::INSERT_EVENT)?
-            .execute(super::events::event_values(event))?;
+            .execute(params_from_iter(event))?;
     }
     Ok(())
+}
+
+/// `Records` with their values owned, for SQLite's queued writes (`InlineSqlite::write`).
+pub(super) struct InlineRecords {
+    attempt: Option<OwnedRow>,
+    finish_pending: Option<OwnedRow>,
+    event: Option<OwnedRow>,
+}
+
+impl Records<'_> {
+    /// The records' rows; `account_id` and `at` close a pending row.
+    pub(super) fn owned(&self, account_id: i64, at: Timestamp) -> rusqlite::Result<InlineRecords> {
+        let finish = |attempt_id| (Outcome::Success.as_str(), account_id, at, attempt_id).owned();
+        Ok(InlineRecords {
+            attempt: self.attempt.map(|a| a.values(false).owned()).transpose()?,
+            finish_pending: self.finish_pending.map(finish).transpose()?,
+            event: self
+                .event
+                .map(|event| super::events::event_values(event).owned())
+                .transpose()?,
+        })
+    }
 }
 
 /// The columns of an audit row as written, in the order of `Attempt::values`.

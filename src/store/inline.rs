@@ -9,13 +9,16 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
+use rusqlite::types::{ToSql, ToSqlOutput, Value};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use sqlx::sqlite::SqliteConnectOptions;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
-use super::{StoreError, Timestamp};
+use super::{Context, StoreError, Timestamp};
 
 /// How sqlx names its in-memory databases (sqlx-sqlite's options/parse.rs).
 const SQLX_IN_MEMORY: &str = "file:sqlx-in-memory-";
@@ -34,11 +37,13 @@ pub(super) struct InlineSqlite {
     target: PathBuf,
     /// Read-only, read-write or also create, as the pool opens it.
     flags: OpenFlags,
-    connections: OnceLock<Connections>,
+    connections: OnceLock<Arc<Connections>>,
 }
 
 struct Connections {
     writer: Mutex<Connection>,
+    /// Writes waiting for the writer (`InlineSqlite::write`).
+    queue: Mutex<WriteQueue>,
     readers: [Mutex<Connection>; READERS],
     next_reader: AtomicUsize,
 }
@@ -82,20 +87,21 @@ impl InlineSqlite {
         }
     }
 
-    fn connections(&self, operation: &'static str) -> Result<&Connections, StoreError> {
+    fn connections(&self, operation: &'static str) -> Result<&Arc<Connections>, StoreError> {
         if let Some(connections) = self.connections.get() {
             return Ok(connections);
         }
         let open = || self.open().during(operation);
-        let opened = Connections {
+        let opened = Arc::new(Connections {
             writer: Mutex::new(open()?),
+            queue: Mutex::default(),
             readers: [
                 Mutex::new(open()?),
                 Mutex::new(open()?),
                 Mutex::new(open()?),
             ],
             next_reader: AtomicUsize::new(0),
-        };
+        });
         // Two first calls at once both open; one set is kept and the other closed.
         Ok(self.connections.get_or_init(|| opened))
     }
@@ -113,21 +119,38 @@ impl InlineSqlite {
     }
 
     /// Runs `work` in a write transaction (`BEGIN IMMEDIATE`: the write lock up front) and
-    /// commits it when `work` succeeds.
-    pub(super) async fn write<T>(
+    /// hands back its result once that transaction has committed.
+    ///
+    /// Group commit: writes that arrive while another is running wait in a queue, and the
+    /// next transaction runs all of them, each in a savepoint of its own, so one COMMIT (and
+    /// one WAL write of each page they share) serves the whole batch. A write that finds the
+    /// queue idle runs at once on this thread. `work` owns its data: its caller may be gone
+    /// (a cancelled request) by the time the batch runs, and then it commits or fails whole.
+    pub(super) async fn write<T: Send + 'static>(
         &self,
         operation: &'static str,
-        work: impl Fn(&Transaction<'_>) -> rusqlite::Result<T>,
+        work: impl FnMut(&Transaction<'_>) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         let connections = self.connections(operation)?;
-        self.retrying_while_busy(operation, || {
-            let mut writer = locked(&connections.writer);
-            let tx = writer.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let done = work(&tx)?;
-            tx.commit()?;
-            Ok(done)
-        })
-        .await
+        let (reply, outcome) = oneshot::channel();
+        let queued = Box::new(QueuedWrite {
+            work,
+            outcome: None,
+            reply,
+            deadline: Instant::now() + BUSY_TIMEOUT,
+        });
+        let runs_here = {
+            let mut queue = locked(&connections.queue);
+            queue.writes.push(queued);
+            !std::mem::replace(&mut queue.draining, true)
+        };
+        if runs_here && connections.run_batch() != Batch::Emptied {
+            tokio::spawn(Arc::clone(connections).drain());
+        }
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(abandoned("the writer stopped before this write ran")))
+            .during(operation)
     }
 
     /// Runs `work` on a reader connection: a free one, else the next in turn.
@@ -175,6 +198,246 @@ impl InlineSqlite {
     }
 }
 
+#[derive(Default)]
+struct WriteQueue {
+    writes: Vec<Box<dyn PendingWrite>>,
+    /// Whether a caller or a drain task is running the queue's batches: exactly one is, from
+    /// the write that finds the queue idle until a batch leaves it empty.
+    draining: bool,
+}
+
+/// What running one batch left behind.
+#[derive(Debug, PartialEq, Eq)]
+enum Batch {
+    /// Nothing: the draining role is given up.
+    Emptied,
+    /// Writes queued while the batch ran.
+    More,
+    /// Writes that found the database busy, queued again.
+    Busy,
+}
+
+impl Connections {
+    /// Runs the queued writes in batches until the queue is empty, waiting asynchronously
+    /// while the database is busy (see `retrying_while_busy`).
+    async fn drain(self: Arc<Self>) {
+        loop {
+            match self.run_batch() {
+                Batch::Emptied => return,
+                // Lets this thread's other tasks run, and more writes join the next batch.
+                Batch::More => tokio::task::yield_now().await,
+                Batch::Busy => tokio::time::sleep(BUSY_RETRY).await,
+            }
+        }
+    }
+
+    /// Runs every queued write in one transaction; only the holder of the draining role calls
+    /// this. Writes that found the database busy go back to the head of the queue.
+    fn run_batch(&self) -> Batch {
+        let _unwinding = GivesUpOnPanic(&self.queue);
+        let mut batch = std::mem::take(&mut locked(&self.queue).writes);
+        self.commit(&mut batch);
+        let mut queue = locked(&self.queue);
+        let busy = !batch.is_empty();
+        batch.append(&mut queue.writes);
+        queue.writes = batch;
+        if queue.writes.is_empty() {
+            queue.draining = false;
+            Batch::Emptied
+        } else if busy {
+            Batch::Busy
+        } else {
+            Batch::More
+        }
+    }
+
+    /// Runs `batch` in one write transaction, each write in a savepoint, and hands every
+    /// write its outcome once the transaction has committed. Leaves in `batch` the writes to
+    /// try again because the database was busy.
+    fn commit(&self, batch: &mut Vec<Box<dyn PendingWrite>>) {
+        let mut writer = locked(&self.writer);
+        let tx = match writer.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(err) => return fail_or_keep(batch, &err),
+        };
+        let mut ran = Vec::with_capacity(batch.len());
+        let mut busy = Vec::new();
+        let mut writes = std::mem::take(batch).into_iter();
+        while let Some(mut write) = writes.next() {
+            match write.run(&tx) {
+                Ran::Done => ran.push(write),
+                Ran::Busy(err) if write.deadline() <= Instant::now() => write.finish(Err(err)),
+                Ran::Busy(_) => busy.push(write),
+                Ran::Broken(err) => {
+                    // The savepoints no longer tell the writes apart: nothing of the batch
+                    // is kept (dropping the transaction rolls it back).
+                    drop(tx);
+                    let everyone = ran.into_iter().chain(busy).chain([write]).chain(writes);
+                    for write in everyone {
+                        write.finish(Err(copy_of(&err)));
+                    }
+                    return;
+                }
+            }
+        }
+        let committed = tx.commit();
+        for write in ran {
+            write.finish(committed.as_ref().map(|_| ()).map_err(copy_of));
+        }
+        *batch = busy;
+    }
+}
+
+/// A busy database keeps the writes for another try until their deadline; any other failure
+/// to begin is every write's outcome.
+fn fail_or_keep(batch: &mut Vec<Box<dyn PendingWrite>>, err: &rusqlite::Error) {
+    let now = Instant::now();
+    let (kept, failed) = std::mem::take(batch)
+        .into_iter()
+        .partition(|write| is_busy(err) && now < write.deadline());
+    *batch = kept;
+    for write in failed {
+        write.finish(Err(copy_of(err)));
+    }
+}
+
+/// Clears the queue if a write's work panics while its batch runs, so later writes are not
+/// stranded behind a drainer that is gone; the dropped writes' callers get an error.
+struct GivesUpOnPanic<'a>(&'a Mutex<WriteQueue>);
+
+impl Drop for GivesUpOnPanic<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut queue = locked(self.0);
+        queue.writes.clear();
+        queue.draining = false;
+    }
+}
+
+/// A write in the queue, whatever its result type.
+trait PendingWrite: Send {
+    /// Runs the work inside the batch's transaction, in a savepoint of its own.
+    fn run(&mut self, tx: &Transaction<'_>) -> Ran;
+    /// When a write that keeps finding the database busy gives up.
+    fn deadline(&self) -> Instant;
+    /// Hands the caller the outcome: the work's, or the commit's failure.
+    fn finish(self: Box<Self>, committed: rusqlite::Result<()>);
+}
+
+enum Ran {
+    Done,
+    /// Rolled back to its savepoint, to run again: a table of a shared in-memory database
+    /// was locked by a reader.
+    Busy(rusqlite::Error),
+    /// A savepoint could not be opened or closed.
+    Broken(rusqlite::Error),
+}
+
+struct QueuedWrite<T, W> {
+    work: W,
+    outcome: Option<rusqlite::Result<T>>,
+    reply: oneshot::Sender<rusqlite::Result<T>>,
+    deadline: Instant,
+}
+
+impl<T, W> PendingWrite for QueuedWrite<T, W>
+where
+    T: Send,
+    W: FnMut(&Transaction<'_>) -> rusqlite::Result<T> + Send,
+{
+    fn run(&mut self, tx: &Transaction<'_>) -> Ran {
+        let step = |sql: &str| tx.prepare_cached(sql)?.execute([]).map(drop);
+        if let Err(err) = step("SAVEPOINT queued_write") {
+            return Ran::Broken(err);
+        }
+        let result = (self.work)(tx);
+        let closed = match &result {
+            Ok(_) => step("RELEASE queued_write"),
+            Err(_) => step("ROLLBACK TO queued_write").and_then(|()| step("RELEASE queued_write")),
+        };
+        match (closed, result) {
+            (Err(err), _) => Ran::Broken(err),
+            (Ok(()), Err(err)) if is_busy(&err) => Ran::Busy(err),
+            (Ok(()), result) => {
+                self.outcome = Some(result);
+                Ran::Done
+            }
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn finish(self: Box<Self>, committed: rusqlite::Result<()>) {
+        let outcome = match (self.outcome, committed) {
+            (Some(Err(err)), _) | (_, Err(err)) => Err(err),
+            (Some(Ok(done)), Ok(())) => Ok(done),
+            (None, Ok(())) => Err(abandoned("the write never ran")),
+        };
+        // A caller that is gone (a cancelled request) no longer waits for it.
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// An outcome for a write that did not run to its end.
+fn abandoned(why: &str) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+        Some(why.to_owned()),
+    )
+}
+
+/// One failure, told to every write of a batch.
+fn copy_of(err: &rusqlite::Error) -> rusqlite::Error {
+    match err {
+        rusqlite::Error::SqliteFailure(code, message) => {
+            rusqlite::Error::SqliteFailure(*code, message.clone())
+        }
+        other => abandoned(&other.to_string()),
+    }
+}
+
+/// A statement's parameters copied out of the caller's borrowed values, for a write that
+/// owns its data (`InlineSqlite::write`). Bound with `rusqlite::params_from_iter`.
+pub(super) type OwnedRow = Vec<Value>;
+
+/// A tuple of parameters as an `OwnedRow`.
+pub(super) trait IntoOwnedRow {
+    fn owned(&self) -> rusqlite::Result<OwnedRow>;
+}
+
+macro_rules! owned_tuple {
+    ($($field:tt: $kind:ident),+) => {
+        impl<$($kind: ToSql),+> IntoOwnedRow for ($($kind,)+) {
+            fn owned(&self) -> rusqlite::Result<OwnedRow> {
+                Ok(vec![$(owned_value(&self.$field)?),+])
+            }
+        }
+    };
+}
+
+owned_tuple!(0: A, 1: B, 2: C, 3: D);
+owned_tuple!(0: A, 1: B, 2: C, 3: D, 4: E, 5: F, 6: G, 7: H, 8: I, 9: J);
+owned_tuple!(0: A, 1: B, 2: C, 3: D, 4: E, 5: F, 6: G, 7: H, 8: I, 9: J, 10: K, 11: L);
+owned_tuple!(0: A, 1: B, 2: C, 3: D, 4: E, 5: F, 6: G, 7: H, 8: I, 9: J, 10: K, 11: L, 12: M);
+owned_tuple!(
+    0: A, 1: B, 2: C, 3: D, 4: E, 5: F, 6: G, 7: H, 8: I, 9: J, 10: K, 11: L, 12: M, 13: N, 14: O
+);
+
+fn owned_value(value: &dyn ToSql) -> rusqlite::Result<Value> {
+    match value.to_sql()? {
+        ToSqlOutput::Owned(value) => Ok(value),
+        ToSqlOutput::Borrowed(value) => Value::try_from(value)
+            .map_err(|err| rusqlite::Error::ToSqlConversionFailure(Box::new(err))),
+        _ => Err(rusqlite::Error::ToSqlConversionFailure(
+            "a parameter that has no owned form".into(),
+        )),
+    }
+}
+
 /// The write lock is held elsewhere (`SQLITE_BUSY`), or a table of a shared in-memory
 /// database is (`SQLITE_LOCKED`).
 fn is_busy(err: &rusqlite::Error) -> bool {
@@ -185,16 +448,13 @@ fn is_busy(err: &rusqlite::Error) -> bool {
 }
 
 /// A connection whose holder panicked is still usable: its open transaction was rolled back
-/// when the holder's `Transaction` was dropped.
-fn locked(connection: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
-    connection.lock().unwrap_or_else(PoisonError::into_inner)
+/// when the holder's `Transaction` was dropped. So is the write queue, which its drainer
+/// clears when a write panics (`GivesUpOnPanic`).
+fn locked<T>(guarded: &Mutex<T>) -> MutexGuard<'_, T> {
+    guarded.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-trait During<T> {
-    fn during(self, operation: &'static str) -> Result<T, StoreError>;
-}
-
-impl<T> During<T> for rusqlite::Result<T> {
+impl<T> Context<T> for rusqlite::Result<T> {
     fn during(self, operation: &'static str) -> Result<T, StoreError> {
         self.map_err(|cause| StoreError::Sqlite { operation, cause })
     }

@@ -1,8 +1,9 @@
 //! `amocrm_oauth_states`: create, consume once, list, purge.
 
-use rusqlite::OptionalExtension as _;
+use rusqlite::{OptionalExtension as _, params_from_iter};
 
 use super::attempts::{self, Attempt, bind_attempt};
+use super::inline::IntoOwnedRow as _;
 use super::retention::Purge;
 use super::{Context as _, Store, StoreError, Timestamp, on_hot_path, on_pool};
 use crate::amocrm::Platform;
@@ -209,10 +210,12 @@ impl Store {
     ) -> Result<(), StoreError> {
         const OPERATION: &str = "saving the OAuth state";
         on_hot_path!(self, db => {
-            db.write(OPERATION, |tx| {
-                tx.prepare_cached(INSERT_STATE)?.execute(state.values())?;
+            let state = state.values().owned().during(OPERATION)?;
+            let attempt = attempt.values(false).owned().during(OPERATION)?;
+            db.write(OPERATION, move |tx| {
+                tx.prepare_cached(INSERT_STATE)?.execute(params_from_iter(&state))?;
                 tx.prepare_cached(attempts::insert_attempt!())?
-                    .execute(attempt.values(false))?;
+                    .execute(params_from_iter(&attempt))?;
                 Ok(())
             })
             .await
@@ -240,16 +243,18 @@ impl Store {
     ) -> Result<Consumption, StoreError> {
         const OPERATION: &str = "consuming the OAuth state";
         let consumed = on_hot_path!(self, db => {
-            db.write(OPERATION, |tx| {
+            let state_hash = state_hash.to_owned();
+            let attempt = attempt.values(true).owned().during(OPERATION)?;
+            db.write(OPERATION, move |tx| {
                 let state = tx
                     .prepare_cached(CONSUME_SQLITE)?
-                    .query_row((state_hash, now), StateRow::from_sqlite)
+                    .query_row((&state_hash, now), StateRow::from_sqlite)
                     .optional()?;
                 let Some(state) = state else {
                     return Ok(None);
                 };
                 tx.prepare_cached(attempts::insert_attempt!())?
-                    .execute(attempt.values(true))?;
+                    .execute(params_from_iter(&attempt))?;
                 Ok(Some((tx.last_insert_rowid(), state)))
             })
             .await?

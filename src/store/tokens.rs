@@ -1,6 +1,9 @@
 //! `amocrm_tokens`: connected accounts and their sealed tokens.
 
+use rusqlite::params_from_iter;
+
 use super::attempts::{self, write_records};
+use super::inline::IntoOwnedRow as _;
 use super::{
     BeginWrite as _, Context as _, Records, Store, StoreError, Timestamp, on_hot_path, on_pool,
 };
@@ -263,24 +266,33 @@ impl Store {
     ) -> Result<Saved, StoreError> {
         const OPERATION: &str = "saving the connection's tokens";
         on_hot_path!(self, db => {
-            db.write(OPERATION, |tx| {
+            let p = connection_values(c);
+            let platform = c.platform.as_str();
+            let (reconnect, reconnect_values) = match c.external_id {
+                Some(owner) => (RECONNECT_FOR_OWNER, (
+                    p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7, p.8, p.9, c.now, owner,
+                    c.account_id, platform, owner,
+                ).owned()),
+                None => (RECONNECT_KEEPING_OWNER, (
+                    p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7, p.8, p.9, c.now, c.account_id,
+                    platform,
+                ).owned()),
+            };
+            let reconnect_values = reconnect_values.during(OPERATION)?;
+            let insert_values = (
+                c.account_id, c.external_id, p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7, p.8, p.9,
+                c.now, c.now, platform,
+            ).owned().during(OPERATION)?;
+            let records = records.owned(c.account_id, c.now).during(OPERATION)?;
+            db.write(OPERATION, move |tx| {
                 // The write lock is taken at BEGIN, so no other insert can race this one.
-                let p = connection_values(c);
-                let updated = match c.external_id {
-                    Some(owner) => tx.prepare_cached(RECONNECT_FOR_OWNER)?.execute((
-                        p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7, p.8, p.9, c.now, owner,
-                        c.account_id, c.platform.as_str(), owner,
-                    ))?,
-                    None => tx.prepare_cached(RECONNECT_KEEPING_OWNER)?.execute((
-                        p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7, p.8, p.9, c.now,
-                        c.account_id, c.platform.as_str(),
-                    ))?,
-                };
+                let updated = tx
+                    .prepare_cached(reconnect)?
+                    .execute(params_from_iter(&reconnect_values))?;
                 if updated == 0 {
-                    let inserted = tx.prepare_cached(INSERT_CONNECTION)?.execute((
-                        c.account_id, c.external_id, p.0, p.1, p.2, p.3, p.4, p.5, p.6, p.7,
-                        p.8, p.9, c.now, c.now, c.platform.as_str(),
-                    ));
+                    let inserted = tx
+                        .prepare_cached(INSERT_CONNECTION)?
+                        .execute(params_from_iter(&insert_values));
                     match inserted {
                         Ok(_) => {}
                         // Another owner's row: the failed statement changed nothing.
@@ -288,7 +300,7 @@ impl Store {
                         Err(err) => return Err(err),
                     }
                 }
-                attempts::write_records_inline(tx, records, c.account_id, c.now)?;
+                attempts::write_records_inline(tx, &records)?;
                 Ok(Saved::Saved)
             })
             .await

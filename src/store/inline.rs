@@ -592,6 +592,105 @@ mod tests {
         );
     }
 
+    /// A WAL database with one table, an empty WAL, and a connection holding its write lock,
+    /// so the inline writes queue up until the test commits it.
+    fn blocked_database(dir: &tempfile::TempDir) -> (Arc<InlineSqlite>, Connection) {
+        let path = dir.path().join("queued.db");
+        let blocker = Connection::open(&path).unwrap();
+        blocker
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL UNIQUE);
+                 INSERT INTO t VALUES (-5, 'taken');
+                 PRAGMA wal_checkpoint(TRUNCATE);
+                 BEGIN IMMEDIATE;",
+            )
+            .unwrap();
+        let db = Arc::new(opened(&format!("sqlite://{}", path.display())));
+        (db, blocker)
+    }
+
+    fn insert(db: &Arc<InlineSqlite>, k: i64) -> tokio::task::JoinHandle<Result<i64, StoreError>> {
+        let db = Arc::clone(db);
+        tokio::spawn(async move {
+            db.write("inserting", move |tx| {
+                tx.execute("INSERT INTO t VALUES (?, ?)", (k, format!("row {k}")))?;
+                // The second row collides, after the first went in.
+                if k == 10 {
+                    tx.execute("INSERT INTO t VALUES (1000, 'taken')", [])?;
+                }
+                assert_ne!(k, -1, "write -1 panics");
+                Ok(k)
+            })
+            .await
+        })
+    }
+
+    async fn until_queued(db: &InlineSqlite, writes: usize) {
+        let connections = db.connections("waiting").unwrap();
+        for _ in 0..10_000 {
+            if locked(&connections.queue).writes.len() == writes {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("{writes} writes never queued up");
+    }
+
+    fn rows(connection: &Connection) -> Vec<i64> {
+        let mut rows = connection.prepare("SELECT k FROM t ORDER BY k").unwrap();
+        rows.query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_writes_commit_together_each_in_a_savepoint_even_when_their_caller_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, blocker) = blocked_database(&dir);
+        let mut writes: Vec<_> = (0..64).map(|k| insert(&db, k)).collect();
+        let cancelled = insert(&db, 100);
+        until_queued(&db, 65).await;
+        cancelled.abort();
+        assert!(cancelled.await.unwrap_err().is_cancelled());
+        blocker.execute_batch("COMMIT").unwrap();
+
+        let failed = writes.remove(10).await.unwrap().unwrap_err();
+        assert!(failed.to_string().contains("UNIQUE"), "{failed}");
+        for (write, k) in writes.into_iter().zip((0..64).filter(|k| *k != 10)) {
+            assert_eq!(write.await.unwrap().unwrap(), k);
+        }
+        // Write 10's first row went with its savepoint; the cancelled caller's row stayed.
+        let expected: Vec<i64> = [-5]
+            .into_iter()
+            .chain((0..64).filter(|k| *k != 10))
+            .chain([100])
+            .collect();
+        assert_eq!(rows(&blocker), expected);
+        // One commit: 64 commits of their own would have written at least 64 WAL frames.
+        let frames: i64 = blocker
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))
+            .unwrap();
+        assert!((1..8).contains(&frames), "{frames} WAL frames");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_panics_fails_its_batch_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, blocker) = blocked_database(&dir);
+        let writes: Vec<_> = [12, -1, 14].map(|k| insert(&db, k)).into();
+        until_queued(&db, 3).await;
+        blocker.execute_batch("COMMIT").unwrap();
+        for write in writes {
+            let err = write.await.unwrap().unwrap_err();
+            assert!(err.to_string().contains("the writer stopped"), "{err}");
+        }
+        assert_eq!(rows(&blocker), [-5]);
+        assert_eq!(insert(&db, 15).await.unwrap().unwrap(), 15);
+        assert_eq!(rows(&blocker), [-5, 15]);
+    }
+
     fn opened(url: &str) -> InlineSqlite {
         InlineSqlite::of(&SqliteConnectOptions::from_str(url).unwrap())
     }

@@ -1,6 +1,7 @@
 //! The `amoauth` command line: one struct per command, each a thin call into the library.
 
 mod flags;
+mod log_lines;
 
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use flags::{
     AmoCrmFlags, DatabaseFlags, EventsFlags, IntegrationFlags, KeyFlags, LogFlags, RefreshFlags,
     RetentionFlags, ServerFlags,
 };
+use log_lines::{Flush, LogLines};
 
 #[derive(Parser)]
 #[command(
@@ -281,7 +283,8 @@ pub async fn run() -> anyhow::Result<()> {
                 &args.events,
                 &args.log,
             ]);
-            serve(&with_logging(settings)?).await
+            let (settings, _flush) = with_batched_logging(settings)?;
+            serve(&settings).await
         }
         Command::Demo(args) => {
             let settings = flags::settings(&[
@@ -293,7 +296,8 @@ pub async fn run() -> anyhow::Result<()> {
                 &args.events,
                 &args.log,
             ]);
-            demo(&with_logging(settings)?).await
+            let (settings, _flush) = with_batched_logging(settings)?;
+            demo(&settings).await
         }
         Command::Migrate(args) => {
             let config = with_logging(args.settings())?.store()?;
@@ -368,11 +372,20 @@ pub async fn run() -> anyhow::Result<()> {
 
 /// Starts logging as the settings say, and hands them on.
 fn with_logging(settings: Settings) -> anyhow::Result<Settings> {
-    init_logging(settings.log_format()?);
+    init_logging(settings.log_format()?, LogLines::direct());
     Ok(settings)
 }
 
-fn init_logging(format: LogFormat) {
+/// As `with_logging`, for the server: its info lines are written in batches, and what is
+/// left of them when the returned `Flush` is dropped.
+fn with_batched_logging(settings: Settings) -> anyhow::Result<(Settings, Flush)> {
+    let format = settings.log_format()?;
+    let (lines, flush) = LogLines::batched();
+    init_logging(format, lines);
+    Ok((settings, flush))
+}
+
+fn init_logging(format: LogFormat, lines: LogLines) {
     // `target=level` directives: what operators write, without the regex engine that EnvFilter's
     // span and field matching would add to every build. sqlx logs PostgreSQL notices (e.g. on
     // every migration check) at INFO: noise, not news.
@@ -389,7 +402,7 @@ fn init_logging(format: LogFormat) {
         && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let layer = tracing_subscriber::fmt::layer()
         .with_ansi(colours)
-        .with_writer(std::io::stderr);
+        .with_writer(lines);
     let subscriber = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => subscriber.with(layer).init(),

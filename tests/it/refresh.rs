@@ -250,7 +250,7 @@ async fn a_refresh_killed_mid_flight_is_completed_by_another_process(backend: Ba
             == 1
     );
 
-    a.stop(); // SIGKILL, holding the lease
+    a.kill(); // holding the lease
     sandbox.set_token_fault(None);
     assert!(
         stuck.await.unwrap().is_err(),

@@ -846,8 +846,26 @@ impl ServeProcess {
         None
     }
 
-    /// Kills the process and returns everything it wrote.
+    /// Kills the process (SIGKILL: a crash) and returns everything it wrote.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    /// Stops the process as a service manager would (SIGTERM, then SIGKILL after 10 s) and
+    /// returns everything it wrote: the server writes its last batch of log lines as it exits.
     pub fn stop(mut self) -> String {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         std::fs::read_to_string(&self.log).unwrap()

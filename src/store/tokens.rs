@@ -84,13 +84,21 @@ pub struct RefreshedPair<'a> {
     pub issued_at: Timestamp,
 }
 
-/// Every column of a connection, in `StoredConnection`'s order (`StoredConnection::from_sqlite`).
+/// Every column of a connection, in `StoredConnection`'s order (`StoredConnection::from_sqlite`);
+/// or with the refresh token and the raw responses replaced by the given expressions.
 macro_rules! connection_columns {
     () => {
-        "id, account_id, external_id, account_name, domain, subdomain, access_token, refresh_token, \
-         key_id, expires_at, refresh_expires_at, issued_at, status, raw, last_refresh_at, last_error, \
-         refresh_failures, next_refresh_at, lease_owner, lease_until, version, created_at, updated_at, \
-         platform"
+        connection_columns!("refresh_token", "raw")
+    };
+    ($refresh_token:literal, $raw:literal) => {
+        concat!(
+            "id, account_id, external_id, account_name, domain, subdomain, access_token, ",
+            $refresh_token,
+            ", key_id, expires_at, refresh_expires_at, issued_at, status, ",
+            $raw,
+            ", last_refresh_at, last_error, refresh_failures, next_refresh_at, lease_owner, \
+             lease_until, version, created_at, updated_at, platform"
+        )
     };
 }
 macro_rules! select_connection {
@@ -99,12 +107,17 @@ macro_rules! select_connection {
     };
 }
 /// The token call's one statement: the connection and, beside it, the stored hash of the
-/// presented API key if that key is active (a scalar subquery, so no join is needed).
+/// presented API key if that key is active (a scalar subquery, so no join is needed). A token
+/// call needs neither the refresh token (a refresh reads the row again) nor the raw responses,
+/// the row's largest value: a NULL of a text type in their places, as every backend decodes it.
 macro_rules! keyed_connection {
     () => {
         concat!(
             "SELECT ",
-            connection_columns!(),
+            connection_columns!(
+                "CAST(NULL AS CHAR) AS refresh_token",
+                "CAST(NULL AS CHAR) AS raw"
+            ),
             ", (",
             super::api_keys::active_key_hash!(),
             ") AS key_hash FROM amocrm_tokens"

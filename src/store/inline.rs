@@ -32,11 +32,6 @@ const PREPARED: usize = 32;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause before trying a busy database again: about one short write transaction.
 const BUSY_RETRY: Duration = Duration::from_micros(500);
-/// How often the checkpoint thread moves the WAL's pages into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// The writer checkpoints by itself only past this many WAL pages (40 MB; SQLite's default is
-/// 1000), should the checkpoint thread fall behind.
-const WRITER_CHECKPOINT_PAGES: i64 = 10_000;
 
 /// The inline connections to one SQLite database, opened at first use.
 pub(super) struct InlineSqlite {
@@ -44,8 +39,6 @@ pub(super) struct InlineSqlite {
     target: PathBuf,
     /// Read-only, read-write or also create, as the pool opens it.
     flags: OpenFlags,
-    /// A shared in-memory database: no WAL to checkpoint.
-    in_memory: bool,
     connections: OnceLock<Arc<Connections>>,
 }
 
@@ -76,7 +69,6 @@ impl InlineSqlite {
             return Self {
                 target: PathBuf::from(format!("{name}?mode=memory&cache=shared")),
                 flags: OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI,
-                in_memory: true,
                 connections: OnceLock::new(),
             };
         }
@@ -93,7 +85,6 @@ impl InlineSqlite {
         Self {
             target: filename.to_path_buf(),
             flags,
-            in_memory: false,
             connections: OnceLock::new(),
         }
     }
@@ -103,12 +94,8 @@ impl InlineSqlite {
             return Ok(connections);
         }
         let open = || self.open().during(operation);
-        let writer = open()?;
-        writer
-            .pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)
-            .during(operation)?;
         let opened = Arc::new(Connections {
-            writer: Mutex::new(writer),
+            writer: Mutex::new(open()?),
             queue: Mutex::default(),
             readers: [
                 Mutex::new(open()?),
@@ -118,36 +105,7 @@ impl InlineSqlite {
             next_reader: AtomicUsize::new(0),
         });
         // Two first calls at once both open; one set is kept and the other closed.
-        let kept = self.connections.get_or_init(|| Arc::clone(&opened));
-        if Arc::ptr_eq(kept, &opened) {
-            self.start_checkpoints(kept);
-        }
-        Ok(kept)
-    }
-
-    /// Checkpoints the WAL every `CHECKPOINT_EVERY` on a thread of its own, for as long as the
-    /// connections live. A checkpoint copies pages into the database file and fsyncs it: on
-    /// the writer, as SQLite does by default, that stalled the commit and the runtime thread
-    /// running it, and a checkpoint that readers kept from finishing let the WAL grow. A busy
-    /// or failed checkpoint is simply tried at the next tick; the writer's own checkpoint at
-    /// `WRITER_CHECKPOINT_PAGES` stays as the backstop.
-    fn start_checkpoints(&self, connections: &Arc<Connections>) {
-        if self.in_memory || self.flags.contains(OpenFlags::SQLITE_OPEN_READ_ONLY) {
-            return;
-        }
-        let Ok(checkpointer) = self.open() else {
-            return;
-        };
-        let alive = Arc::downgrade(connections);
-        let _ = std::thread::Builder::new()
-            .name("sqlite-checkpoint".into())
-            .spawn(move || {
-                while alive.strong_count() > 0 {
-                    std::thread::sleep(CHECKPOINT_EVERY);
-                    let _ =
-                        checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                }
-            });
+        Ok(self.connections.get_or_init(|| opened))
     }
 
     fn open(&self) -> rusqlite::Result<Connection> {
@@ -733,33 +691,6 @@ mod tests {
         assert_eq!(rows(&blocker), [-5]);
         assert_eq!(insert(&db, 15).await.unwrap().unwrap(), 15);
         assert_eq!(rows(&blocker), [-5, 15]);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_checkpoint_thread_moves_committed_writes_into_the_database_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let (db, blocker) = blocked_database(&dir);
-        blocker.execute_batch("COMMIT").unwrap();
-        for k in 20..40 {
-            insert(&db, k).await.unwrap().unwrap();
-        }
-        // `immutable` reads the database file alone, without the WAL: the rows are there
-        // only once a checkpoint copied them, and the writer by itself would wait for 10,000
-        // pages.
-        let file_only = format!(
-            "file:{}?immutable=1",
-            dir.path().join("queued.db").display()
-        );
-        let rows_in_file = || {
-            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI;
-            let connection = Connection::open_with_flags(&file_only, flags).unwrap();
-            rows(&connection).len()
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while rows_in_file() < 21 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(rows_in_file(), 21);
     }
 
     fn opened(url: &str) -> InlineSqlite {

@@ -1,10 +1,5 @@
 //! The `amoauth` binary: everything lives in the library.
 
-/// A request allocates a few dozen small blocks; mimalloc serves them in about half of glibc
-/// malloc's time (BENCHMARKS.md). The library leaves the allocator to the program embedding it.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match amoauth::internal::run().await {

@@ -51,12 +51,7 @@ impl LogLines {
         if started.is_err() {
             return (Self::direct(), Flush(None));
         }
-        let before_panic = Arc::clone(&batch);
-        let report_panic = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |panic| {
-            before_panic.write_through(b"");
-            report_panic(panic);
-        }));
+        flush_before_panics(Arc::clone(&batch));
         (
             Self {
                 batch: Some(Arc::clone(&batch)),
@@ -179,6 +174,16 @@ impl Batch {
     }
 }
 
+/// Writes the gathered lines before the panic hook in place reports a panic, so the lines
+/// that led up to it come first.
+fn flush_before_panics(batch: Arc<Batch>) {
+    let report_panic = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |panic| {
+        batch.write_through(b"");
+        report_panic(panic);
+    }));
+}
+
 /// A writer that panicked mid-line leaves at worst a partial line behind.
 fn locked<T>(guarded: &Mutex<T>) -> MutexGuard<'_, T> {
     guarded.lock().unwrap_or_else(PoisonError::into_inner)
@@ -232,7 +237,20 @@ mod tests {
     }
 
     #[test]
-    fn the_writer_thread_writes_what_gathers_and_a_flood_is_written_at_once() {
+    fn gathered_lines_are_written_before_a_panic_is_reported() {
+        let written = Written::default();
+        let batch = Arc::new(Batch::new(Box::new(written.clone())));
+        writer(&batch, false)
+            .write_all(b"before the panic\n")
+            .unwrap();
+        flush_before_panics(Arc::clone(&batch));
+        let panicked = std::panic::catch_unwind(|| panic!("on purpose"));
+        assert!(panicked.is_err());
+        assert_eq!(written.text(), "before the panic\n");
+    }
+
+    #[test]
+    fn the_writer_thread_writes_what_gathers_and_a_flood_loses_nothing() {
         let written = Written::default();
         let batch = Arc::new(Batch::new(Box::new(written.clone())));
         let thread = Arc::clone(&batch);
@@ -244,8 +262,7 @@ mod tests {
         }
         assert_eq!(written.text(), "quiet\n");
 
-        // More than the buffer holds, while the writer thread sleeps: the overflowing line
-        // goes out at once, behind the lines gathered before it.
+        // More than the buffer holds: the overflowing line is written through, nothing lost.
         let line = vec![b'x'; MAX_GATHERED / 2 + 1];
         let flush = Flush(Some(Arc::clone(&batch)));
         writer(&batch, false).write_all(&line).unwrap();

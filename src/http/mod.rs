@@ -29,6 +29,7 @@ use axum::http::{HeaderValue, Request, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::sync::Semaphore;
+use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -155,39 +156,12 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
         request_timeout,
         read_timeout,
     });
-    let router = routes
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            route_context,
-        ))
-        .with_state(state)
-        // The gateway takes its body whole (`Request`), to its own limit, so this limit of
-        // the extractors does not apply to it.
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn_with_state(front_door, admit))
-        // Pages can show tokens' metadata and the callback URL carries a code: never cache,
-        // never leak the URL to another site through Referer.
-        .layer(SetResponseHeaderLayer::overriding(
-            CACHE_CONTROL,
-            HeaderValue::from_static("no-store"),
-        ))
-        .layer(SetResponseHeaderLayer::overriding(
-            REFERRER_POLICY,
-            HeaderValue::from_static("no-referrer"),
-        ))
-        .layer(SetResponseHeaderLayer::overriding(
-            X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        ))
-        .layer(SetResponseHeaderLayer::overriding(
-            X_FRAME_OPTIONS,
-            HeaderValue::from_static("DENY"),
-        ))
-        // No script runs but by hash; a page that needs one sets its own policy.
-        .layer(SetResponseHeaderLayer::if_not_present(
-            CONTENT_SECURITY_POLICY,
-            HeaderValue::from_str(&pages::content_security_policy(None)).expect("ASCII policy"),
-        ))
+    // One layer of composed services rather than a `.layer` call each: axum boxes every
+    // `.layer` around each route and clones and boxes them all again per request, which was
+    // a fifth of a token call's CPU (BENCHMARKS.md).
+    let layers = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http()
                 // The path only: the callback's query holds the authorization code.
@@ -213,8 +187,38 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
                 })
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+        // No script runs but by hash; a page that needs one sets its own policy.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            CONTENT_SECURITY_POLICY,
+            HeaderValue::from_str(&pages::content_security_policy(None)).expect("ASCII policy"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        // Pages can show tokens' metadata and the callback URL carries a code: never cache,
+        // never leak the URL to another site through Referer.
+        .layer(SetResponseHeaderLayer::overriding(
+            REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(axum::middleware::from_fn_with_state(front_door, admit))
+        // The gateway takes its body whole (`Request`), to its own limit, so this limit of
+        // the extractors does not apply to it.
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            route_context,
+        ));
+    let router = routes.layer(layers).with_state(state);
     if secure {
         // Only over https: the browser then refuses plain http to this host for a year.
         router.layer(SetResponseHeaderLayer::overriding(

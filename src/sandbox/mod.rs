@@ -186,6 +186,17 @@ impl SandboxAccount {
         format!("{}.{}", self.subdomain, self.domain)
     }
 
+    /// Whether `host` is this account's host, in any case; without building the host, as
+    /// the token endpoint asks it of every account in turn.
+    pub fn is_at(&self, host: &str) -> bool {
+        host.get(..self.subdomain.len())
+            .is_some_and(|label| label.eq_ignore_ascii_case(&self.subdomain))
+            && host
+                .get(self.subdomain.len()..)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .is_some_and(|domain| domain.eq_ignore_ascii_case(&self.domain))
+    }
+
     /// The platform the account lives on, by its domain.
     pub fn platform(&self) -> Platform {
         Platform::of_domain(&self.domain)
@@ -465,4 +476,33 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SandboxAccount;
+
+    #[test]
+    fn an_account_is_at_its_own_host_in_any_case_and_nowhere_else() {
+        let account = SandboxAccount {
+            id: 1,
+            name: "Demo".to_owned(),
+            subdomain: "demo".to_owned(),
+            domain: "amocrm.ru".to_owned(),
+        };
+        assert!(account.is_at("demo.amocrm.ru"));
+        assert!(account.is_at("DEMO.AmoCRM.ru"));
+        for elsewhere in [
+            "demo2.amocrm.ru",
+            "xdemo.amocrm.ru",
+            "demo.amocrm.com",
+            "demo.amocrm.ru.evil",
+            "demoamocrm.ru",
+            "demo",
+            "",
+            "дemo.amocrm.ru",
+        ] {
+            assert!(!account.is_at(elsewhere), "{elsewhere}");
+        }
+    }
 }

@@ -203,11 +203,14 @@ impl State {
             return true;
         };
         let account_shaped = self.accounts.iter().any(|a| {
-            host.strip_suffix(a.domain.to_ascii_lowercase().as_str())
-                .and_then(|rest| rest.strip_suffix('.'))
+            host.len()
+                .checked_sub(a.domain.len())
+                .and_then(|at| host.split_at_checked(at))
+                .filter(|(_, domain)| domain.eq_ignore_ascii_case(&a.domain))
+                .and_then(|(rest, _)| rest.strip_suffix('.'))
                 .is_some_and(|label| !label.is_empty() && !label.contains('.'))
         });
-        !account_shaped || host.eq_ignore_ascii_case(&account.host())
+        !account_shaped || account.is_at(host)
     }
 
     /// Sandbox time: the wall clock plus whatever tests skipped ahead.
@@ -269,11 +272,8 @@ impl State {
             return Err(TokenError::InvalidClient);
         };
         // Another platform's servers do not know the integration at all.
-        let account_at_host = host.and_then(|host| {
-            self.accounts
-                .iter()
-                .find(|account| account.host().eq_ignore_ascii_case(host))
-        });
+        let account_at_host =
+            host.and_then(|host| self.accounts.iter().find(|account| account.is_at(host)));
         if account_at_host.is_some_and(|account| !config.serves(integration, account)) {
             return Err(TokenError::InvalidClient);
         }

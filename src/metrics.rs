@@ -268,7 +268,11 @@ impl Metrics {
             .durations
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let histogram = durations.entry(route.to_owned()).or_default();
+        // The route is known but for its first request: no key to build then.
+        let histogram = match durations.get_mut(route) {
+            Some(histogram) => histogram,
+            None => durations.entry(route.to_owned()).or_default(),
+        };
         histogram.buckets[bucket] += 1;
         histogram.sum += seconds;
         histogram.count += 1;

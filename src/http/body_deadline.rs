@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody as _};
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::http::header::CONNECTION;
@@ -16,6 +16,10 @@ use super::MAX_BODY_BYTES;
 /// within `read_timeout`, before the request takes one of the shared slots; the request with
 /// its body in hand, or the answer that refuses it.
 pub async fn read_body(read_timeout: Duration, request: Request) -> Result<Request, Response> {
+    // Most requests (GETs) have no body: nothing to wait for.
+    if request.body().is_end_stream() {
+        return Ok(request);
+    }
     let (parts, body) = request.into_parts();
     let limit = match super::gateway::proxied_path(parts.uri.path()) {
         Some(_) => super::gateway::MAX_BODY_BYTES,

@@ -17,6 +17,7 @@ mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -30,7 +31,9 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
@@ -160,7 +163,7 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
     // `.layer` around each route and clones and boxes them all again per request, which was
     // a fifth of a token call's CPU (BENCHMARKS.md).
     let layers = ServiceBuilder::new()
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http()
@@ -213,11 +216,7 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
         .layer(axum::middleware::from_fn_with_state(front_door, admit))
         // The gateway takes its body whole (`Request`), to its own limit, so this limit of
         // the extractors does not apply to it.
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            route_context,
-        ));
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     let router = routes.layer(layers).with_state(state);
     if secure {
         // Only over https: the browser then refuses plain http to this host for a year.
@@ -242,6 +241,44 @@ pub(crate) fn store_unavailable(lang: Lang, err: &StoreError) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, Html(page.into_string())).into_response()
 }
 
+/// `X-Request-Id`s shaped like random UUIDs, without a system call for each: a random start
+/// per process, then a count, so they stay unique across replicas and restarts.
+#[derive(Clone)]
+struct RequestIds {
+    start: u64,
+    count: Arc<AtomicU64>,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let mut start = [0u8; 8];
+        crate::crypto::fill_random(&mut start);
+        Self {
+            start: u64::from_le_bytes(start),
+            count: Arc::default(),
+        }
+    }
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let count = self.count.fetch_add(1, Ordering::Relaxed);
+        let bits = (u128::from(self.start) << 64) | u128::from(count);
+        // Version 4 and the RFC 9562 variant, as a random UUID has them.
+        let bits = (bits & !(0xf << 76) & !(0b11 << 62)) | (0x4 << 76) | (0b10 << 62);
+        let hex = format!("{bits:032x}");
+        let id = format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        );
+        HeaderValue::from_str(&id).ok().map(RequestId::new)
+    }
+}
+
 /// What `admit` needs beside the handlers' state.
 struct FrontDoor {
     state: AppState,
@@ -256,7 +293,10 @@ struct FrontDoor {
 /// (client.rs), then the body within its own deadline (body_deadline.rs), then a shared
 /// slot, which past `MAX_IN_FLIGHT` requests is waited for, so memory and database
 /// connections stay bounded however many clients arrive at once. Under /api/ whatever the
-/// framework, a limit or the timeout answers becomes the JSON error.
+/// framework, a limit or the timeout answers becomes the JSON error. The route is known
+/// here (the layers wrap each route): the handler runs under the base path for the links it
+/// answers with, and the request's time goes into the histogram under its route template
+/// (`/api/v1/connections/{account}/token`), so the labels stay few whatever the URLs.
 ///
 /// Gateway calls take no shared slot: they spend most of their time asleep until their
 /// account's pacing slot, which bounds them already (a slot further than
@@ -268,10 +308,16 @@ async fn admit(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let is_api = api_error::is_api(&door.state.base_path, request.uri().path());
+    let started = std::time::Instant::now();
+    let state = &door.state;
+    let is_api = api_error::is_api(&state.base_path, request.uri().path());
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
     let admitted = async {
         let mut request = request;
-        let _ip_slot = match client::identify(&door.state, peer, &mut request).await {
+        let _ip_slot = match client::identify(state, peer, &mut request).await {
             Ok(slot) => slot,
             Err(refused) => return refused,
         };
@@ -290,32 +336,18 @@ async fn admit(
         };
         next.run(request).await
     };
-    let response = tokio::time::timeout(door.request_timeout, admitted)
+    let response = BASE_PATH.scope(
+        Arc::clone(&state.base_path),
+        tokio::time::timeout(door.request_timeout, admitted),
+    );
+    let response = response
         .await
         .unwrap_or_else(|_| StatusCode::GATEWAY_TIMEOUT.into_response());
-    if is_api {
+    let response = if is_api {
         api_error::as_json_error(response).await
     } else {
         response
-    }
-}
-
-/// Inside the router, where the route is known: the base path for the links the handler
-/// answers with, and the request's time in the histogram under its route template
-/// (`/api/v1/connections/{account}/token`), so the labels stay few whatever the URLs.
-async fn route_context(
-    State(state): State<AppState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let started = std::time::Instant::now();
-    let route = request
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .cloned();
-    let response = BASE_PATH
-        .scope(Arc::clone(&state.base_path), next.run(request))
-        .await;
+    };
     let route = route.as_ref().map_or("unmatched", |path| path.as_str());
     state.metrics.observe_request(route, started.elapsed());
     response

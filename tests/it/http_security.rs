@@ -432,3 +432,44 @@ async fn a_newline_in_the_callback_error_cannot_forge_a_log_line() {
         "{output:?}"
     );
 }
+
+/// Every answer carries an `X-Request-Id` (README, "Logs"): the client's own when it sent
+/// one, else a new one shaped like a random UUID, never the same twice.
+#[tokio::test]
+async fn every_answer_carries_the_clients_request_id_or_a_new_one() {
+    let app = TestApp::spawn(&Backend::Sqlite).await;
+    let request_id = |response: &reqwest::Response| {
+        response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let response = app
+            .client
+            .get(format!("{}/healthz", app.base))
+            .send()
+            .await
+            .unwrap();
+        let id = request_id(&response);
+        let uuid_shaped = id.len() == 36
+            && id.char_indices().all(|(at, c)| match at {
+                8 | 13 | 18 | 23 => c == '-',
+                _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+            });
+        assert!(uuid_shaped, "{id}");
+        assert_eq!(&id[14..15], "4", "version 4: {id}");
+        assert!("89ab".contains(&id[19..20]), "RFC 9562 variant: {id}");
+        assert!(seen.insert(id.clone()), "{id} twice");
+    }
+    let response = app
+        .client
+        .get(format!("{}/healthz", app.base))
+        .header("x-request-id", "from-the-client-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(request_id(&response), "from-the-client-7");
+    app.stop().await;
+}

@@ -266,16 +266,20 @@ impl MakeRequestId for RequestIds {
         let bits = (u128::from(self.start) << 64) | u128::from(count);
         // Version 4 and the RFC 9562 variant, as a random UUID has them.
         let bits = (bits & !(0xf << 76) & !(0b11 << 62)) | (0x4 << 76) | (0b10 << 62);
-        let hex = format!("{bits:032x}");
-        let id = format!(
-            "{}-{}-{}-{}-{}",
-            &hex[..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..]
-        );
-        HeaderValue::from_str(&id).ok().map(RequestId::new)
+        let mut hex = [0u8; 32];
+        hex::encode_to_slice(bits.to_be_bytes(), &mut hex).expect("16 bytes are 32 hex digits");
+        // 8-4-4-4-12, the dashes in between.
+        let mut id = [b'-'; 36];
+        for (digits, at) in [
+            (0..8, 0),
+            (8..12, 9),
+            (12..16, 14),
+            (16..20, 19),
+            (20..32, 24),
+        ] {
+            id[at..at + digits.len()].copy_from_slice(&hex[digits]);
+        }
+        HeaderValue::from_bytes(&id).ok().map(RequestId::new)
     }
 }
 

@@ -163,6 +163,13 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
     // `.layer` around each route and clones and boxes them all again per request, which was
     // a fifth of a token call's CPU (BENCHMARKS.md).
     let layers = ServiceBuilder::new()
+        // Only over https: the browser then refuses plain http to this host for a year.
+        .option_layer(secure.then(|| {
+            SetResponseHeaderLayer::overriding(
+                STRICT_TRANSPORT_SECURITY,
+                HeaderValue::from_static("max-age=31536000"),
+            )
+        }))
         .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
@@ -217,16 +224,7 @@ pub fn router(state: AppState, request_timeout: Duration, read_timeout: Duration
         // The gateway takes its body whole (`Request`), to its own limit, so this limit of
         // the extractors does not apply to it.
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
-    let router = routes.layer(layers).with_state(state);
-    if secure {
-        // Only over https: the browser then refuses plain http to this host for a year.
-        router.layer(SetResponseHeaderLayer::overriding(
-            STRICT_TRANSPORT_SECURITY,
-            HeaderValue::from_static("max-age=31536000"),
-        ))
-    } else {
-        router
-    }
+    routes.layer(layers).with_state(state)
 }
 
 /// The answer when the database fails: 503 with what happened and what to do.

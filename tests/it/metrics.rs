@@ -335,6 +335,13 @@ async fn metrics_move_with_the_traffic_and_stay_valid(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(refresh.status(), 303);
+    let nowhere = app
+        .client
+        .get(format!("{}/no-such-page", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nowhere.status(), 404);
     let after = scrape(&app.client, &app.base).await;
 
     let mut expected = documented_at_start();
@@ -392,6 +399,13 @@ async fn metrics_move_with_the_traffic_and_stay_valid(backend: Backend) {
             .contains(&"/api/v1/connections/{account}/token".to_owned()),
         "routes are labelled by template: {:?}",
         after.timed_routes()
+    );
+    // A path no route matches is timed under one label, whatever the path.
+    assert_eq!(
+        after.samples[&format!("{DURATION}_count{{route=\"unmatched\"}}")],
+        1.0,
+        "{}",
+        after.text
     );
     promtool_accepts(&after.text);
     app.stop().await;

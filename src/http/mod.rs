@@ -338,11 +338,9 @@ async fn admit(
         };
         next.run(request).await
     };
-    let response = BASE_PATH.scope(
-        Arc::clone(&state.base_path),
-        tokio::time::timeout(door.request_timeout, admitted),
-    );
-    let response = response
+    let within_time = tokio::time::timeout(door.request_timeout, admitted);
+    let response = BASE_PATH
+        .scope(Arc::clone(&state.base_path), within_time)
         .await
         .unwrap_or_else(|_| StatusCode::GATEWAY_TIMEOUT.into_response());
     let response = if is_api {

@@ -119,9 +119,10 @@ const SELECT_STATE: &str = concat!(
     state_columns!(),
     " FROM amocrm_oauth_states WHERE state_hash = ?"
 );
-/// A callback that consumed this state before left an audit row saying so.
+/// A callback that consumed this state before left an audit row saying so. `TRUE` is
+/// written out: it must match the partial index's condition word for word on SQLite.
 const CONSUMED_BEFORE: &str = "SELECT id FROM amocrm_oauth_attempts \
-     WHERE state_fingerprint = ? AND state_consumed = ? LIMIT 1";
+     WHERE state_fingerprint = ? AND state_consumed = TRUE LIMIT 1";
 
 /// Binds a new state's values (`NewState::values`) to a sqlx query.
 macro_rules! bind_state {
@@ -295,7 +296,6 @@ impl Store {
         let consumed_before: Option<i64> =
             on_pool!(self, pool => sqlx::query_scalar(self.sql(CONSUMED_BEFORE))
                 .bind(attempt.state_fingerprint)
-                .bind(true)
                 .fetch_optional(pool)
                 .await)
             .during(OPERATION)?;

@@ -1,5 +1,10 @@
 //! The `amoauth` binary: everything lives in the library.
 
+/// mimalloc rather than glibc's malloc: buffers are freed on other threads than the ones that
+/// allocated them (the SQLite writer, the log writer), which glibc pays for (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match amoauth::internal::run().await {

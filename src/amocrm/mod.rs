@@ -415,7 +415,7 @@ impl AmoClient {
         }
         let raw: Value = serde_json::from_slice(&body)
             .map_err(|_| AmoError::BadResponse("the account lookup answered non-JSON".into()))?;
-        let parsed: AccountBody = serde_json::from_value(raw.clone()).map_err(|err| {
+        let parsed = AccountBody::deserialize(&raw).map_err(|err| {
             AmoError::BadResponse(format!(
                 "the account lookup lacks id, name or subdomain ({err})"
             ))

@@ -803,8 +803,9 @@ pub(crate) async fn save_connection(
         account,
         lifetime: (issued, expires_at),
     } = *grant;
-    let raw = serde_json::json!({ "token": tokens.raw, "account": account.raw });
-    let raw = scrub(raw.to_string(), tokens);
+    // Written from borrows, as `json!` would print it: `json!` would copy both answers first.
+    let raw = format!(r#"{{"account":{},"token":{}}}"#, account.raw, tokens.raw);
+    let raw = scrub(raw, tokens);
     store
         .upsert_connection(
             &NewConnection {
@@ -828,7 +829,8 @@ pub(crate) async fn save_connection(
 /// Removes any token value that survived into the raw JSON (e.g. echoed in another field).
 fn scrub(mut raw: String, tokens: &TokenSet) -> String {
     for secret in [&tokens.access_token, &tokens.refresh_token] {
-        if !secret.expose().is_empty() {
+        // `replace` builds a new string even when it finds nothing, as it almost never does.
+        if !secret.expose().is_empty() && raw.contains(secret.expose()) {
             raw = raw.replace(secret.expose(), "[removed]");
         }
     }

@@ -1,7 +1,7 @@
 //! The `amoauth` binary: everything lives in the library.
 
 /// mimalloc rather than glibc's malloc: buffers are freed on other threads than the ones that
-/// allocated them (the SQLite writer, the log writer), which glibc pays for (BENCHMARKS.md).
+/// allocated them (the SQLite writer, the log writer); the flow's CPU shows it (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

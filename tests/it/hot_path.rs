@@ -152,11 +152,7 @@ on_all_backends!(the_next_token_call_on_a_replica_sees_every_change);
 /// every connection: the unique index per platform has the id first.
 #[tokio::test]
 async fn a_token_lookup_by_account_id_uses_an_index() {
-    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
-    amoauth::internal::Store::from_pool(pool.clone())
-        .migrate()
-        .await
-        .unwrap();
+    let pool = migrated_in_memory().await;
     assert_plan_uses(
         &pool,
         "SELECT id FROM amocrm_tokens WHERE account_id = 7",
@@ -169,11 +165,7 @@ async fn a_token_lookup_by_account_id_uses_an_index() {
 /// which an install's row (its state not consumed) never enters.
 #[tokio::test]
 async fn a_replayed_state_is_found_by_the_index_of_consumed_states_only() {
-    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
-    amoauth::internal::Store::from_pool(pool.clone())
-        .migrate()
-        .await
-        .unwrap();
+    let pool = migrated_in_memory().await;
     assert_plan_uses(
         &pool,
         "SELECT id FROM amocrm_oauth_attempts \
@@ -192,6 +184,16 @@ async fn a_replayed_state_is_found_by_the_index_of_consumed_states_only() {
         "{}",
         condition.0
     );
+}
+
+/// An in-memory SQLite database with amoauth's schema.
+async fn migrated_in_memory() -> sqlx::SqlitePool {
+    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+    amoauth::internal::Store::from_pool(pool.clone())
+        .migrate()
+        .await
+        .unwrap();
+    pool
 }
 
 /// SQLite's plan for `statement` has a step that names `index`.

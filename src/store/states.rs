@@ -332,3 +332,42 @@ impl Store {
         self.purge(&EXPIRED_STATES, cutoff, batch, progress).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::AssertSqlSafe;
+
+    /// Telling a used state from an unknown one reads the index of consumed states' audit
+    /// rows, which an install's row (its state not consumed) never enters.
+    #[tokio::test]
+    async fn a_replayed_state_is_looked_up_in_the_index_of_consumed_states() {
+        let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+        Store::from_pool(pool.clone()).migrate().await.unwrap();
+        // EXPLAIN QUERY PLAN's rows are (id, parent, notused, detail).
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {CONSUMED_BEFORE}"
+        )))
+        .bind("0123456789abcdef")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(
+            plan.iter().any(|step| step
+                .3
+                .contains("INDEX amocrm_oauth_attempts_consumed_state")),
+            "{plan:?}"
+        );
+        let index: (String,) = sqlx::query_as(
+            "SELECT sql FROM sqlite_master WHERE name = 'amocrm_oauth_attempts_consumed_state'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(
+            index.0.ends_with("WHERE state_consumed = TRUE"),
+            "{}",
+            index.0
+        );
+    }
+}

@@ -152,48 +152,17 @@ on_all_backends!(the_next_token_call_on_a_replica_sees_every_change);
 /// every connection: the unique index per platform has the id first.
 #[tokio::test]
 async fn a_token_lookup_by_account_id_uses_an_index() {
-    let pool = migrated_in_memory().await;
+    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+    amoauth::internal::Store::from_pool(pool.clone())
+        .migrate()
+        .await
+        .unwrap();
     assert_plan_uses(
         &pool,
         "SELECT id FROM amocrm_tokens WHERE account_id = 7",
         "INDEX amocrm_tokens_account_id_platform",
     )
     .await;
-}
-
-/// Telling a used state from an unknown one reads the index of consumed states' audit rows,
-/// which an install's row (its state not consumed) never enters.
-#[tokio::test]
-async fn a_replayed_state_is_found_by_the_index_of_consumed_states_only() {
-    let pool = migrated_in_memory().await;
-    assert_plan_uses(
-        &pool,
-        "SELECT id FROM amocrm_oauth_attempts \
-         WHERE state_fingerprint = '0123456789abcdef' AND state_consumed = TRUE LIMIT 1",
-        "INDEX amocrm_oauth_attempts_consumed_state",
-    )
-    .await;
-    let condition: (String,) = sqlx::query_as(
-        "SELECT sql FROM sqlite_master WHERE name = 'amocrm_oauth_attempts_consumed_state'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert!(
-        condition.0.ends_with("WHERE state_consumed = TRUE"),
-        "{}",
-        condition.0
-    );
-}
-
-/// An in-memory SQLite database with amoauth's schema.
-async fn migrated_in_memory() -> sqlx::SqlitePool {
-    let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
-    amoauth::internal::Store::from_pool(pool.clone())
-        .migrate()
-        .await
-        .unwrap();
-    pool
 }
 
 /// SQLite's plan for `statement` has a step that names `index`.

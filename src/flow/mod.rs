@@ -861,6 +861,23 @@ mod tests {
     }
 
     #[test]
+    fn a_token_value_echoed_in_the_raw_answers_is_removed_and_other_text_kept() {
+        let tokens = TokenSet {
+            access_token: Secret::new("access-AAA"),
+            refresh_token: Secret::new("refresh-RRR"),
+            expires_in: 86_400,
+            raw: serde_json::json!({ "token_type": "Bearer" }),
+        };
+        let echoed = r#"{"account":{"note":"access-AAA and refresh-RRR"},"token":{}}"#;
+        assert_eq!(
+            scrub(echoed.to_owned(), &tokens),
+            r#"{"account":{"note":"[removed] and [removed]"},"token":{}}"#
+        );
+        let clean = r#"{"account":{"id":7},"token":{"token_type":"Bearer"}}"#;
+        assert_eq!(scrub(clean.to_owned(), &tokens), clean);
+    }
+
+    #[test]
     fn a_state_from_before_the_time_prefix_is_keyed_by_its_hash() {
         let legacy = random_token();
         assert!(params::is_well_formed_state(&legacy));

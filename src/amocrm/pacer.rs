@@ -37,7 +37,7 @@ impl Pacer {
     /// Waits for this account host's next free slot: at once while fewer than `rate` requests
     /// went out in the last window, else until the oldest of them leaves it.
     pub async fn wait(&self, host: &str) {
-        let slot = {
+        let later = {
             let mut sent = self
                 .sent
                 .lock()
@@ -55,14 +55,20 @@ impl Pacer {
             if slots.len() > self.rate {
                 slots.pop_front();
             }
-            slot
+            (slot > now).then_some(slot)
         };
-        tokio::time::sleep_until(slot).await;
+        // A free slot goes at once: tokio rounds a deadline up to its next 1 ms tick, so even
+        // `sleep_until(now)` would hold the request until the timer wheel turns.
+        if let Some(slot) = later {
+            tokio::time::sleep_until(slot).await;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future as _;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -78,6 +84,18 @@ mod tests {
         let other = Instant::now();
         pacer.wait("b.amocrm.ru").await;
         assert_eq!(other.elapsed(), Duration::ZERO);
+    }
+
+    /// On the real clock, not a paused one: there a deadline of now falls on a tick, and
+    /// waiting for the timer would not show.
+    #[tokio::test]
+    async fn a_free_slot_is_granted_on_the_first_poll_without_the_timer() {
+        let pacer = Pacer::amocrm();
+        let mut free = std::pin::pin!(pacer.wait("a.amocrm.ru"));
+        let first_poll = free
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        assert!(first_poll.is_ready(), "a free slot waited for the timer");
     }
 
     #[tokio::test(start_paused = true)]

@@ -260,7 +260,11 @@ impl Gateway {
             let answered = tokio::time::Instant::now();
             match reservation {
                 Reservation::Reserved { wait } => {
-                    tokio::time::sleep_until(answered + wait).await;
+                    // A free slot goes at once: tokio would round even a zero wait up to
+                    // its next 1 ms tick.
+                    if !wait.is_zero() {
+                        tokio::time::sleep_until(answered + wait).await;
+                    }
                     let late = asked.elapsed().saturating_sub(wait);
                     if late <= tolerance || reslot == MAX_RESLOTS {
                         return Ok(());

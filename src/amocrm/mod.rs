@@ -49,6 +49,7 @@ pub use secret::Secret;
 
 use host::shared_api_host;
 use pacer::Pacer;
+pub(crate) use pacer::sleep_until_due;
 
 /// amoCRM refresh tokens live 3 months from issue.
 pub(crate) const REFRESH_TOKEN_LIFETIME: chrono::Duration = chrono::Duration::days(90);

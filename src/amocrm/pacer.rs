@@ -37,7 +37,7 @@ impl Pacer {
     /// Waits for this account host's next free slot: at once while fewer than `rate` requests
     /// went out in the last window, else until the oldest of them leaves it.
     pub async fn wait(&self, host: &str) {
-        let later = {
+        let slot = {
             let mut sent = self
                 .sent
                 .lock()
@@ -55,20 +55,23 @@ impl Pacer {
             if slots.len() > self.rate {
                 slots.pop_front();
             }
-            (slot > now).then_some(slot)
+            slot
         };
-        // A free slot goes at once: tokio rounds a deadline up to its next 1 ms tick, so even
-        // `sleep_until(now)` would hold the request until the timer wheel turns.
-        if let Some(slot) = later {
-            tokio::time::sleep_until(slot).await;
-        }
+        sleep_until_due(slot).await;
+    }
+}
+
+/// Sleeps until `deadline` only if it is still ahead. tokio rounds every deadline up to its
+/// next 1 ms tick, so even `sleep_until(now)` would hold a free slot until the timer wheel
+/// turns. The amoCRM calls' pacing and the gateway's both wait through this.
+pub(crate) async fn sleep_until_due(deadline: Instant) {
+    if deadline > Instant::now() {
+        tokio::time::sleep_until(deadline).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::future::Future as _;
-
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -86,16 +89,30 @@ mod tests {
         assert_eq!(other.elapsed(), Duration::ZERO);
     }
 
+    /// Whether `future` is done at its first poll.
+    fn ready_at_once(future: impl std::future::Future<Output = ()>) -> bool {
+        let mut future = std::pin::pin!(future);
+        future
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+            .is_ready()
+    }
+
     /// On the real clock, not a paused one: there a deadline of now falls on a tick, and
     /// waiting for the timer would not show.
     #[tokio::test]
     async fn a_free_slot_is_granted_on_the_first_poll_without_the_timer() {
         let pacer = Pacer::amocrm();
-        let mut free = std::pin::pin!(pacer.wait("a.amocrm.ru"));
-        let first_poll = free
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
-        assert!(first_poll.is_ready(), "a free slot waited for the timer");
+        assert!(
+            ready_at_once(pacer.wait("a.amocrm.ru")),
+            "a free slot waited for the timer"
+        );
+        // The gateway's zero wait and any deadline already past go the same way.
+        let past = Instant::now();
+        assert!(ready_at_once(sleep_until_due(past)));
+        assert!(!ready_at_once(sleep_until_due(
+            Instant::now() + Duration::from_secs(1)
+        )));
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,7 +15,7 @@ use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 
-use crate::amocrm::error_chain;
+use crate::amocrm::{error_chain, sleep_until_due};
 use crate::config::GatewayConfig;
 use crate::crypto::jitter;
 use crate::events::{EventType, Events};
@@ -260,11 +260,7 @@ impl Gateway {
             let answered = tokio::time::Instant::now();
             match reservation {
                 Reservation::Reserved { wait } => {
-                    // A free slot goes at once: tokio would round even a zero wait up to
-                    // its next 1 ms tick.
-                    if !wait.is_zero() {
-                        tokio::time::sleep_until(answered + wait).await;
-                    }
+                    sleep_until_due(answered + wait).await;
                     let late = asked.elapsed().saturating_sub(wait);
                     if late <= tolerance || reslot == MAX_RESLOTS {
                         return Ok(());

@@ -416,9 +416,9 @@ pub(super) trait IntoOwnedRow {
 
 macro_rules! owned_tuple {
     ($($field:tt: $kind:ident),+) => {
-        impl<$($kind: ToSql),+> IntoOwnedRow for ($($kind,)+) {
+        impl<$($kind: OwnedParam),+> IntoOwnedRow for ($($kind,)+) {
             fn owned(&self) -> rusqlite::Result<OwnedRow> {
-                Ok(vec![$(owned_value(&self.$field)?),+])
+                Ok(vec![$(self.$field.owned_param()?),+])
             }
         }
     };
@@ -431,6 +431,98 @@ owned_tuple!(0: A, 1: B, 2: C, 3: D, 4: E, 5: F, 6: G, 7: H, 8: I, 9: J, 10: K, 
 owned_tuple!(
     0: A, 1: B, 2: C, 3: D, 4: E, 5: F, 6: G, 7: H, 8: I, 9: J, 10: K, 11: L, 12: M, 13: N, 14: O
 );
+
+/// One parameter of an `OwnedRow`: as rusqlite's `ToSql` gives it, but a timestamp as
+/// `timestamp_text` writes it.
+pub(super) trait OwnedParam {
+    fn owned_param(&self) -> rusqlite::Result<Value>;
+}
+
+macro_rules! owned_as_to_sql {
+    ($($kind:ty),+) => {
+        $(impl OwnedParam for $kind {
+            fn owned_param(&self) -> rusqlite::Result<Value> {
+                owned_value(self)
+            }
+        })+
+    };
+}
+
+owned_as_to_sql!(&str, Option<&str>, i64, Option<i64>, bool);
+
+impl OwnedParam for Timestamp {
+    fn owned_param(&self) -> rusqlite::Result<Value> {
+        Ok(Value::Text(timestamp_text(*self)))
+    }
+}
+
+impl OwnedParam for Option<Timestamp> {
+    fn owned_param(&self) -> rusqlite::Result<Value> {
+        Ok(self.map_or(Value::Null, |at| Value::Text(timestamp_text(at))))
+    }
+}
+
+/// A timestamp parameter bound in place, as `timestamp_text` writes it.
+pub(super) struct SqlTimestamp(pub Timestamp);
+
+impl ToSql for SqlTimestamp {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(timestamp_text(self.0)))
+    }
+}
+
+/// A timestamp as sqlx and rusqlite write it, chrono's `%F %T%.f` (`2026-12-01 04:00:00.123456789`,
+/// the fraction in 3, 6 or 9 digits as needed, none when zero), digit by digit: chrono walks
+/// its format string for every value, a fiftieth of a flow's CPU. A year outside 0-9999 or a
+/// leap second still goes to chrono.
+pub(super) fn timestamp_text(at: Timestamp) -> String {
+    use chrono::{Datelike as _, Timelike as _};
+    let nanos = at.nanosecond();
+    let year = match u32::try_from(at.year()) {
+        Ok(year) if year <= 9999 && nanos < 1_000_000_000 => year,
+        _ => return at.format("%F %T%.f").to_string(),
+    };
+    let mut text = [0u8; 29];
+    let mut put = |offset: usize, value: u32, width: usize| {
+        let mut value = value;
+        for slot in text[offset..offset + width].iter_mut().rev() {
+            *slot = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, year, 4);
+    put(5, at.month(), 2);
+    put(8, at.day(), 2);
+    put(11, at.hour(), 2);
+    put(14, at.minute(), 2);
+    put(17, at.second(), 2);
+    let length = match nanos {
+        0 => 19,
+        _ if nanos.is_multiple_of(1_000_000) => {
+            put(20, nanos / 1_000_000, 3);
+            23
+        }
+        _ if nanos.is_multiple_of(1_000) => {
+            put(20, nanos / 1_000, 6);
+            26
+        }
+        _ => {
+            put(20, nanos, 9);
+            29
+        }
+    };
+    for (offset, separator) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b' '),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+    ] {
+        text[offset] = separator;
+    }
+    String::from_utf8_lossy(&text[..length]).into_owned()
+}
 
 fn owned_value(value: &dyn ToSql) -> rusqlite::Result<Value> {
     match value.to_sql()? {
@@ -550,6 +642,79 @@ mod tests {
     use std::str::FromStr;
 
     use super::*;
+
+    /// rusqlite's own `ToSql` for a timestamp: what the stored text was before, and what
+    /// sqlx's SQLite driver still writes on the cold paths.
+    fn chronos_text(at: Timestamp) -> String {
+        at.format("%F %T%.f").to_string()
+    }
+
+    #[test]
+    fn timestamps_are_written_as_chrono_writes_them() {
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 12, 1).unwrap();
+        let at = |h, m, s, nanos| day.and_hms_nano_opt(h, m, s, nanos).unwrap();
+        let cases = [
+            at(4, 0, 0, 0),
+            at(4, 0, 0, 500_000_000),
+            at(23, 59, 59, 123_456_000),
+            at(0, 0, 1, 1),
+            at(9, 5, 7, 999_999_999),
+            // A leap second, and years chrono writes with a sign: chrono's own text.
+            at(23, 59, 59, 1_500_000_000),
+            chrono::NaiveDate::from_ymd_opt(10_000, 1, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap(),
+            chrono::NaiveDate::from_ymd_opt(-1, 1, 1)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap(),
+            chrono::NaiveDate::from_ymd_opt(0, 2, 29)
+                .unwrap()
+                .and_hms_opt(1, 2, 3)
+                .unwrap(),
+            Timestamp::MIN,
+            Timestamp::MAX,
+            crate::store::now(),
+        ];
+        for at in cases {
+            assert_eq!(timestamp_text(at), chronos_text(at), "{at:?}");
+        }
+        // The fraction's three shapes and none, over the whole 0-9999 range of years.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        for round in 0..20_000u32 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let seconds = (seed % 315_537_897_600) as i64 - 62_167_219_200; // 0000-01-01 to 9999-12-31
+            let nanos = match round % 4 {
+                0 => 0,
+                1 => (seed >> 40) as u32 % 1_000 * 1_000_000,
+                2 => (seed >> 34) as u32 % 1_000_000 * 1_000,
+                _ => (seed >> 32) as u32 % 1_000_000_000,
+            };
+            let at = chrono::DateTime::from_timestamp(seconds, nanos)
+                .unwrap()
+                .naive_utc();
+            assert_eq!(timestamp_text(at), chronos_text(at), "{at:?}");
+        }
+        // Bound in place and in an owned row, the text is the same, and reads back exactly.
+        let connection = Connection::open_in_memory().unwrap();
+        let at = crate::store::now();
+        let (in_place, owned): (String, String) = connection
+            .query_row(
+                "SELECT ?, ?",
+                (SqlTimestamp(at), at.owned_param().unwrap()),
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (in_place.as_str(), owned.as_str()),
+            (chronos_text(at).as_str(), chronos_text(at).as_str())
+        );
+        assert_eq!(fixed_layout_timestamp(in_place.as_bytes()), Some(at));
+        assert_eq!(None::<Timestamp>.owned_param().unwrap(), Value::Null);
+    }
 
     #[test]
     fn timestamps_read_by_the_fixed_layout_equal_chronos_reading() {

@@ -42,7 +42,7 @@ impl Store {
         let found: Option<String> = on_hot_path!(self, db => {
                 db.read(OPERATION, |conn| {
                     conn.prepare_cached(VALID_SESSION)?
-                        .query_row((id_hash, now), |row| row.get(0))
+                        .query_row((id_hash, super::inline::SqlTimestamp(now)), |row| row.get(0))
                         .optional()
                 })
                 .await?

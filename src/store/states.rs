@@ -3,7 +3,7 @@
 use rusqlite::{OptionalExtension as _, params_from_iter};
 
 use super::attempts::{self, Attempt, bind_attempt};
-use super::inline::IntoOwnedRow as _;
+use super::inline::{IntoOwnedRow as _, SqlTimestamp};
 use super::retention::Purge;
 use super::{Context as _, Store, StoreError, Timestamp, on_hot_path, on_pool};
 use crate::amocrm::Platform;
@@ -249,7 +249,7 @@ impl Store {
             db.write(OPERATION, move |tx| {
                 let state = tx
                     .prepare_cached(CONSUME_SQLITE)?
-                    .query_row((&state_hash, now), StateRow::from_sqlite)
+                    .query_row((&state_hash, SqlTimestamp(now)), StateRow::from_sqlite)
                     .optional()?;
                 let Some(state) = state else {
                     return Ok(None);

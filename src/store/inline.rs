@@ -471,10 +471,10 @@ impl ToSql for SqlTimestamp {
     }
 }
 
-/// A timestamp as sqlx and rusqlite write it, chrono's `%F %T%.f` (`2026-12-01 04:00:00.123456789`,
-/// the fraction in 3, 6 or 9 digits as needed, none when zero), digit by digit: chrono walks
-/// its format string for every value, a fiftieth of a flow's CPU. A year outside 0-9999 or a
-/// leap second still goes to chrono.
+/// A timestamp as sqlx and rusqlite write it, chrono's `%F %T%.f`
+/// (`2026-12-01 04:00:00.123456789`, the fraction in 3, 6 or 9 digits as needed, none when
+/// zero), digit by digit: chrono walks its format string for every value, a fiftieth of a
+/// flow's CPU. A year outside 0-9999 or a leap second still goes to chrono.
 pub(super) fn timestamp_text(at: Timestamp) -> String {
     use chrono::{Datelike as _, Timelike as _};
     let nanos = at.nanosecond();
@@ -686,7 +686,7 @@ mod tests {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            let seconds = (seed % 315_537_897_600) as i64 - 62_167_219_200; // 0000-01-01 to 9999-12-31
+            let seconds = (seed % 315_569_520_000) as i64 - 62_167_219_200; // 0000-01-01 to 9999-12-31
             let nanos = match round % 4 {
                 0 => 0,
                 1 => (seed >> 40) as u32 % 1_000 * 1_000_000,

@@ -5,10 +5,13 @@
 //!
 //! One writer connection (SQLite has one writer anyway) and a few readers, which WAL lets read
 //! while the writer commits. Writes that arrive while the writer is busy wait in a queue and
-//! commit together in its next transaction (`write`: group commit). The critical sections are
-//! synchronous: nothing is awaited while a connection is held, and nothing waits for a lock
-//! inside them.
+//! commit together in its next transaction (`write`: group commit). A token call's row is
+//! kept between calls until anything commits to the database, from this process or another
+//! (`read_cached`). The critical sections are synchronous: nothing is awaited while a
+//! connection is held, and nothing waits for a lock inside them.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -28,6 +31,9 @@ const SQLX_IN_MEMORY: &str = "file:sqlx-in-memory-";
 const READERS: usize = 3;
 /// Statements kept prepared per connection: every hot statement, with room to spare.
 const PREPARED: usize = 32;
+/// Results `read_cached` keeps: a token call's row for each of 4,096 accounts (a few MiB);
+/// past this many, it forgets them all and starts over.
+const MAX_CACHED: usize = 4096;
 /// As long as sqlx's connections wait for the write lock (store/mod.rs).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause before trying a busy database again: about one short write transaction.
@@ -46,8 +52,44 @@ struct Connections {
     writer: Mutex<Connection>,
     /// Writes waiting for the writer (`InlineSqlite::write`).
     queue: Mutex<WriteQueue>,
-    readers: [Mutex<Connection>; READERS],
+    readers: [Mutex<Reader>; READERS],
     next_reader: AtomicUsize,
+    cached: Mutex<Cached>,
+}
+
+/// A reader connection, and the data version it saw last (`read_cached`).
+struct Reader {
+    connection: Connection,
+    seen_version: Option<i64>,
+}
+
+impl Reader {
+    fn new(connection: Connection) -> Self {
+        Self {
+            connection,
+            seen_version: None,
+        }
+    }
+
+    /// Whether anything committed to the database since this reader last asked (always, the
+    /// first time). SQLite's `data_version` changes with every commit by another
+    /// connection, in this process or another; a reader never writes, so on a reader it
+    /// changes with every commit there is.
+    fn saw_a_commit(&mut self) -> rusqlite::Result<bool> {
+        let version = self
+            .connection
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |row| row.get(0))?;
+        Ok(self.seen_version.replace(version) != Some(version))
+    }
+}
+
+/// `read_cached`'s results, all read since the last commit any reader has seen.
+#[derive(Default)]
+struct Cached {
+    /// Advances, and the results are forgotten, whenever a reader sees a commit.
+    epoch: u64,
+    results: HashMap<String, Arc<dyn Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for InlineSqlite {
@@ -98,11 +140,12 @@ impl InlineSqlite {
             writer: Mutex::new(open()?),
             queue: Mutex::default(),
             readers: [
-                Mutex::new(open()?),
-                Mutex::new(open()?),
-                Mutex::new(open()?),
+                Mutex::new(Reader::new(open()?)),
+                Mutex::new(Reader::new(open()?)),
+                Mutex::new(Reader::new(open()?)),
             ],
             next_reader: AtomicUsize::new(0),
+            cached: Mutex::default(),
         });
         // Two first calls at once both open; one set is kept and the other closed.
         Ok(self.connections.get_or_init(|| opened))
@@ -162,21 +205,28 @@ impl InlineSqlite {
         work: impl Fn(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
         let connections = self.connections(operation)?;
-        self.retrying_while_busy(operation, || {
-            let free = connections
-                .readers
-                .iter()
-                .find_map(|reader| reader.try_lock().ok());
-            let reader = match free {
-                Some(reader) => reader,
-                None => {
-                    let turn = connections.next_reader.fetch_add(1, Ordering::Relaxed);
-                    locked(&connections.readers[turn % READERS])
-                }
-            };
-            work(&reader)
-        })
-        .await
+        self.retrying_while_busy(operation, || work(&connections.reader().connection))
+            .await
+    }
+
+    /// As `read`, but the result is kept under `key` and given again, without running
+    /// `work`, until anything commits to the database. Always what `work` would read now:
+    ///
+    /// - every call first asks its reader whether a commit happened since that reader last
+    ///   asked, and if so forgets every result (SQLite's data version, seen by each reader);
+    /// - so a commit after a result was read is seen by the next call on any reader, whose
+    ///   previous question came before that commit;
+    /// - a result is kept only if nothing was forgotten between its question and its
+    ///   keeping, since its read may predate that commit.
+    pub(super) async fn read_cached<T: Clone + Send + Sync + 'static>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        work: impl Fn(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let connections = self.connections(operation)?;
+        self.retrying_while_busy(operation, || connections.read_cached(key, &work))
+            .await
     }
 
     /// Runs `attempt` until the database is not busy. SQLite's own busy wait would sleep on
@@ -197,6 +247,53 @@ impl InlineSqlite {
                 done => return done.during(operation),
             }
         }
+    }
+}
+
+impl Connections {
+    /// `InlineSqlite::read_cached`'s one try.
+    fn read_cached<T: Clone + Send + Sync + 'static>(
+        &self,
+        key: &str,
+        work: impl Fn(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let mut reader = self.reader();
+        let saw_a_commit = reader.saw_a_commit()?;
+        let (kept, epoch) = {
+            let mut cached = locked(&self.cached);
+            if saw_a_commit {
+                cached.epoch += 1;
+                cached.results.clear();
+            }
+            (cached.results.get(key).map(Arc::clone), cached.epoch)
+        };
+        if let Some(result) = kept.and_then(|kept| kept.downcast::<T>().ok()) {
+            return Ok(T::clone(&result));
+        }
+        let result = work(&reader.connection)?;
+        drop(reader);
+        let mut cached = locked(&self.cached);
+        if cached.epoch == epoch {
+            if cached.results.len() >= MAX_CACHED {
+                cached.results.clear();
+            }
+            cached
+                .results
+                .insert(key.to_owned(), Arc::new(result.clone()));
+        }
+        Ok(result)
+    }
+
+    /// A free reader, else the next in turn.
+    fn reader(&self) -> MutexGuard<'_, Reader> {
+        let free = self
+            .readers
+            .iter()
+            .find_map(|reader| reader.try_lock().ok());
+        free.unwrap_or_else(|| {
+            let turn = self.next_reader.fetch_add(1, Ordering::Relaxed);
+            locked(&self.readers[turn % READERS])
+        })
     }
 }
 
@@ -859,6 +956,119 @@ mod tests {
         assert_eq!(rows(&blocker), [-5]);
         assert_eq!(insert(&db, 15).await.unwrap().unwrap(), 15);
         assert_eq!(rows(&blocker), [-5, 15]);
+    }
+
+    /// A table `t` of one row on `target`, kept alive (an in-memory database lives while a
+    /// connection to it is open) by the connection returned, which commits as another
+    /// process would.
+    fn cached_reads_database(target: &str, flags: OpenFlags) -> (InlineSqlite, Connection) {
+        let outside = Connection::open_with_flags(target, flags).unwrap();
+        outside
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL);
+                 CREATE TABLE other (k INTEGER PRIMARY KEY);
+                 INSERT INTO t VALUES (1, 'first');",
+            )
+            .unwrap();
+        let db = InlineSqlite {
+            target: PathBuf::from(target),
+            flags,
+            connections: OnceLock::new(),
+        };
+        (db, outside)
+    }
+
+    #[tokio::test]
+    async fn a_cached_read_is_answered_again_until_anything_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cached.db");
+        let databases = [
+            (
+                file.to_string_lossy().into_owned(),
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+            ),
+            (
+                "file:cached-reads?mode=memory&cache=shared".to_owned(),
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI,
+            ),
+        ];
+        for (target, flags) in databases {
+            let (db, outside) = cached_reads_database(&target, flags);
+            let runs = AtomicUsize::new(0);
+            let read = |key: &str| {
+                let key = key.to_owned();
+                let runs = &runs;
+                let db = &db;
+                async move {
+                    db.read_cached("reading t", &key, |conn| {
+                        runs.fetch_add(1, Ordering::Relaxed);
+                        conn.query_row("SELECT v FROM t WHERE k = 1", [], |row| {
+                            row.get::<_, String>(0)
+                        })
+                    })
+                    .await
+                    .unwrap()
+                }
+            };
+            let ran = || runs.load(Ordering::Relaxed);
+
+            assert_eq!(read("a").await, "first", "{target}");
+            assert_eq!(read("a").await, "first", "{target}");
+            assert_eq!(
+                ran(),
+                1,
+                "{target}: the second read was answered from the cache"
+            );
+            assert_eq!(read("b").await, "first", "{target}");
+            assert_eq!(ran(), 2, "{target}: another key is read for itself");
+
+            // A commit by the inline writer, by another connection, or to another table:
+            // the next read runs again and sees the database as it is now.
+            db.write("updating t", |tx| {
+                tx.execute("UPDATE t SET v = 'by the writer'", [])
+            })
+            .await
+            .unwrap();
+            assert_eq!(read("a").await, "by the writer", "{target}");
+            outside
+                .execute("UPDATE t SET v = 'from outside'", [])
+                .unwrap();
+            assert_eq!(read("a").await, "from outside", "{target}");
+            assert_eq!(ran(), 4, "{target}");
+            outside.execute("INSERT INTO other VALUES (1)", []).unwrap();
+            assert_eq!(read("a").await, "from outside", "{target}");
+            assert_eq!(ran(), 5, "{target}: any commit forgets what was kept");
+            assert_eq!(read("a").await, "from outside", "{target}");
+            assert_eq!(ran(), 5, "{target}");
+
+            // Each reader has asked; a commit comes; whichever reader the next call finds
+            // free sees it, and the others then agree.
+            let connections = db.connections("reading t").unwrap();
+            let through_reader = |at: usize| {
+                let others: Vec<_> = (0..READERS)
+                    .filter(|other| *other != at)
+                    .map(|other| locked(&connections.readers[other]))
+                    .collect();
+                let value = connections
+                    .read_cached("a", |conn| {
+                        runs.fetch_add(1, Ordering::Relaxed);
+                        conn.query_row("SELECT v FROM t", [], |row| row.get::<_, String>(0))
+                    })
+                    .unwrap();
+                drop(others);
+                value
+            };
+            for at in 0..READERS {
+                assert_eq!(through_reader(at), "from outside", "{target}");
+            }
+            let before = ran();
+            outside.execute("UPDATE t SET v = 'seen by 1'", []).unwrap();
+            assert_eq!(through_reader(1), "seen by 1", "{target}");
+            assert_eq!(through_reader(2), "seen by 1", "{target}");
+            assert_eq!(through_reader(0), "seen by 1", "{target}");
+            assert!(ran() > before, "{target}");
+        }
     }
 
     fn opened(url: &str) -> InlineSqlite {

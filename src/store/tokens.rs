@@ -456,7 +456,10 @@ impl Store {
             None => KEYED_BY_ACCOUNT_NAME,
         };
         let rows: Vec<KeyedConnection> = on_hot_path!(self, db => {
-            db.read(OPERATION, |conn| {
+            // Kept until the next commit (`read_cached`), so a revoked key, a disconnect or
+            // a refreshed pair is read by the very next call. The token stays sealed there.
+            let cache_key = format!("keyed {} {key_id}{account}", key_id.len());
+            db.read_cached(OPERATION, &cache_key, |conn| {
                 let mut statement = conn.prepare_cached(sql)?;
                 let keyed = |row: &rusqlite::Row<'_>| {
                     Ok(KeyedConnection {
@@ -763,7 +766,7 @@ impl Store {
 }
 
 /// A connection with the stored hash of the presented API key (`keyed_connection!`).
-#[derive(sqlx::FromRow)]
+#[derive(Clone, sqlx::FromRow)]
 struct KeyedConnection {
     #[sqlx(flatten)]
     connection: StoredConnection,
@@ -771,7 +774,7 @@ struct KeyedConnection {
 }
 
 /// A row as the database returns it, before the sealed columns are paired with their key.
-#[derive(sqlx::FromRow)]
+#[derive(Clone, sqlx::FromRow)]
 struct StoredConnection {
     id: i64,
     platform: Platform,

@@ -1071,6 +1071,29 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn kept_results_stay_bounded_whatever_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bounded.db");
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE;
+        let (db, _outside) = cached_reads_database(&file.to_string_lossy(), flags);
+        for n in 0..=MAX_CACHED {
+            let key = format!("junk {n}");
+            let read = db
+                .read_cached("reading t", &key, |conn| {
+                    conn.query_row("SELECT v || ?1 FROM t", [n as i64], |row| {
+                        row.get::<_, String>(0)
+                    })
+                })
+                .await
+                .unwrap();
+            assert_eq!(read, format!("first{n}"));
+        }
+        let connections = db.connections("reading t").unwrap();
+        let kept = locked(&connections.cached).results.len();
+        assert!((1..=MAX_CACHED).contains(&kept), "{kept} results kept");
+    }
+
     fn opened(url: &str) -> InlineSqlite {
         InlineSqlite::of(&SqliteConnectOptions::from_str(url).unwrap())
     }

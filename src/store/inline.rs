@@ -48,13 +48,27 @@ pub(super) struct InlineSqlite {
     connections: OnceLock<Arc<Connections>>,
 }
 
+/// Each lock on cache lines of its own (`Apart`): the runtime's threads take them at once.
 struct Connections {
-    writer: Mutex<Connection>,
+    writer: Apart<Mutex<Connection>>,
     /// Writes waiting for the writer (`InlineSqlite::write`).
-    queue: Mutex<WriteQueue>,
-    readers: [Mutex<Reader>; READERS],
-    next_reader: AtomicUsize,
-    cached: Mutex<Cached>,
+    queue: Apart<Mutex<WriteQueue>>,
+    readers: [Apart<Mutex<Reader>>; READERS],
+    next_reader: Apart<AtomicUsize>,
+    cached: Apart<Mutex<Cached>>,
+}
+
+/// `T` alone on its cache lines (two, as CPUs fetch lines in pairs), so a thread that takes
+/// one lock does not stall another that takes its neighbour.
+#[repr(align(128))]
+struct Apart<T>(T);
+
+impl<T> std::ops::Deref for Apart<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// A reader connection, and the data version it saw last (`read_cached`).
@@ -137,15 +151,15 @@ impl InlineSqlite {
         }
         let open = || self.open().during(operation);
         let opened = Arc::new(Connections {
-            writer: Mutex::new(open()?),
-            queue: Mutex::default(),
+            writer: Apart(Mutex::new(open()?)),
+            queue: Apart(Mutex::default()),
             readers: [
-                Mutex::new(Reader::new(open()?)),
-                Mutex::new(Reader::new(open()?)),
-                Mutex::new(Reader::new(open()?)),
+                Apart(Mutex::new(Reader::new(open()?))),
+                Apart(Mutex::new(Reader::new(open()?))),
+                Apart(Mutex::new(Reader::new(open()?))),
             ],
-            next_reader: AtomicUsize::new(0),
-            cached: Mutex::default(),
+            next_reader: Apart(AtomicUsize::new(0)),
+            cached: Apart(Mutex::default()),
         });
         // Two first calls at once both open; one set is kept and the other closed.
         Ok(self.connections.get_or_init(|| opened))

@@ -1,8 +1,9 @@
 //! The hot path (an install, a callback's state, a token call) reads and writes the database
 //! on every request: the next request on another replica sees a refreshed token, a revoked
-//! API key and a disconnected account. (On SQLite a token call's row is kept between calls,
-//! until the next commit to the database by anyone: these tests ask with a warm cache.) On SQLite it runs on connections of
-//! its own (store/inline.rs), also on an in-memory database an embedding app hands over.
+//! API key and a disconnected account. On SQLite it runs on connections of its own
+//! (store/inline.rs), also on an in-memory database an embedding app hands over, and a token
+//! call's row is kept between calls until the next commit to the database by anyone: these
+//! tests ask with a warm cache before each change.
 
 use amoauth::internal::{Disconnect, Records, create_api_key, now};
 use chrono::{NaiveDateTime, Utc};

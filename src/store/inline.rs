@@ -1085,6 +1085,54 @@ mod tests {
         }
     }
 
+    /// A read that began before a commit, which another reader saw while it ran, is answered
+    /// but not kept: else that reader, having seen the commit already, would serve it stale.
+    #[test]
+    fn a_read_overtaken_by_a_seen_commit_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("overtaken.db");
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE;
+        let (db, outside) = cached_reads_database(&file.to_string_lossy(), flags);
+        let connections = db.connections("reading t").unwrap();
+        let value = |conn: &Connection| {
+            conn.query_row("SELECT v FROM t", [], |row| row.get::<_, String>(0))
+        };
+        // Every reader asks once, so none counts its next question as its first.
+        let warm: Vec<_> = (0..READERS)
+            .map(|at| {
+                let others: Vec<_> = (0..READERS)
+                    .filter(|other| *other != at)
+                    .map(|other| locked(&connections.readers[other]))
+                    .collect();
+                let read = connections.read_cached("warm", value).unwrap();
+                drop(others);
+                read
+            })
+            .collect();
+        assert_eq!(warm, ["first"; READERS]);
+
+        // Reader 0 reads "first"; meanwhile a commit lands and reader 1 sees it.
+        let overtaken = connections
+            .read_cached("a", |conn| {
+                let read = value(conn)?;
+                outside.execute("UPDATE t SET v = 'second'", [])?;
+                let seen = connections.read_cached("b", value)?;
+                assert_eq!(seen, "second");
+                Ok(read)
+            })
+            .unwrap();
+        assert_eq!(overtaken, "first", "read before the commit");
+
+        // Reader 1 has seen the commit already: only a read of its own answers it now.
+        let held = [
+            locked(&connections.readers[0]),
+            locked(&connections.readers[2]),
+        ];
+        let next = connections.read_cached("a", value).unwrap();
+        drop(held);
+        assert_eq!(next, "second");
+    }
+
     #[tokio::test]
     async fn kept_results_stay_bounded_whatever_the_keys() {
         let dir = tempfile::tempdir().unwrap();
